@@ -1,0 +1,170 @@
+"""A catalog with its user split, positives, item features and request families (DESIGN section 2).
+
+Users are split 60/20/20 train/validation/test with a fixed seed; everything learned (CF factors, EASE,
+the model) sees training users only. Family A: s seeds drawn from a user's positives, the targets are the
+rest. Family B: seeds share a genre and decade, and the request carries a hard constraint (exclude a genre
+present among the user's facet positives, or a minimum year); the targets are the held-out facet positives
+that satisfy it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from catalog.movielens import import_movielens, locate
+from catalog.requests import Example, Exclude, Recency, Request, valid_mask
+from catalog.schema import Catalog, CatalogError, read_catalog
+from h2po.config import DataConfig, RequestConfig
+
+FACET_FIELD = "genre"
+NO_GENRE = "(no genres listed)"
+
+
+def load_catalog(cfg: DataConfig, workdir: Path) -> Catalog:
+    """The configured catalog: a Parquet directory, or MovieLens imported into `workdir/catalog`."""
+    if cfg.catalog:
+        return read_catalog(cfg.catalog)
+    target = Path(workdir) / "catalog"
+    source = locate(cfg.movielens)
+    stamp = target / "SOURCE"
+    if not (stamp.is_file() and stamp.read_text() == str(source.resolve())):
+        import_movielens(source, target)
+        stamp.write_text(str(source.resolve()))
+    return read_catalog(target)
+
+
+@dataclass
+class Dataset:
+    """Catalog + positives per user + the user split."""
+
+    catalog: Catalog
+    positives: dict[int, np.ndarray]  # user -> sorted item indices with weight >= threshold
+    train_users: np.ndarray
+    val_users: np.ndarray
+    test_users: np.ndarray
+    cfg: DataConfig = field(default_factory=DataConfig)
+
+    @classmethod
+    def build(cls, catalog: Catalog, cfg: DataConfig) -> Dataset:
+        inter = catalog.interactions
+        keep = inter.weights >= cfg.positive_threshold
+        users, items = inter.users[keep], inter.items[keep]
+        order = np.lexsort((items, users))
+        users, items = users[order], items[order]
+        bounds = np.flatnonzero(np.diff(users)) + 1
+        positives = {int(u[0]): np.unique(i) for u, i in zip(np.split(users, bounds), np.split(items, bounds))
+                     if len(u)}
+        all_users = np.unique(inter.users)
+        if len(all_users) < 5:
+            raise CatalogError(f"{catalog.name}: at least 5 users are needed for a 60/20/20 split")
+        perm = np.random.default_rng(cfg.split_seed).permutation(all_users)
+        a, b = int(0.6 * len(perm)), int(0.8 * len(perm))
+        return cls(catalog, positives, np.sort(perm[:a]), np.sort(perm[a:b]), np.sort(perm[b:]), cfg)
+
+    def user_positives(self, user: int) -> np.ndarray:
+        return self.positives.get(int(user), np.empty(0, dtype=np.int64))
+
+    @cached_property
+    def train_matrix(self) -> np.ndarray:
+        """(U_train, N) float32 binary matrix of training users' positives."""
+        x = np.zeros((len(self.train_users), self.catalog.n_items), dtype=np.float32)
+        for row, user in enumerate(self.train_users):
+            x[row, self.user_positives(user)] = 1.0
+        return x
+
+    @cached_property
+    def train_popularity(self) -> np.ndarray:
+        """(N,) positive counts among training users."""
+        return self.train_matrix.sum(0)
+
+    @cached_property
+    def genres(self) -> tuple[np.ndarray, list[str]]:
+        """(N, G) genre multi-hot (without the no-genre label) and its vocabulary."""
+        matrix, vocab = self.catalog.attribute_matrix(FACET_FIELD) if FACET_FIELD in self.catalog.attributes \
+            else (np.zeros((self.catalog.n_items, 0), bool), [])
+        keep = [j for j, v in enumerate(vocab) if v != NO_GENRE]
+        return matrix[:, keep], [vocab[j] for j in keep]
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *keys])
+
+
+def family_a(data: Dataset, user: int, s: int, k: int, rng: np.random.Generator) -> Example | None:
+    """Seed-set completion: s random positives as seeds, the rest as targets."""
+    pos = data.user_positives(user)
+    if len(pos) < s + 1:
+        return None
+    pick = rng.permutation(len(pos))
+    seeds, targets = pos[pick[:s]], pos[pick[s:]]
+    return Example(Request(tuple(int(i) for i in seeds), k=k), tuple(int(i) for i in targets), int(user), "A", s)
+
+
+def family_b(data: Dataset, user: int, s: int, k: int, min_targets: int, rng: np.random.Generator) -> Example | None:
+    """Fine-grained intent: seeds share (genre, decade); a hard constraint; facet targets satisfying it."""
+    pos = data.user_positives(user)
+    genres, vocab = data.genres
+    years = data.catalog.years[pos]
+    decades = np.where(years > 0, years // 10 * 10, -1)
+    facets = [(g, d) for g in range(len(vocab)) for d in np.unique(decades[decades > 0])
+              if (genres[pos, g] & (decades == d)).sum() >= s + min_targets]
+    for f in rng.permutation(len(facets)):
+        g, d = facets[f]
+        members = pos[genres[pos, g] & (decades == d)]
+        members = members[rng.permutation(len(members))]
+        seeds, rest = members[:s], members[s:]
+        options = []
+        for other in np.flatnonzero(genres[rest].any(0)):
+            kept = rest[~genres[rest, other]]
+            if other != g and len(kept) >= min_targets:
+                options.append((Exclude(FACET_FIELD, vocab[other]), kept))
+        for year in np.unique(data.catalog.years[rest]):
+            kept = rest[data.catalog.years[rest] >= year]
+            if len(kept) >= min_targets and len(kept) < len(rest):
+                options.append((Recency(min_year=int(year)), kept))
+        if options:
+            constraint, targets = options[rng.integers(len(options))]
+            request = Request(tuple(int(i) for i in seeds), constraints=(constraint,), k=k)
+            if valid_mask(data.catalog, request).sum() >= k:
+                return Example(request, tuple(int(i) for i in targets), int(user), "B", s)
+    return None
+
+
+def benchmark_examples(data: Dataset, users: np.ndarray, cfg: RequestConfig, seed: int) -> list[Example]:
+    """Fixed evaluation requests: family A for every seed size, and one family B request, per user."""
+    out = []
+    for user in users:
+        for s in cfg.seed_sizes:
+            ex = family_a(data, user, s, cfg.k, _rng(seed, int(user), s))
+            if ex is not None:
+                out.append(ex)
+        ex = family_b(data, user, cfg.family_b_seed_size, cfg.k, cfg.family_b_min_targets,
+                      _rng(seed, int(user), 1000))
+        if ex is not None:
+            out.append(ex)
+    return out
+
+
+def training_examples(data: Dataset, cfg: RequestConfig, n: int, rng: np.random.Generator) -> list[Example]:
+    """`n` fresh training requests from training users (new seed subsets every call: augmentation)."""
+    out: list[Example] = []
+    users = data.train_users
+    while len(out) < n:
+        user = int(users[rng.integers(len(users))])
+        if rng.random() < cfg.family_b_share:
+            ex = family_b(data, user, cfg.family_b_seed_size, cfg.k, cfg.family_b_min_targets, rng)
+        else:
+            ex = family_a(data, user, int(rng.choice(cfg.seed_sizes)), cfg.k, rng)
+        if ex is not None:
+            out.append(ex)
+    return out
+
+
+def stable_hash(text: str) -> int:
+    """A hash that is the same in every process (Python's hash() is salted)."""
+    return zlib.crc32(text.encode())

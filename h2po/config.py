@@ -1,0 +1,244 @@
+"""Typed run configuration: YAML -> dataclasses, validated once at the edge.
+
+Every default lives in a dataclass field below, with its help text in the field's metadata (it doubles as
+`h2po config --help`). A YAML file may name a `base:` file it overrides; `key=value` overrides from the command
+line address any field by its dotted path (`most.lr=3e-4`). Unknown keys and values of the wrong type raise
+`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from h2po.errors import UserError
+
+
+class ConfigError(UserError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
+    """A dataclass field with a default and a one-line help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    """Where the catalog comes from and how it is split."""
+
+    catalog: str = option("", "Directory with items.parquet + interactions.parquet; empty = import MovieLens.")
+    movielens: str = option("", "ml-latest-small CSV directory; empty = $H2PO_MOVIELENS, ../shared/data, cache.")
+    positive_threshold: float = option(4.0, "An interaction with weight >= this is a positive.")
+    split_seed: int = option(0, "Seed of the 60/20/20 train/validation/test user split.")
+    tag_buckets: int = option(64, "Hashed tag buckets in the item feature vector.")
+    cf_dim: int = option(64, "Collaborative-factor dimensions (truncated SVD of training positives).")
+    min_year_field: str = option("year", "Name used for the year in constraints (Recency).")
+
+
+@dataclass
+class RequestConfig:
+    """How seed-set requests are drawn from a user's positives (DESIGN section 2)."""
+
+    seed_sizes: list[int] = option([3, 5, 10], "Seed-set sizes s of family A.")
+    family_b_seed_size: int = option(3, "Seed-set size of family B (seeds share a genre and decade).")
+    family_b_min_targets: int = option(2, "Family B requests need at least this many targets.")
+    family_b_share: float = option(0.3, "Share of family B requests among training requests.")
+    k: int = option(20, "Output length k (up to 64).")
+
+
+@dataclass
+class ModelConfig:
+    """The masked-diffusion transformer over k list slots (DESIGN section 3)."""
+
+    d_model: int = option(128, "Width D.")
+    n_layers: int = option(3, "Transformer blocks.")
+    n_heads: int = option(4, "Attention heads.")
+    dropout: float = option(0.1, "Dropout inside blocks.")
+    id_dropout: float = option(0.1, "Probability of zeroing an item's learned id residual u_i in training.")
+    max_k: int = option(64, "Largest k the rank-position table supports.")
+    time_input: bool = option(False, "Condition blocks on the diffusion time t (not needed for absorbing diffusion).")
+    prior: Literal["none", "ease"] = option("ease", "Strong prior whose scores the item head adds to (residual).")
+    prior_lambda: float = option(0.0, "EASE lambda of the prior; 0 = the value tuned on validation.")
+
+
+@dataclass
+class SamplerConfig:
+    """Low-confidence-remasking sampler (DESIGN section 3.4)."""
+
+    steps: int = option(10, "Denoising steps S.")
+    temperature: float = option(0.0, "Gumbel temperature T: 0 = greedy (serving), 1 = rollouts.")
+    batch_size: int = option(256, "Requests per sampler batch.")
+
+
+@dataclass
+class MostConfig:
+    """MOST pretraining (DESIGN section 4)."""
+
+    order: Literal["metric", "relevance", "random"] = option("metric", "Target order: MOST, relevance-only, random.")
+    batch_size: int = option(64, "Requests per step.")
+    lr: float = option(1e-3, "AdamW learning rate.")
+    weight_decay: float = option(0.01, "AdamW weight decay.")
+    warmup_steps: int = option(50, "Linear learning-rate warm-up.")
+    max_steps: int = option(3000, "Upper bound on optimiser steps.")
+    max_minutes: float = option(6.0, "Wall-clock budget for training.")
+    eval_every: int = option(100, "Validate every this many steps; the best checkpoint is kept.")
+    patience: int = option(6, "Stop after this many validations without improvement.")
+    fill_weight: float = option(0.3, "Loss weight of teacher items that fill targets up to k.")
+    redundancy: float = option(0.1, "MMR redundancy penalty when ordering targets.")
+    eps: float = option(1e-3, "Smallest diffusion time t.")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation and baselines (DESIGN section 2)."""
+
+    ks: list[int] = option([10, 20], "Cut-offs K of the metrics.")
+    bootstrap: int = option(1000, "Bootstrap resamples for confidence intervals.")
+    ease_lambdas: list[float] = option([300.0, 1000.0, 3000.0, 10000.0], "EASE lambda grid tuned on validation.")
+    mmr_lambda: float = option(0.7, "MMR trade-off between relevance and diversity.")
+    request_seed: int = option(1, "Seed drawing the validation and test requests.")
+
+
+@dataclass
+class RunConfig:
+    """The whole run: every component's sub-config."""
+
+    out_dir: str = option("runs/default", "Run directory (checkpoints, results, copied licence).")
+    seed: int = option(0, "Global random seed.")
+    threads: int = option(0, "Torch CPU threads; 0 = all cores.")
+    data: DataConfig = field(default_factory=DataConfig)
+    requests: RequestConfig = field(default_factory=RequestConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    most: MostConfig = field(default_factory=MostConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _check_value(value: Any, annotation: Any, key: str) -> Any:
+    """Return `value` converted to `annotation`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        if value not in typing.get_args(annotation):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(annotation))}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        for arg in typing.get_args(annotation):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _check_value(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} does not fit {annotation}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [_check_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool) and (type(value) is not annotation):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_value(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML config, following `base:` links (relative to the file)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config base cycle through {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    return _merge(_read_yaml(path.parent / base, (*seen, path.resolve())), values)
+
+
+def parse_override(text: str) -> dict:
+    """`a.b=3` -> {"a": {"b": 3}}; the value is parsed as YAML (so `x=[1,2]` gives a list)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Load a RunConfig from an optional YAML file plus `key=value` overrides."""
+    values = _read_yaml(Path(path)) if path else {}
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    return _build(RunConfig, values, "")
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The resolved config as plain data (saved with every checkpoint and result)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    """Inverse of config_to_dict (validated like a file)."""
+    return _build(RunConfig, values, "")
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every field: the `--help` listing of configuration keys."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f"{prefix}{f.name}", default, f.metadata.get("help", "")))
+    return rows
