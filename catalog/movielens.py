@@ -17,6 +17,7 @@ import shutil
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -106,6 +107,9 @@ def download(dest: Path | None = None, url: str = URL, timeout: float = 60.0, pr
                 blob = archive.read(f"{DATASET}/{name}")
             except KeyError:
                 raise CatalogError(f"the downloaded archive lacks {DATASET}/{name}") from None
+            except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # damaged in transit (bad CRC, bad deflate)
+                raise CatalogError(f"checksum mismatch for {name} in the downloaded archive ({err}); "
+                                   "not installed") from None
             if hashlib.sha256(blob).hexdigest() != expected:
                 raise CatalogError(f"checksum mismatch for {name} in the downloaded archive; not installed")
             (staging / name).write_bytes(blob)

@@ -8,6 +8,7 @@ likelihood and for the baselines' post-filter.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,28 +113,39 @@ def check_request(catalog: Catalog, request: Request) -> np.ndarray:
     if len(seeds) > MAX_SEEDS:
         raise CatalogError(f"{len(seeds)} seeds given; at most {MAX_SEEDS} are supported")
     for name, ids in (("seed", seeds), ("negative", list(request.negatives))):
-        dup = sorted({i for i in ids if ids.count(i) > 1})
-        if dup:
-            raise CatalogError(f"duplicate {name} item(s): {', '.join(str(catalog.item_ids[i]) for i in dup)}")
         bad = [i for i in ids if not 0 <= i < catalog.n_items]
         if bad:
             raise CatalogError(f"{name} index {bad[0]} is outside the catalog")
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise CatalogError(f"duplicate {name} item(s): {', '.join(str(catalog.item_ids[i]) for i in dup)}")
     if not 1 <= request.k <= MAX_K:
         raise CatalogError(f"k={request.k} is outside 1..{MAX_K}")
     for c in request.constraints:
         if not isinstance(c, CONSTRAINT_TYPES):
             raise CatalogError(f"unknown constraint {c!r}")
         if isinstance(c, Recency):
+            if not (c.min_year is None or _is_number(c.min_year, numbers.Integral)) or \
+                    not (c.half_life is None or _is_number(c.half_life)):
+                raise CatalogError(f"Recency min_year must be an integer and half_life a number, got {c!r}")
             if c.min_year is None and not c.half_life:
                 raise CatalogError("Recency needs min_year or a positive half_life")
             if c.half_life is not None and c.half_life <= 0:
                 raise CatalogError(f"Recency half_life must be positive, got {c.half_life}")
         else:
+            if not (isinstance(c.field, str) and isinstance(c.value, str)):
+                raise CatalogError(f"{type(c).__name__} field and value must be strings, got {c!r}")
+            if isinstance(c, Prefer) and not _is_number(c.weight):
+                raise CatalogError(f"Prefer weight must be a number, got {c.weight!r}")
             catalog.has_value(c.field, c.value)  # raises on an unknown field or value
     mask = valid_mask(catalog, request)
     if mask.sum() < request.k:
         raise CatalogError(f"only {int(mask.sum())} items satisfy the request's constraints; k={request.k} asked")
     return mask
+
+
+def _is_number(value, kind: type = numbers.Real) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
 
 
 def request_to_json(catalog: Catalog, request: Request) -> dict:

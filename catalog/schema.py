@@ -198,9 +198,9 @@ def read_catalog(directory: str | Path) -> Catalog:
     if len(item_ids) == 0 or item_ids.min() < 0:
         raise CatalogError(f"{directory / 'items.parquet'}: needs at least one item and non-negative item_id values")
     ids = inter.column("item_id").to_numpy()
-    lookup = np.full(int(item_ids.max()) + 2 if len(item_ids) else 1, -1, dtype=np.int64)
-    lookup[item_ids] = np.arange(len(item_ids))
-    idx = np.where((ids >= 0) & (ids < len(lookup)), lookup[np.clip(ids, 0, len(lookup) - 1)], -1)
+    order = np.argsort(item_ids, kind="stable")  # searchsorted, not a dense id table: ids may be huge
+    pos = np.clip(np.searchsorted(item_ids[order], ids), 0, len(item_ids) - 1)
+    idx = np.where(item_ids[order][pos] == ids, order[pos], -1)
     if (idx < 0).any():
         bad = ids[idx < 0][:5].tolist()
         raise CatalogError(f"{directory / 'interactions.parquet'}: {(idx < 0).sum()} rows name unknown items, e.g. {bad}")

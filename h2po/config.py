@@ -9,6 +9,7 @@ line address any field by its dotted path (`most.lr=3e-4`). Unknown keys and val
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -123,6 +124,9 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _check_value(value: Any, annotation: Any, key: str) -> Any:
     """Return `value` converted to `annotation`, or raise ConfigError naming `key`."""
     origin = typing.get_origin(annotation)
@@ -146,6 +150,8 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
         return [_check_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        return float(value)  # PyYAML reads `3e-4` (no dot) as a string
     if annotation in (int, float, str, bool) and (type(value) is not annotation):
         raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
     return value
@@ -154,7 +160,7 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     """Build dataclass `cls` from a nested dict, rejecting unknown keys."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)

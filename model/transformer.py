@@ -1,0 +1,178 @@
+"""The masked-diffusion transformer over k list slots (DESIGN section 3).
+
+Sequence: [constraint tokens] [negative tokens] [seed tokens] [slot_1 .. slot_k], full bidirectional attention.
+Seeds and negatives get the item embedding plus a segment embedding and no position (a set); slots get a
+learned rank position plus either [MASK] or the embedding of the committed item. Pre-LN blocks are conditioned
+with adaLN-Zero (Peebles & Xie, arXiv:2212.09748) on a pooled request vector; absorbing-state diffusion needs
+no time input (RADD, arXiv:2406.03736), which stays an option. Items are atomic ids with a tied, factorised
+embedding E_i = LayerNorm(W_f x_i) + u_i (u_i starts at zero), used for seeds, committed slots and the head:
+logit_k(i) = <W_o h_k, E_i> + b_i (+ prior_scale * prior_i when a prior is configured: the model then scores a
+residual over a strong prior such as EASE). The softmax is exact over all N items.
+
+Shapes: B requests, K slots, N items, D width, L tokens. A slot value of -1 means [MASK].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from catalog.batch import CONSTRAINT_KINDS, RequestBatch
+from h2po.config import ModelConfig
+
+MASK = -1
+SEGMENTS = {"constraint": 0, "negative": 1, "seed": 2, "slot": 3}
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x * (1 + scale) + shift, conditioning broadcast over tokens."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block with adaLN-Zero modulation (gates start at zero: the block starts as identity)."""
+
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * d, d))
+        self.ada = nn.Linear(d, 6 * d)
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """x (B, L, D), cond (B, D), keep (B, L) bool: tokens that may be attended to."""
+        b, length, d = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond).chunk(6, dim=-1)
+        q, k, v = self.qkv(modulate(self.norm1(x), shift1, scale1)).view(b, length, 3, self.heads, -1).unbind(2)
+        attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_mask=keep[:, None, None, :],
+                                              dropout_p=self.dropout if self.training else 0.0)
+        x = x + gate1[:, None] * self.proj(attn.transpose(1, 2).reshape(b, length, d))
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+@dataclass
+class Context:
+    """Per-batch quantities the sampler reuses across denoising steps."""
+
+    items: torch.Tensor  # (N, D) item embeddings E
+    tokens: torch.Tensor  # (B, L0, D) constraint + negative + seed tokens
+    keep: torch.Tensor  # (B, L0) bool
+    cond: torch.Tensor  # (B, D) pooled request vector
+    prior: torch.Tensor | None  # (B, N) standardised prior scores
+    valid: torch.Tensor  # (B, N) bool
+
+
+class Retriever(nn.Module):
+    """Seed-set-conditioned masked-diffusion transformer with a tied item head."""
+
+    def __init__(self, cfg: ModelConfig, features: torch.Tensor, n_values: int,
+                 prior_matrix: torch.Tensor | None = None):
+        super().__init__()
+        n, f = features.shape
+        d = cfg.d_model
+        self.cfg = cfg
+        self.register_buffer("features", features.float())  # (N, F) item features x_i
+        self.feature_proj = nn.Linear(f, d)  # W_f
+        self.feature_norm = nn.LayerNorm(d)
+        self.item_residual = nn.Parameter(torch.zeros(n, d))  # u_i
+        self.item_bias = nn.Parameter(torch.zeros(n))  # b_i
+        self.segment = nn.Embedding(len(SEGMENTS), d)
+        self.rank = nn.Embedding(cfg.max_k, d)
+        self.mask_embedding = nn.Parameter(torch.randn(d) * 0.02)
+        self.con_kind = nn.Embedding(len(CONSTRAINT_KINDS), d)
+        self.con_value = nn.Embedding(n_values + 1, d)
+        self.con_scalar = nn.Linear(1, d)
+        self.cond = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.time = nn.Sequential(nn.Linear(1, d), nn.SiLU(), nn.Linear(d, d)) if cfg.time_input else None
+        self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False)
+        self.final_ada = nn.Linear(d, 2 * d)
+        nn.init.zeros_(self.final_ada.weight)
+        nn.init.zeros_(self.final_ada.bias)
+        self.head = nn.Linear(d, d, bias=False)  # W_o
+        if prior_matrix is not None:
+            self.register_buffer("prior_matrix", prior_matrix)  # (N, N): prior(seeds) = sum of its seed rows
+            self.prior_scale = nn.Parameter(torch.tensor(1.0))
+        else:
+            self.prior_matrix = None
+
+    def item_embeddings(self) -> torch.Tensor:
+        """E = LayerNorm(W_f x) + u, with id dropout on u in training.  # (N, D)"""
+        u = self.item_residual
+        if self.training and self.cfg.id_dropout > 0:
+            u = u * (torch.rand(u.shape[0], 1, device=u.device) >= self.cfg.id_dropout)
+        return self.feature_norm(self.feature_proj(self.features)) + u
+
+    def prior_scores(self, batch: RequestBatch) -> torch.Tensor | None:
+        """(B, N) prior scores of the seed set, standardised per request over its valid items."""
+        if self.prior_matrix is None:
+            return None
+        rows = self.prior_matrix[batch.seeds].float() * batch.seed_mask[..., None]  # (B, S, N)
+        raw = rows.sum(1)
+        valid = batch.valid.float()
+        count = valid.sum(1, keepdim=True).clamp_min(1)
+        mean = (raw * valid).sum(1, keepdim=True) / count
+        std = (((raw - mean) ** 2 * valid).sum(1, keepdim=True) / count).sqrt().clamp_min(1e-6)
+        return (raw - mean) / std
+
+    def encode(self, batch: RequestBatch) -> Context:
+        """Embed the request part of the sequence once per batch."""
+        items = self.item_embeddings()
+        seg = self.segment.weight
+        cons = (self.con_kind(batch.con_kind) + self.con_value(batch.con_value)
+                + self.con_scalar(batch.con_scalar[..., None]) + seg[SEGMENTS["constraint"]])
+        negs = items[batch.negatives] + seg[SEGMENTS["negative"]]
+        seeds = items[batch.seeds] + seg[SEGMENTS["seed"]]
+        tokens = torch.cat([cons, negs, seeds], dim=1)  # (B, L0, D)
+        keep = torch.cat([batch.con_mask, batch.negative_mask, batch.seed_mask], dim=1)
+        pooled = (tokens * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp_min(1)
+        return Context(items, tokens, keep, self.cond(pooled), self.prior_scores(batch), batch.valid)
+
+    def hidden(self, ctx: Context, slots: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """Slot outputs after the blocks, projected by W_o.  slots (B, K) long with MASK=-1 -> (B, K, D)"""
+        b, k = slots.shape
+        masked = slots == MASK
+        slot_items = ctx.items[slots.clamp_min(0)]  # (B, K, D)
+        content = torch.where(masked[..., None], self.mask_embedding, slot_items)
+        slot_tokens = content + self.rank.weight[:k] + self.segment.weight[SEGMENTS["slot"]]
+        x = torch.cat([ctx.tokens, slot_tokens], dim=1)
+        keep = torch.cat([ctx.keep, torch.ones_like(masked)], dim=1)
+        cond = ctx.cond
+        if self.time is not None:
+            cond = cond + self.time((t if t is not None else torch.ones(b, device=slots.device))[:, None])
+        for block in self.blocks:
+            x = block(x, cond, keep)
+        shift, scale = self.final_ada(cond).chunk(2, dim=-1)
+        h = modulate(self.final_norm(x[:, -k:]), shift, scale)
+        return self.head(h)
+
+    def logits(self, ctx: Context, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Item logits: hidden (B, K, D) -> (B, K, N), or selected slot outputs hidden (M, D) of requests rows (M,)
+        -> (M, N)."""
+        out = hidden @ ctx.items.T + self.item_bias
+        if ctx.prior is not None:
+            prior = ctx.prior[:, None] if rows is None else ctx.prior[rows]
+            out = out + self.prior_scale * prior
+        return out
+
+
+def allowed_items(valid: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool: valid items not yet committed to a slot (DESIGN 3.3)."""
+    committed = torch.zeros_like(valid)
+    rows, cols = (slots >= 0).nonzero(as_tuple=True)
+    committed[rows, slots[rows, cols]] = True
+    return valid & ~committed
+
+
+def masked_log_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """log p over the allowed set only: the model's distribution by definition (DESIGN 3.3)."""
+    return torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)

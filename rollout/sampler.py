@@ -1,0 +1,75 @@
+"""Batched constrained sampler: low-confidence remasking (LLaDA arXiv:2502.09992, MaskGIT arXiv:2202.04200).
+
+Start with k masked slots. Each step: one forward pass; invalid and already-committed items are masked out;
+every open slot draws a candidate (Gumbel-max at temperature T; T = 0 is greedy); when two open slots draw the
+same item the more confident keeps it; the most confident open slots are committed, ceil(open / steps left) of
+them, so all k are filled after S steps (a step that loses slots to collisions commits fewer, and the loop runs
+on until every slot is filled). Validity therefore holds by construction: no duplicates, no seeds or negatives,
+no hard-constraint violators. The trajectory (step of each slot, its item, and the behaviour log-prob under the
+model's T = 1 distribution given the state before the step) is returned for H2PO's trajectory likelihood.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from catalog.batch import RequestBatch
+from model.transformer import MASK, Retriever, allowed_items
+
+
+@dataclass
+class Samples:
+    """Sampled lists with their trajectories."""
+
+    items: torch.Tensor  # (B, K) long item indices, slot order = rank order
+    step_of: torch.Tensor  # (B, K) long: denoising step at which each slot was committed
+    logp: torch.Tensor  # (B, K) float: behaviour log-prob of each committed item
+
+
+def resolve_collisions(candidate: torch.Tensor, confidence: torch.Tensor, open_: torch.Tensor) -> torch.Tensor:
+    """(B, K) bool: open slots that keep their candidate (the most confident per item; ties go to the lower slot)."""
+    same = (candidate[:, :, None] == candidate[:, None, :]) & open_[:, None, :]  # (B, K, K)
+    k = candidate.shape[1]
+    lower = torch.arange(k, device=candidate.device)[None, :] < torch.arange(k, device=candidate.device)[:, None]
+    beats = (confidence[:, None, :] > confidence[:, :, None]) | ((confidence[:, None, :] == confidence[:, :, None])
+                                                                 & lower[None])
+    return open_ & ~(same & beats).any(-1)
+
+
+@torch.no_grad()
+def sample_lists(model: Retriever, batch: RequestBatch, k: int, steps: int, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> Samples:
+    """Generate B lists of k distinct valid items in about `steps` forward passes."""
+    b = len(batch)
+    device = batch.valid.device
+    ctx = model.encode(batch)
+    slots = torch.full((b, k), MASK, dtype=torch.long, device=device)
+    step_of = torch.full((b, k), -1, dtype=torch.long, device=device)
+    logp_out = torch.zeros((b, k), device=device)
+    allowed = batch.valid.clone()
+    step = 0
+    while (slots == MASK).any():
+        open_ = slots == MASK
+        rows, cols = open_.nonzero(as_tuple=True)  # only open slots need logits
+        hidden = model.hidden(ctx, slots)[rows, cols]  # (M, D)
+        logits = model.logits(ctx, hidden, rows).masked_fill_(~allowed[rows], float("-inf"))  # (M, N)
+        if temperature > 0:
+            u = torch.rand(logits.shape, generator=generator, device=device).clamp_(1e-10, 1.0)
+            pick = (logits / temperature - torch.log(-torch.log(u))).argmax(-1)
+        else:
+            pick = logits.argmax(-1)
+        conf = logits.gather(1, pick[:, None]).squeeze(1) - torch.logsumexp(logits, -1)  # log p at T = 1
+        candidate = torch.full_like(slots, MASK).index_put_((rows, cols), pick)
+        confidence = torch.full((b, k), float("-inf"), device=device).index_put_((rows, cols), conf)
+        keeps = resolve_collisions(candidate, confidence, open_)
+        n_commit = -(-open_.sum(1) // max(steps - step, 1))  # ceil(open / steps left)  # (B,)
+        order = confidence.masked_fill(~keeps, float("-inf")).argsort(1, descending=True).argsort(1)
+        commit = keeps & (order < n_commit[:, None])
+        slots = torch.where(commit, candidate, slots)
+        step_of = torch.where(commit, torch.full_like(step_of, step), step_of)
+        logp_out = torch.where(commit, confidence, logp_out)
+        allowed = allowed_items(batch.valid, slots)
+        step += 1
+    return Samples(slots, step_of, logp_out)
