@@ -92,6 +92,7 @@ class MostConfig:
     max_steps: int = option(3000, "Upper bound on optimiser steps.")
     max_minutes: float = option(6.0, "Wall-clock budget for training.")
     eval_every: int = option(100, "Validate every this many steps; the best checkpoint is kept.")
+    val_requests: int = option(256, "Validation requests scored at each validation (a fixed subset).")
     patience: int = option(6, "Stop after this many validations without improvement.")
     fill_weight: float = option(0.3, "Loss weight of teacher items that fill targets up to k.")
     redundancy: float = option(0.1, "MMR redundancy penalty when ordering targets.")

@@ -1,0 +1,241 @@
+"""The `h2po` command line. Every subcommand that trains or evaluates takes `--config FILE` and `key=value`
+overrides for any config field (`h2po config` lists them). User errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+from catalog.requests import Exclude, Prefer, Recency, Request, Require, check_request, resolve_items
+from h2po.config import describe, load_config
+from h2po.errors import UserError
+
+RUN_HELP = """Run the main job on the embedded default: import the data, tune EASE, pretrain with MOST,
+evaluate against the baselines on the test split, and print the comparison table."""
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (may name a `base:` file it overrides)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config field, e.g. most.lr=3e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="h2po", description="Seed-set-conditioned generative retrieval: "
+                                     "MOST pretraining, retrieval under constraints, evaluation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _config_args(sub.add_parser("run", help="the main job (pretrain + eval)", description=RUN_HELP))
+    _config_args(sub.add_parser("pretrain", help="MOST pretraining; writes OUT_DIR/most.safetensors"))
+    ev = sub.add_parser("eval", help="compare a checkpoint with the baselines on the test split")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint file (most.safetensors)")
+    ev.add_argument("--out", required=True, help="where to write the results JSON")
+    _config_args(ev)
+    rt = sub.add_parser("retrieve", help="generate a list for a seed set (or a JSONL file of requests)")
+    rt.add_argument("--checkpoint", required=True, help="checkpoint file (most.safetensors)")
+    rt.add_argument("--seeds", nargs="+", help="seed items by id or exact title")
+    rt.add_argument("--negatives", nargs="+", default=[], help="items not wanted 'more of' (ids or titles)")
+    rt.add_argument("--exclude", action="append", default=[], metavar="FIELD=VALUE", help="hard: no item has it")
+    rt.add_argument("--require", action="append", default=[], metavar="FIELD=VALUE", help="hard: every item has it")
+    rt.add_argument("--prefer", action="append", default=[], metavar="FIELD=VALUE[:WEIGHT]", help="soft preference")
+    rt.add_argument("--min-year", type=int, help="hard: only items from this year on")
+    rt.add_argument("--half-life", type=float, help="soft recency preference, in years")
+    rt.add_argument("--k", type=int, default=None, help="list length (default: the config's requests.k)")
+    rt.add_argument("--json", action="store_true", help="print the list as JSON")
+    rt.add_argument("--requests", help="JSONL file: one request per line (seeds, negatives, constraints, k)")
+    rt.add_argument("--out", help="with --requests: JSONL output, one result per input line")
+    data = sub.add_parser("data", help="get or convert datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    dl = dsub.add_parser("download", help="fetch MovieLens ml-latest-small and verify its checksums")
+    dl.add_argument("--dest", help="directory to install into (default: the user cache directory)")
+    im = dsub.add_parser("import", help="convert MovieLens CSVs into the project's Parquet schema")
+    im.add_argument("--source", default="", help="ml-latest-small directory (default: located automatically)")
+    im.add_argument("--out", required=True, help="output directory for items/interactions Parquet")
+    sub.add_parser("config", help="list every config key with its default and meaning")
+    return parser
+
+
+def _field_value(text: str, flag: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise UserError(f"{flag} {text!r}: expected FIELD=VALUE")
+    field, value = text.split("=", 1)
+    return field.strip(), value.strip()
+
+
+def _constraints(args) -> tuple:
+    out: list = [Exclude(*_field_value(t, "--exclude")) for t in args.exclude]
+    out += [Require(*_field_value(t, "--require")) for t in args.require]
+    for text in args.prefer:
+        field, value = _field_value(text, "--prefer")
+        weight = 1.0
+        if ":" in value:
+            value, raw = value.rsplit(":", 1)
+            try:
+                weight = float(raw)
+            except ValueError:
+                raise UserError(f"--prefer {text!r}: weight {raw!r} is not a number") from None
+        out.append(Prefer(field, value, weight))
+    if args.min_year is not None or args.half_life is not None:
+        out.append(Recency(min_year=args.min_year, half_life=args.half_life))
+    return tuple(out)
+
+
+def cmd_run(args, pretrain_only: bool = False) -> None:
+    from h2po import pipeline
+
+    start = time.time()
+    cfg = load_config(args.config, args.overrides)
+    ws = pipeline.prepare(cfg)
+    lam = pipeline.ease_lambda(ws)
+    from evaluation.baselines import EASE
+
+    ease = EASE(ws.data.catalog, ws.data.train_matrix, lam)
+    path, result = pipeline.run_pretrain(ws, ease)
+    print(f"MOST: {result.steps} steps in {result.seconds:.0f}s ({result.samples_per_second:.0f} samples/s); "
+          f"best validation NDCG@10 {result.best_score:.4f} at step {result.best_step}; checkpoint {path}")
+    if not pretrain_only:
+        from learner.checkpoint import load_checkpoint
+
+        model, _, _ = load_checkpoint(path, ws.data.catalog)
+        pipeline.run_evaluation(ws, {"MOST": model}, lam, ws.out_dir / "results.json")
+        print(f"results: {ws.out_dir / 'results.json'}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"done in {time.time() - start:.0f}s, peak memory {peak:.0f} MiB")
+
+
+def cmd_eval(args) -> None:
+    from h2po import pipeline
+    from learner.checkpoint import load_checkpoint, read_header
+
+    base = json.loads(read_header(Path(args.checkpoint))["config"])
+    cfg = load_config(args.config, _flatten(base) + list(args.overrides))
+    ws = pipeline.prepare(cfg)
+    model, _, _ = load_checkpoint(Path(args.checkpoint), ws.data.catalog)
+    pipeline.run_evaluation(ws, {"MOST": model}, pipeline.ease_lambda(ws), Path(args.out))
+    print(f"results: {args.out}")
+
+
+def _flatten(values: dict, prefix: str = "") -> list[str]:
+    """Nested dict -> ["a.b=value", ...] overrides (values JSON-encoded, which YAML parses back)."""
+    out = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out += _flatten(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={json.dumps(value)}")
+    return out
+
+
+def _load_for_retrieval(checkpoint: str):
+    from catalog.batch import constraint_vocab
+    from catalog.dataset import load_catalog
+    from learner.checkpoint import load_checkpoint, read_header
+    from h2po.config import config_from_dict
+
+    path = Path(checkpoint)
+    cfg = config_from_dict(json.loads(read_header(path)["config"]))
+    catalog = load_catalog(cfg.data, path.parent)
+    model, cfg, _ = load_checkpoint(path, catalog)
+    return catalog, model, cfg, constraint_vocab(catalog)
+
+
+def cmd_retrieve(args) -> int:
+    from rollout.retrieve import recommend
+
+    if bool(args.seeds) == bool(args.requests):
+        raise UserError("give either --seeds or --requests")
+    if args.requests:
+        return _retrieve_batch(args)
+    catalog, model, cfg, vocab = _load_for_retrieval(args.checkpoint)
+    request = Request(tuple(resolve_items(catalog, args.seeds)), tuple(resolve_items(catalog, args.negatives)),
+                      _constraints(args), args.k or cfg.requests.k)
+    check_request(catalog, request)
+    items = recommend(model, catalog, vocab, [request], cfg.sampler)[0]
+    rows = [{"rank": r + 1, "item_id": int(catalog.item_ids[i]), "title": catalog.titles[i]}
+            for r, i in enumerate(items)]
+    if args.json:
+        print(json.dumps({"items": rows}))
+    else:
+        for row in rows:
+            print(f"{row['rank']:3d}. {row['title']}  [{row['item_id']}]")
+    return 0
+
+
+def _retrieve_batch(args) -> int:
+    from catalog.requests import request_from_json
+    from catalog.schema import CatalogError, atomic_write
+    from rollout.retrieve import recommend
+
+    if not args.out:
+        raise UserError("--requests needs --out FILE for the results")
+    source = Path(args.requests)
+    if not source.is_file():
+        raise UserError(f"requests file not found: {source}")
+    catalog, model, cfg, vocab = _load_for_retrieval(args.checkpoint)
+    results: list[dict] = []
+    good: list[tuple[int, Request]] = []
+    for line_no, line in enumerate(source.read_text().splitlines(), start=1):
+        if not line.strip():
+            results.append({"line": line_no, "error": "empty line"})
+            continue
+        try:
+            good.append((len(results), request_from_json(catalog, json.loads(line), cfg.requests.k)))
+            results.append({})
+        except (json.JSONDecodeError, CatalogError) as err:
+            results.append({"line": line_no, "error": f"{err}"})
+    lists = recommend(model, catalog, vocab, [r for _, r in good], cfg.sampler)
+    for (slot, _), items in zip(good, lists):
+        results[slot] = {"line": slot + 1, "items": [{"item_id": int(catalog.item_ids[i]), "title": catalog.titles[i]}
+                                                     for i in items]}
+    atomic_write(Path(args.out), lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in results)))
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        print(f"{source}:{r['line']}: {r['error']}", file=sys.stderr)
+    print(f"{len(results) - len(failed)} of {len(results)} requests answered; results in {args.out}")
+    return 1 if failed else 0
+
+
+def cmd_data(args) -> None:
+    from catalog import movielens
+
+    if args.data_command == "download":
+        path = movielens.download(Path(args.dest) if args.dest else None)
+        print(f"MovieLens {movielens.DATASET} verified in {path}")
+    else:
+        out = movielens.import_movielens(movielens.locate(args.source), Path(args.out))
+        print(f"catalog written to {out} (items.parquet, interactions.parquet, LICENSE.txt)")
+
+
+def cmd_config() -> None:
+    for key, default, text in describe():
+        print(f"{key:28s} {json.dumps(default):>24s}  {text}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            cmd_run(args)
+        elif args.command == "pretrain":
+            cmd_run(args, pretrain_only=True)
+        elif args.command == "eval":
+            cmd_eval(args)
+        elif args.command == "retrieve":
+            return cmd_retrieve(args)
+        elif args.command == "data":
+            cmd_data(args)
+        else:
+            cmd_config()
+    except UserError as err:
+        print(f"h2po: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("h2po: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

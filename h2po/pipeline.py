@@ -1,0 +1,145 @@
+"""The single-machine job, as plain calls: prepare data -> EASE prior -> MOST pretraining -> evaluation.
+
+Every stage writes into the run directory (`cfg.out_dir`): `catalog/` (Parquet + the dataset's LICENSE.txt),
+`ease.json` (tuned lambda), `most.safetensors` (best-validating checkpoint), `pretrain.json` (curve),
+`results.json` (the comparison table). Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from catalog.batch import constraint_vocab
+from catalog.dataset import Dataset, benchmark_examples, load_catalog
+from catalog.features import item_features
+from catalog.requests import Example
+from catalog.schema import atomic_write
+from evaluation.baselines import EASE, build_baselines, tune_ease
+from evaluation.metrics import item_mask, ranking_metrics
+from evaluation.report import evaluate_methods, format_table
+from h2po.config import RunConfig, config_to_dict
+from learner.checkpoint import save_checkpoint
+from learner.pretrain import PretrainResult, pretrain
+from model.transformer import Retriever
+from rollout.retrieve import recommend
+
+
+@dataclass
+class Workspace:
+    """Everything derived from the data once per process."""
+
+    cfg: RunConfig
+    data: Dataset
+    features: np.ndarray  # (N, F) item features x_i
+    unit_features: np.ndarray  # (N, F) rows L2-normalised (cosines)
+    vocab: dict
+    out_dir: Path
+
+
+def write_json(path: Path, value: dict) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(value, indent=2)))
+
+
+def prepare(cfg: RunConfig) -> Workspace:
+    """Seed, set threads, import/load the catalog into the run directory, split users, compute features."""
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    out_dir = Path(cfg.out_dir)
+    data = Dataset.build(load_catalog(cfg.data, out_dir), cfg.data)
+    features = item_features(data)
+    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-6)
+    return Workspace(cfg, data, features, unit, constraint_vocab(data.catalog), out_dir)
+
+
+def examples(ws: Workspace, split: str) -> list[Example]:
+    users = {"val": ws.data.val_users, "test": ws.data.test_users}[split]
+    return benchmark_examples(ws.data, users, ws.cfg.requests, ws.cfg.eval.request_seed)
+
+
+def ease_lambda(ws: Workspace) -> float:
+    """The EASE lambda: configured, cached in the run directory, or tuned on validation family A."""
+    if ws.cfg.model.prior_lambda > 0:
+        return ws.cfg.model.prior_lambda
+    path = ws.out_dir / "ease.json"
+    key = {"catalog": ws.data.catalog.fingerprint, "split_seed": ws.cfg.data.split_seed,
+           "lambdas": ws.cfg.eval.ease_lambdas}
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["lambda"]
+    lam, table = tune_ease(ws.data, examples(ws, "val"), ws.cfg.eval.ease_lambdas)
+    print(f"EASE lambda tuned on validation: {lam:g} (NDCG@10 by lambda: "
+          + ", ".join(f"{k:g}: {v:.4f}" for k, v in table.items()) + ")")
+    write_json(path, {"key": key, "lambda": lam, "validation_ndcg@10": {str(k): v for k, v in table.items()}})
+    return lam
+
+
+def build_model(ws: Workspace, ease: EASE | None) -> Retriever:
+    prior = ease.B.half() if ease is not None and ws.cfg.model.prior == "ease" else None
+    return Retriever(ws.cfg.model, torch.from_numpy(ws.features), len(ws.vocab), prior)
+
+
+def model_recommender(ws: Workspace, model: Retriever):
+    """examples -> (R, k) lists, for the evaluation table."""
+    def run(batch: list[Example]) -> np.ndarray:
+        return np.stack(recommend(model, ws.data.catalog, ws.vocab, [e.request for e in batch], ws.cfg.sampler))
+    return run
+
+
+def validation_score(ws: Workspace, val: list[Example], model: Retriever) -> float:
+    """Mean NDCG@10 of greedy lists on the validation requests."""
+    lists = model_recommender(ws, model)(val)
+    relevant = item_mask([e.targets for e in val], ws.data.catalog.n_items)
+    return float(ranking_metrics(lists, relevant, [10])["ndcg@10"].mean())
+
+
+def run_pretrain(ws: Workspace, ease: EASE) -> tuple[Path, PretrainResult]:
+    """MOST pretraining; the best-validating checkpoint is written to out_dir/most.safetensors."""
+    cfg = ws.cfg
+    model = build_model(ws, ease)
+    val = examples(ws, "val")
+    rng = np.random.default_rng(cfg.seed)
+    val = [val[i] for i in sorted(rng.permutation(len(val))[: cfg.most.val_requests])]
+    path = ws.out_dir / "most.safetensors"
+    save = functools.partial(_save_best, ws, path)
+    result = pretrain(model, ws.data, ws.vocab, ws.unit_features, ease.B.half(), cfg.requests, cfg.most, cfg.seed,
+                      functools.partial(validation_score, ws, val), save)
+    write_json(ws.out_dir / "pretrain.json", {"steps": result.steps, "best_step": result.best_step,
+                                              "best_val_ndcg@10": result.best_score, "seconds": result.seconds,
+                                              "samples_per_second": result.samples_per_second,
+                                              "history": result.history})
+    return path, result
+
+
+def _save_best(ws: Workspace, path: Path, model: Retriever, record: dict) -> None:
+    save_checkpoint(path, model, ws.cfg, ws.data.catalog, record)
+
+
+def run_evaluation(ws: Workspace, models: dict[str, Retriever], ease_lam: float, out: Path | None = None) -> dict:
+    """Baselines and models on the test split: results dict (also written to `out`) and the printed table."""
+    test = examples(ws, "test")
+    baselines = build_baselines(ws.data, ws.features, ws.cfg.eval, ease_lam)
+    methods = {name: functools.partial(b.recommend, k=ws.cfg.requests.k) for name, b in baselines.items()}
+    methods.update({name: model_recommender(ws, model) for name, model in models.items()})
+    start = time.time()
+    results = evaluate_methods(methods, test, ws.data, ws.cfg.eval, features=ws.features)
+    cat = ws.data.catalog
+    report = {"results": results, "config": config_to_dict(ws.cfg),
+              "dataset": {"name": cat.name, "n_items": cat.n_items, "fingerprint": cat.fingerprint,
+                          "users": {"train": len(ws.data.train_users), "val": len(ws.data.val_users),
+                                    "test": len(ws.data.test_users)},
+                          "test_requests": len(test), "ease_lambda": ease_lam,
+                          "license": "MovieLens terms: see catalog/LICENSE.txt in the run directory"},
+              "seconds": time.time() - start}
+    if out is not None:
+        write_json(out, report)
+    print(format_table(results))
+    return report

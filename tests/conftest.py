@@ -1,0 +1,77 @@
+"""Shared fixtures: a 50-item catalog built in memory and tiny randomised Retrievers on it (CPU, seconds).
+
+`tiny_catalog`: N=50 items, a "genre" field over 4 genres (item i has genre i % 4, and genre (i + 1) % 4 too
+when i % 3 == 0), years 1950 + (7 i mod 70) spanning 1950-2019, five users with six interactions each.
+`tiny_model` / `tiny_prior_model`: Retriever(d_model=32, n_layers=2, n_heads=2), eval mode, every parameter
+perturbed with seeded noise so the adaLN-Zero gates are non-zero and outputs depend on the request; the prior
+variant carries a random (N, N) float16 prior matrix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from catalog.batch import constraint_vocab
+from catalog.schema import Catalog, Interactions
+from h2po.config import ModelConfig
+from model.transformer import Retriever
+
+N_ITEMS = 50
+N_FEATURES = 8
+GENRES = ("Action", "Comedy", "Drama", "Horror")
+
+
+def make_tiny_catalog() -> Catalog:
+    """The deterministic 50-item catalog described in the module docstring."""
+    genres = [(GENRES[i % 4],) + ((GENRES[(i + 1) % 4],) if i % 3 == 0 else ()) for i in range(N_ITEMS)]
+    years = np.array([1950 + (7 * i) % 70 for i in range(N_ITEMS)], np.int32)
+    users = np.repeat(np.arange(5, dtype=np.int64), 6)
+    items = np.array([(7 * u + 3 * j) % N_ITEMS for u in range(5) for j in range(6)], np.int64)
+    inter = Interactions(users, items, np.full(len(items), 4.0, np.float32), np.arange(len(items), dtype=np.int64))
+    return Catalog(item_ids=np.arange(100, 100 + N_ITEMS, dtype=np.int64),
+                   titles=[f"Item {i} ({years[i]})" for i in range(N_ITEMS)], attributes={"genre": genres},
+                   years=years, popularity=np.bincount(items, minlength=N_ITEMS).astype(np.int64),
+                   interactions=inter, name="tiny50")
+
+
+def randomise(model: torch.nn.Module, seed: int, scale: float = 0.2) -> torch.nn.Module:
+    """Add seeded Gaussian noise (std `scale`) to every parameter, so zero-initialised gates become active."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+    return model.eval()
+
+
+def make_tiny_model(catalog: Catalog, prior: bool = False, seed: int = 0) -> Retriever:
+    """A randomised 2-layer D=32 Retriever in eval mode (with a random float16 prior matrix when `prior`)."""
+    generator = torch.Generator().manual_seed(1000 + seed)
+    features = torch.randn(catalog.n_items, N_FEATURES, generator=generator)
+    prior_matrix = torch.rand(catalog.n_items, catalog.n_items, generator=generator).half() if prior else None
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, dropout=0.0, id_dropout=0.0, prior="none")
+    with torch.random.fork_rng(devices=[]):  # seed the constructor's own init without touching the global RNG
+        torch.manual_seed(seed)
+        model = Retriever(cfg, features, n_values=len(constraint_vocab(catalog)), prior_matrix=prior_matrix)
+    return randomise(model, seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_catalog() -> Catalog:
+    return make_tiny_catalog()
+
+
+@pytest.fixture
+def tiny_model(tiny_catalog) -> Retriever:
+    return make_tiny_model(tiny_catalog)
+
+
+@pytest.fixture
+def tiny_prior_model(tiny_catalog) -> Retriever:
+    return make_tiny_model(tiny_catalog, prior=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab(tiny_catalog) -> dict[tuple[str, str], int]:
+    return constraint_vocab(tiny_catalog)
