@@ -87,6 +87,7 @@ def cmd_run(args, pretrain_only: bool = False) -> None:
 
     start = time.time()
     cfg = load_config(args.config, args.overrides)
+    _ensure_data(cfg)
     ws = pipeline.prepare(cfg)
     lam = pipeline.ease_lambda(ws)
     from evaluation.baselines import EASE
@@ -103,6 +104,20 @@ def cmd_run(args, pretrain_only: bool = False) -> None:
         print(f"results: {ws.out_dir / 'results.json'}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"done in {time.time() - start:.0f}s, peak memory {peak:.0f} MiB")
+
+
+def _ensure_data(cfg) -> None:
+    """Download MovieLens when no catalog is configured and it is found nowhere (the error says how otherwise)."""
+    from catalog import movielens
+    from catalog.schema import CatalogError
+
+    if cfg.data.catalog or cfg.data.movielens:
+        return
+    try:
+        movielens.locate()
+    except CatalogError:
+        print(f"MovieLens {movielens.DATASET} not found locally; downloading it (h2po data download)")
+        movielens.download()
 
 
 def cmd_eval(args) -> None:

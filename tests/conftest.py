@@ -57,6 +57,15 @@ def make_tiny_model(catalog: Catalog, prior: bool = False, seed: int = 0) -> Ret
     return randomise(model, seed)
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for tiny models: thread start-up and contention on a busy 2-core box cost 10-30x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_catalog() -> Catalog:
     return make_tiny_catalog()

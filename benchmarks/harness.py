@@ -1,0 +1,78 @@
+"""What the benchmark scripts share: the machine description, the workspace and model, tables and JSON output.
+
+Both scripts load the run configuration exactly like `h2po run` (`h2po.config.load_config`: defaults, an
+optional YAML file, `key=value` overrides), prepare the real catalog with `h2po.pipeline.prepare` into a
+scratch run directory, and build the model with `h2po.pipeline.build_model`, so they measure the code and
+model sizes that the pipeline uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from evaluation.baselines import EASE
+from h2po import pipeline
+from h2po.config import RunConfig, load_config
+
+DEFAULT_WORKDIR = "runs/bench"
+# EASE's lambda changes the prior's values, not its cost; the benchmarks use a fixed one instead of tuning it.
+DEFAULT_EASE_LAMBDA = 3000.0
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config, --workdir, --threads, --out and trailing `key=value` config overrides."""
+    parser.add_argument("--config", default=None, help="YAML run config (default: the built-in defaults)")
+    parser.add_argument("--workdir", default=DEFAULT_WORKDIR,
+                        help="scratch run directory where the catalog is imported (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = all cores")
+    parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. model.d_model=32")
+
+
+def set_threads(threads: int) -> int:
+    """torch.set_num_threads(threads or all cores); returns the number in use."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    return torch.get_num_threads()
+
+
+def machine() -> dict:
+    """The machine the numbers were measured on."""
+    return {"cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cuda": torch.cuda.is_available()}
+
+
+def workspace(args: argparse.Namespace, base: dict | None = None) -> pipeline.Workspace:
+    """Config (checkpoint's config as the base, if given) + overrides -> prepared workspace in --workdir."""
+    from h2po.cli import _flatten  # the same dict -> overrides conversion `h2po eval` uses
+
+    overrides = (_flatten(base) if base else []) + list(args.overrides) + [f"out_dir={args.workdir}"]
+    cfg: RunConfig = load_config(args.config, overrides)
+    return pipeline.prepare(cfg)
+
+
+def fit_ease(ws: pipeline.Workspace, lam: float = DEFAULT_EASE_LAMBDA) -> EASE:
+    """EASE on the training users (the model's prior when `model.prior=ease`, and MOST's relevance scorer)."""
+    return EASE(ws.data.catalog, ws.data.train_matrix, lam)
+
+
+def format_rows(header: list[str], rows: list[list]) -> str:
+    """A plain-text table: floats with 4 significant digits, columns padded."""
+    cells = [header] + [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    widths = [max(len(row[c]) for row in cells) for c in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def write_result(path: str | None, result: dict) -> None:
+    """Write `result` as indented JSON (parent directories created) when a path is given."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2))
+        print(f"results written to {path}")

@@ -1,0 +1,72 @@
+"""Tests of the benchmark scripts' own logic (not timings): the per-request reference sampler and the FLOP count.
+
+The reference in benchmarks/sampler.py re-implements DESIGN 3.4 one request at a time; if it drifted from the
+batched sampler, the throughput comparison would compare different algorithms. Tiny models from conftest.py.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from catalog.batch import encode_requests
+from catalog.requests import Exclude, Recency, Request, valid_mask
+from rollout.sampler import sample_lists
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import sampler as bench  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+K = 8
+
+
+def some_requests(catalog, n: int, seed: int) -> list[Request]:
+    """n random requests (1-5 seeds, 0-2 negatives, sometimes Exclude / min-year) that allow >= K items."""
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        items = rng.permutation(catalog.n_items)
+        s, m = int(rng.integers(1, 6)), int(rng.integers(0, 3))
+        cons = [Exclude("genre", "Horror")] if rng.random() < 0.4 else []
+        cons += [Recency(min_year=int(rng.integers(1950, 1990)))] if rng.random() < 0.4 else []
+        request = Request(tuple(int(i) for i in items[:s]), tuple(int(i) for i in items[s:s + m]), tuple(cons), K)
+        if valid_mask(catalog, request).sum() >= K:
+            out.append(request)
+    return out
+
+
+@pytest.mark.parametrize("prior", [False, True])
+@pytest.mark.parametrize("steps", [1, 3, 8])
+def test_reference_greedy_equals_batched_sampler(tiny_catalog, tiny_vocab, tiny_model, tiny_prior_model, prior,
+                                                 steps):
+    """At T=0 both are deterministic and implement the same algorithm: identical lists on 40 requests."""
+    model = tiny_prior_model if prior else tiny_model
+    requests = some_requests(tiny_catalog, 40, seed=steps)
+    batched = sample_lists(model, encode_requests(tiny_catalog, requests, tiny_vocab), K, steps).items.numpy()
+    reference = bench.reference_lists(model, tiny_catalog, tiny_vocab, requests, steps, 0.0)
+    np.testing.assert_array_equal(np.stack(reference), batched)
+
+
+def test_reference_samples_are_valid(tiny_catalog, tiny_vocab, tiny_prior_model):
+    """At T=1: k distinct items, no seeds or negatives, constraints met, on 40 requests."""
+    requests = some_requests(tiny_catalog, 40, seed=11)
+    lists = bench.reference_lists(tiny_prior_model, tiny_catalog, tiny_vocab, requests, 3, 1.0,
+                                  torch.Generator().manual_seed(0))
+    bench.check_lists(tiny_catalog, requests, lists)
+
+
+def test_check_lists_rejects_a_duplicate(tiny_catalog):
+    request = Request((0,), k=3)
+    with pytest.raises(AssertionError, match="duplicate"):
+        bench.check_lists(tiny_catalog, [request], [np.array([5, 5, 6])])
+
+
+def test_flops_per_list_hand_computed():
+    """D=2, 1 layer, N=10, K=2, S=1, 1 context token -> L=3:
+    blocks 24*3*4 + 4*9*2 + 12*4 = 408; output 4*4 + 2*2*4 = 32; head 2*2*2*10 = 80; total 520 (x S=3: 1560)."""
+    assert bench.flops_per_list(2, 1, 10, 2, 1, 1.0) == 520
+    assert bench.flops_per_list(2, 1, 10, 2, 3, 1.0) == 1560
