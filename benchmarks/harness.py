@@ -50,10 +50,7 @@ def machine() -> dict:
 
 def workspace(args: argparse.Namespace, base: dict | None = None) -> pipeline.Workspace:
     """Config (checkpoint's config as the base, if given) + overrides -> prepared workspace in --workdir."""
-    from h2po.cli import _flatten  # the same dict -> overrides conversion `h2po eval` uses
-
-    overrides = (_flatten(base) if base else []) + list(args.overrides) + [f"out_dir={args.workdir}"]
-    cfg: RunConfig = load_config(args.config, overrides)
+    cfg: RunConfig = load_config(args.config, [*args.overrides, f"out_dir={args.workdir}"], base=base)
     return pipeline.prepare(cfg)
 
 

@@ -28,12 +28,20 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from harness import (
+    DEFAULT_EASE_LAMBDA,
+    add_common_arguments,
+    fit_ease,
+    format_rows,
+    machine,
+    set_threads,
+    workspace,
+    write_result,
+)
 
 from catalog.batch import encode_requests
 from catalog.requests import Request, valid_mask
 from catalog.schema import Catalog
-from harness import (DEFAULT_EASE_LAMBDA, add_common_arguments, fit_ease, format_rows, machine, set_threads,
-                     workspace, write_result)
 from h2po import pipeline
 from h2po.config import SamplerConfig
 from model.transformer import MASK, Retriever

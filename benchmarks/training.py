@@ -25,9 +25,17 @@ import time
 
 import numpy as np
 import torch
+from harness import (
+    DEFAULT_EASE_LAMBDA,
+    add_common_arguments,
+    fit_ease,
+    format_rows,
+    machine,
+    set_threads,
+    workspace,
+    write_result,
+)
 
-from harness import (DEFAULT_EASE_LAMBDA, add_common_arguments, fit_ease, format_rows, machine, set_threads,
-                     workspace, write_result)
 from h2po import pipeline
 from learner.pretrain import most_step
 from model.transformer import Retriever

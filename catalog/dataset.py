@@ -91,6 +91,13 @@ class Dataset:
         return matrix[:, keep], [vocab[j] for j in keep]
 
 
+def facet_mask(data: Dataset, facet: tuple[str, int]) -> np.ndarray:
+    """(N,) bool: items with the facet's genre whose year falls in its decade."""
+    genres, vocab = data.genres
+    years = data.catalog.years
+    return genres[:, vocab.index(facet[0])] & (years // 10 * 10 == facet[1]) & (years > 0)
+
+
 def _rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([seed, *keys])
 
@@ -131,7 +138,7 @@ def family_b(data: Dataset, user: int, s: int, k: int, min_targets: int, rng: np
             constraint, targets = options[rng.integers(len(options))]
             request = Request(tuple(int(i) for i in seeds), constraints=(constraint,), k=k)
             if valid_mask(data.catalog, request).sum() >= k:
-                return Example(request, tuple(int(i) for i in targets), int(user), "B", s)
+                return Example(request, tuple(int(i) for i in targets), int(user), "B", s, (vocab[g], int(d)))
     return None
 
 

@@ -138,8 +138,7 @@ def _rows(path: Path, columns: tuple[str, ...]):
             reader = csv.DictReader(f)
             if reader.fieldnames is None or any(c not in reader.fieldnames for c in columns):
                 raise CatalogError(f"{path}: expected columns {', '.join(columns)}, found {reader.fieldnames}")
-            for line, row in enumerate(reader, start=2):
-                yield line, row
+            yield from enumerate(reader, start=2)
     except UnicodeDecodeError as err:
         raise CatalogError(f"{path}: not UTF-8 text ({err})") from None
 

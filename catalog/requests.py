@@ -75,6 +75,7 @@ class Example:
     user: int
     family: str  # "A" seed-set completion, "B" fine-grained intent
     seed_size: int
+    facet: tuple[str, int] | None = None  # family B: the (genre, decade) the request was drawn from
 
 
 def valid_mask(catalog: Catalog, request: Request) -> np.ndarray:
@@ -168,7 +169,10 @@ def request_from_json(catalog: Catalog, data: dict, default_k: int = 20) -> Requ
         raise CatalogError("a request must be a JSON object")
     unknown = set(data) - {"seeds", "negatives", "constraints", "k"}
     if unknown:
-        raise CatalogError(f"unknown request key {sorted(unknown)[0]!r} (known: seeds, negatives, constraints, k)")
+        raise CatalogError(f"unknown request key {min(unknown)!r} (known: seeds, negatives, constraints, k)")
+    for key in ("seeds", "negatives", "constraints"):
+        if not isinstance(data.get(key) or [], list):
+            raise CatalogError(f"{key} must be a JSON list, got {data[key]!r}")
     kinds = {"exclude": Exclude, "require": Require, "prefer": Prefer, "recency": Recency}
     constraints = []
     for c in data.get("constraints") or []:

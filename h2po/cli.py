@@ -125,29 +125,18 @@ def cmd_eval(args) -> None:
     from learner.checkpoint import load_checkpoint, read_header
 
     base = json.loads(read_header(Path(args.checkpoint))["config"])
-    cfg = load_config(args.config, _flatten(base) + list(args.overrides))
+    cfg = load_config(args.config, args.overrides, base=base)
     ws = pipeline.prepare(cfg)
     model, _, _ = load_checkpoint(Path(args.checkpoint), ws.data.catalog)
     pipeline.run_evaluation(ws, {"MOST": model}, pipeline.ease_lambda(ws), Path(args.out))
     print(f"results: {args.out}")
 
 
-def _flatten(values: dict, prefix: str = "") -> list[str]:
-    """Nested dict -> ["a.b=value", ...] overrides (values JSON-encoded, which YAML parses back)."""
-    out = []
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out += _flatten(value, f"{prefix}{key}.")
-        else:
-            out.append(f"{prefix}{key}={json.dumps(value)}")
-    return out
-
-
 def _load_for_retrieval(checkpoint: str):
     from catalog.batch import constraint_vocab
     from catalog.dataset import load_catalog
-    from learner.checkpoint import load_checkpoint, read_header
     from h2po.config import config_from_dict
+    from learner.checkpoint import load_checkpoint, read_header
 
     path = Path(checkpoint)
     cfg = config_from_dict(json.loads(read_header(path)["config"]))
@@ -165,7 +154,7 @@ def cmd_retrieve(args) -> int:
         return _retrieve_batch(args)
     catalog, model, cfg, vocab = _load_for_retrieval(args.checkpoint)
     request = Request(tuple(resolve_items(catalog, args.seeds)), tuple(resolve_items(catalog, args.negatives)),
-                      _constraints(args), args.k or cfg.requests.k)
+                      _constraints(args), cfg.requests.k if args.k is None else args.k)
     check_request(catalog, request)
     items = recommend(model, catalog, vocab, [request], cfg.sampler)[0]
     rows = [{"rank": r + 1, "item_id": int(catalog.item_ids[i]), "title": catalog.titles[i]}

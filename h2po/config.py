@@ -25,7 +25,7 @@ class ConfigError(UserError):
     """A configuration file or override is invalid; the message names the key."""
 
 
-def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
+def option(default: Any, help: str) -> Any:
     """A dataclass field with a default and a one-line help text."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
@@ -220,9 +220,9 @@ def parse_override(text: str) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Load a RunConfig from an optional YAML file plus `key=value` overrides."""
-    values = _read_yaml(Path(path)) if path else {}
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """Load a RunConfig: `base` values (e.g. a checkpoint's config), then a YAML file, then `key=value` overrides."""
+    values = _merge(base or {}, _read_yaml(Path(path)) if path else {})
     for text in overrides:
         values = _merge(values, parse_override(text))
     return _build(RunConfig, values, "")

@@ -39,10 +39,12 @@ def mmr_order(candidates: np.ndarray, score: np.ndarray, features: np.ndarray, r
 
 def build_targets(examples: list[Example], relevance: np.ndarray, bonus: np.ndarray, valid: np.ndarray,
                   features: np.ndarray, k: int, order: str, redundancy: float, fill_weight: float,
-                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                  rng: np.random.Generator, preferred: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ordered target lists x0 (B, K) and loss weights (B, K) (1 for held-out positives, fill_weight for fill).
 
-    relevance, bonus (B, N) float; valid (B, N) bool; features (N, F) rows L2-normalised.
+    relevance, bonus (B, N) float; valid (B, N) bool; features (N, F) rows L2-normalised. Fill items are the
+    most relevant valid non-targets, taken first from `preferred` (B, N) bool where given (the request's intent,
+    e.g. a family B facet), then from the other valid items.
     """
     x0 = np.zeros((len(examples), k), dtype=np.int64)
     weights = np.zeros((len(examples), k), dtype=np.float32)
@@ -55,10 +57,16 @@ def build_targets(examples: list[Example], relevance: np.ndarray, bonus: np.ndar
         else:
             score = metric_scores(relevance[b], bonus[b], features, ex.request.negatives)
             ordered = mmr_order(targets, score, features, redundancy, k)
-        fill_pool = valid[b].copy()
-        fill_pool[targets] = False
-        fill = np.flatnonzero(fill_pool)
-        fill = fill[np.argsort(-relevance[b, fill], kind="stable")][: k - len(ordered)]
+        need = k - len(ordered)
+        fill_score = np.where(valid[b], relevance[b], -np.inf)
+        fill_score[targets] = -np.inf
+        if preferred is not None:  # preferred items first: lift them above every other valid item
+            lift = np.ptp(relevance[b]) + 1.0
+            fill_score = np.where(preferred[b] & np.isfinite(fill_score), fill_score + lift, fill_score)
+        fill = np.argpartition(-fill_score, need)[:need] if 0 < need < len(fill_score) else np.arange(need)
+        fill = fill[np.argsort(-fill_score[fill], kind="stable")]
+        if not np.isfinite(fill_score[fill]).all():
+            raise ValueError(f"request {b}: fewer than k valid items to fill the targets")
         x0[b] = np.concatenate([np.asarray(ordered, dtype=np.int64), fill])
         weights[b, : len(ordered)] = 1.0
         weights[b, len(ordered):] = fill_weight

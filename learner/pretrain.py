@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from catalog.batch import encode_requests
-from catalog.dataset import Dataset, training_examples
+from catalog.dataset import Dataset, facet_mask, training_examples
 from catalog.requests import soft_bonus
 from h2po.config import MostConfig, RequestConfig
 from learner.most import build_targets, most_loss
@@ -46,8 +46,12 @@ def most_step(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray
     batch = encode_requests(data.catalog, [e.request for e in examples], vocab)
     relevance = relevance_scores(relevance_matrix, batch.seeds, batch.seed_mask)
     bonus = np.stack([soft_bonus(data.catalog, e.request) for e in examples])
+    preferred = np.zeros(relevance.shape, dtype=bool)
+    for b, e in enumerate(examples):
+        if e.facet is not None:
+            preferred[b] = facet_mask(data, e.facet)
     x0, weights = build_targets(examples, relevance, bonus, batch.valid.numpy(), features, req.k, cfg.order,
-                                cfg.redundancy, cfg.fill_weight, rng)
+                                cfg.redundancy, cfg.fill_weight, rng, preferred)
     t = stratified_times(len(examples), cfg.eps, generator)
     u = torch.rand(x0.shape, generator=generator)
     return most_loss(elbo_nll(model, model.encode(batch), x0, t, u), weights)

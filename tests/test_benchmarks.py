@@ -18,7 +18,7 @@ from catalog.requests import Exclude, Recency, Request, valid_mask
 from rollout.sampler import sample_lists
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import sampler as bench  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+import sampler as bench
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 K = 8
