@@ -52,7 +52,7 @@ class RequestConfig:
     seed_sizes: list[int] = option([3, 5, 10], "Seed-set sizes s of family A.")
     family_b_seed_size: int = option(3, "Seed-set size of family B (seeds share a genre and decade).")
     family_b_min_targets: int = option(2, "Family B requests need at least this many targets.")
-    family_b_share: float = option(0.3, "Share of family B requests among training requests.")
+    family_b_share: float = option(0.4, "Share of family B requests among training requests.")
     k: int = option(20, "Output length k (up to 64).")
 
 
@@ -90,7 +90,7 @@ class MostConfig:
     weight_decay: float = option(0.01, "AdamW weight decay.")
     warmup_steps: int = option(50, "Linear learning-rate warm-up.")
     max_steps: int = option(3000, "Upper bound on optimiser steps.")
-    max_minutes: float = option(6.0, "Wall-clock budget for training.")
+    max_minutes: float = option(12.0, "Wall-clock budget for training.")
     eval_every: int = option(100, "Validate every this many steps; the best checkpoint is kept.")
     val_requests: int = option(256, "Validation requests scored at each validation (a fixed subset).")
     patience: int = option(6, "Stop after this many validations without improvement.")
