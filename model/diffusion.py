@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from model.transformer import MASK, Context, Retriever, allowed_items, masked_log_softmax
+from model.transformer import MASK, Context, Retriever, allowed_items
 
 
 def stratified_times(batch: int, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -37,7 +37,7 @@ def slot_log_probs(model: Retriever, ctx: Context, state: torch.Tensor, targets:
     if len(rows) == 0:
         return out
     hidden = model.hidden(ctx, state, t)  # (B, K, D)
-    logp = masked_log_softmax(model.logits(ctx, hidden[rows, cols], rows), allowed_items(ctx.valid, state)[rows])
+    logp = torch.log_softmax(model.allowed_logits(ctx, hidden[rows, cols], rows, allowed_items(ctx.valid, state)), -1)
     out[rows, cols] = logp.gather(1, targets[rows, cols, None]).squeeze(1)
     return out
 

@@ -165,6 +165,20 @@ class Retriever(nn.Module):
         return out
 
 
+    def allowed_logits(self, ctx: Context, hidden: torch.Tensor, rows: torch.Tensor,
+                       allowed: torch.Tensor) -> torch.Tensor:
+        """`logits(ctx, hidden, rows)` with -inf where `allowed` (B, N) is False -> (M, N).
+
+        Same values as `logits(...).masked_fill(~allowed[rows], -inf)`, in fewer passes over (M, N): bias, prior
+        and mask are folded into one (B, N) offset per request, gathered once, and the matmul accumulates into it.
+        """
+        offset = self.item_bias.expand(allowed.shape)
+        if ctx.prior is not None:
+            offset = offset + self.prior_scale * ctx.prior
+        offset = torch.where(allowed, offset, torch.tensor(float("-inf"), device=offset.device))
+        return offset[rows].addmm_(hidden, ctx.items.T)
+
+
 def allowed_items(valid: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """(B, N) bool: valid items not yet committed to a slot (DESIGN 3.3)."""
     committed = torch.zeros_like(valid)

@@ -54,13 +54,15 @@ def sample_lists(model: Retriever, batch: RequestBatch, k: int, steps: int, temp
         open_ = slots == MASK
         rows, cols = open_.nonzero(as_tuple=True)  # only open slots need logits
         hidden = model.hidden(ctx, slots)[rows, cols]  # (M, D)
-        logits = model.logits(ctx, hidden, rows).masked_fill_(~allowed[rows], float("-inf"))  # (M, N)
+        logits = model.allowed_logits(ctx, hidden, rows, allowed)  # (M, N)
         if temperature > 0:
-            u = torch.rand(logits.shape, generator=generator, device=device).clamp_(1e-10, 1.0)
-            pick = (logits / temperature - torch.log(-torch.log(u))).argmax(-1)
+            noise = torch.rand(logits.shape, generator=generator, device=device).clamp_(1e-10, 1.0)
+            noise.log_().neg_().log_().neg_()  # Gumbel(0, 1), in place
+            pick = noise.add_(logits, alpha=1.0 / temperature).argmax(-1)
+            top = logits.gather(1, pick[:, None]).squeeze(1)
         else:
-            pick = logits.argmax(-1)
-        conf = logits.gather(1, pick[:, None]).squeeze(1) - torch.logsumexp(logits, -1)  # log p at T = 1
+            top, pick = logits.max(-1)
+        conf = top - torch.logsumexp(logits, -1)  # log p of the pick under the T = 1 distribution
         candidate = torch.full_like(slots, MASK).index_put_((rows, cols), pick)
         confidence = torch.full((b, k), float("-inf"), device=device).index_put_((rows, cols), conf)
         keeps = resolve_collisions(candidate, confidence, open_)

@@ -272,3 +272,20 @@ def test_seed_order_does_not_matter(tiny_catalog, tiny_vocab, tiny_model, tiny_p
     torch.testing.assert_close(logits[1], logits[0], atol=1e-9, rtol=0)
     torch.testing.assert_close(logits[2], logits[0], atol=1e-9, rtol=0)
     assert (logits[3] - logits[0]).abs().max() > 1e-3
+
+
+def test_allowed_logits_equal_masked_logits(tiny_prior_model, tiny_catalog, tiny_vocab):
+    """The fused `allowed_logits` equals `logits(...).masked_fill(~allowed, -inf)` on selected rows."""
+    model = tiny_prior_model
+    requests = [Request((0, 1)), Request((2,), constraints=(Exclude("genre", "Action"),))]
+    batch = encode_requests(tiny_catalog, requests, tiny_vocab)
+    ctx = model.encode(batch)
+    slots = torch.full((2, 4), MASK)
+    slots[0, 1] = 7
+    hidden = model.hidden(ctx, slots)
+    rows, cols = (slots == MASK).nonzero(as_tuple=True)
+    allowed = allowed_items(batch.valid, slots)
+    fused = model.allowed_logits(ctx, hidden[rows, cols], rows, allowed)
+    plain = model.logits(ctx, hidden[rows, cols], rows).masked_fill(~allowed[rows], float("-inf"))
+    assert torch.equal(torch.isinf(fused), torch.isinf(plain))
+    assert torch.allclose(fused[~torch.isinf(fused)], plain[~torch.isinf(plain)], atol=1e-5)
