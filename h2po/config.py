@@ -111,6 +111,41 @@ class EvalConfig:
 
 
 @dataclass
+class H2POConfig:
+    """H2PO fine-tuning (DESIGN section 5)."""
+
+    group_size: int = option(8, "Rollouts G per request.")
+    batch_requests: int = option(16, "Requests per on-policy learner batch (B; B * G rollouts).")
+    lr: float = option(1e-5, "Learning rate.")
+    inner_epochs: int = option(2, "Passes over each learner batch.")
+    clip_low: float = option(0.2, "PPO ratio clip: lower bound 1 - clip_low.")
+    clip_high: float = option(0.28, "PPO ratio clip: upper bound 1 + clip_high.")
+    max_importance_weight: float = option(5.0, "Slots whose pi_prox / pi_behav exceeds this are dropped.")
+    max_staleness: int = option(4, "Rollouts older than this many weight versions are discarded.")
+    kl_beta: float = option(0.04, "Weight of the k3 KL to the reference policy.")
+    dpo_beta: float = option(0.1, "DPO temperature beta on ELBO differences.")
+    vrpo_samples: int = option(8, "Timesteps (one mask each) per ELBO estimate, shared by policy and reference.")
+    lambda_off_start: float = option(1.0, "Weight of the off-policy DPO term at the first step.")
+    lambda_off_end: float = option(0.3, "Weight of the off-policy DPO term at the last step (linear decay).")
+    lambda_sft: float = option(0.1, "Weight of the MOST anchor.")
+    rollout_temperature: float = option(1.0, "Sampler temperature of rollouts.")
+    rewards: list[dict] = option([{"name": "ndcg", "weight": 1.0}, {"name": "relevance", "weight": 0.2},
+                                  {"name": "diversity", "weight": 0.1}],
+                                 "Rewards: {name: built-in or dotted path, weight, args: {...}}.")
+    on_reward_error: Literal["stop", "skip"] = option("stop", "A failing reward stops the run, or skips the batch.")
+
+
+@dataclass
+class PreferenceConfig:
+    """Logged preference pairs produced from a behaviour policy (DESIGN section 5)."""
+
+    behaviour: Literal["ease", "centroid-knn"] = option("ease", "Behaviour policy producing the logged lists.")
+    noise: float = option(1.0, "Gumbel noise temperature on the policy's standardised scores.")
+    pairs_per_user: int = option(8, "Preference pairs drawn per training user.")
+    seed: int = option(0, "Seed of the request and noise draws.")
+
+
+@dataclass
 class RunConfig:
     """The whole run: every component's sub-config."""
 
@@ -123,6 +158,8 @@ class RunConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     most: MostConfig = field(default_factory=MostConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    h2po: H2POConfig = field(default_factory=H2POConfig)
+    preferences: PreferenceConfig = field(default_factory=PreferenceConfig)
 
 
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -149,6 +186,10 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(annotation)
         return [_check_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
