@@ -203,7 +203,8 @@ def read_catalog(directory: str | Path) -> Catalog:
     idx = np.where(item_ids[order][pos] == ids, order[pos], -1)
     if (idx < 0).any():
         bad = ids[idx < 0][:5].tolist()
-        raise CatalogError(f"{directory / 'interactions.parquet'}: {(idx < 0).sum()} rows name unknown items, e.g. {bad}")
+        path = directory / "interactions.parquet"
+        raise CatalogError(f"{path}: {(idx < 0).sum()} rows name unknown items, e.g. {bad}")
     catalog.interactions = Interactions(inter.column("user_id").to_numpy(), idx,
                                         inter.column("weight").to_numpy(), inter.column("timestamp").to_numpy())
     return catalog

@@ -20,7 +20,8 @@ evaluate against the baselines on the test split, and print the comparison table
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (may name a `base:` file it overrides)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config field, e.g. most.lr=3e-4")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="override any config field, e.g. most.lr=3e-4")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     im = dsub.add_parser("import", help="convert MovieLens CSVs into the project's Parquet schema")
     im.add_argument("--source", default="", help="ml-latest-small directory (default: located automatically)")
     im.add_argument("--out", required=True, help="output directory for items/interactions Parquet")
+    pf = dsub.add_parser("preferences", help="logged preference pairs from the configured behaviour policy")
+    pf.add_argument("--out", required=True, help="output Parquet file (schema: catalog/preferences.py)")
+    _config_args(pf)
     sub.add_parser("config", help="list every config key with its default and meaning")
     return parser
 
@@ -201,15 +205,46 @@ def _retrieve_batch(args) -> int:
     return 1 if failed else 0
 
 
-def cmd_data(args) -> None:
+def cmd_preferences(args) -> int:
+    """Generate logged preference pairs on the training users, write them, and re-read them with the validator."""
+    from catalog.behaviour import generate_preferences
+    from catalog.preferences import read_preferences, write_preferences
+    from evaluation.baselines import EASE, CentroidKNN
+    from h2po import pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    pc = cfg.preferences
+    if pc.noise <= 0 or pc.pairs_per_user < 1:
+        raise UserError("preferences.noise must be > 0 and preferences.pairs_per_user >= 1")
+    _ensure_data(cfg)
+    ws = pipeline.prepare(cfg)
+    data = ws.data
+    scorer = EASE(data.catalog, data.train_matrix, pipeline.ease_lambda(ws)) if pc.behaviour == "ease" \
+        else CentroidKNN(data.catalog, ws.features)
+    source = f"{pc.behaviour} gumbel-top-k noise={pc.noise:g} seed={pc.seed}"
+    table, stats = generate_preferences(data, scorer, pc.pairs_per_user, pc.noise, cfg.requests.k, pc.seed, source,
+                                        requests=cfg.requests, progress=True)
+    write_preferences(table, Path(args.out))
+    print(f"{stats.summary()}; written to {args.out}")
+    reader = read_preferences(args.out, data.catalog)
+    for _ in reader:
+        pass
+    print(reader.report.summary())
+    return 1 if reader.report.bad else 0
+
+
+def cmd_data(args) -> int:
     from catalog import movielens
 
+    if args.data_command == "preferences":
+        return cmd_preferences(args)
     if args.data_command == "download":
         path = movielens.download(Path(args.dest) if args.dest else None)
         print(f"MovieLens {movielens.DATASET} verified in {path}")
     else:
         out = movielens.import_movielens(movielens.locate(args.source), Path(args.out))
         print(f"catalog written to {out} (items.parquet, interactions.parquet, LICENSE.txt)")
+    return 0
 
 
 def cmd_config() -> None:
@@ -229,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "retrieve":
             return cmd_retrieve(args)
         elif args.command == "data":
-            cmd_data(args)
+            return cmd_data(args)
         else:
             cmd_config()
     except UserError as err:

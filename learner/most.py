@@ -14,7 +14,8 @@ import torch
 from catalog.requests import Example
 
 
-def metric_scores(relevance: np.ndarray, bonus: np.ndarray, features: np.ndarray, negatives: tuple[int, ...]) -> np.ndarray:
+def metric_scores(relevance: np.ndarray, bonus: np.ndarray, features: np.ndarray,
+                  negatives: tuple[int, ...]) -> np.ndarray:
     """M(i) for all items: z-scored relevance + soft bonus - max cosine to a negative.  (N,) -> (N,)"""
     z = (relevance - relevance.mean()) / max(relevance.std(), 1e-6)
     if negatives:

@@ -40,7 +40,8 @@ def relevance_scores(prior_matrix: torch.Tensor, seeds: torch.Tensor, seed_mask:
 
 
 def most_step(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray, relevance_matrix: torch.Tensor,
-              req: RequestConfig, cfg: MostConfig, rng: np.random.Generator, generator: torch.Generator) -> torch.Tensor:
+              req: RequestConfig, cfg: MostConfig, rng: np.random.Generator,
+              generator: torch.Generator) -> torch.Tensor:
     """The MOST loss of one fresh batch of training requests (graph attached)."""
     examples = training_examples(data, req, cfg.batch_size, rng)
     batch = encode_requests(data.catalog, [e.request for e in examples], vocab)

@@ -74,7 +74,8 @@ def other_catalog(tmp_path_factory) -> Path:
 
 def h2po(*args) -> subprocess.CompletedProcess:
     """`python -m h2po.cli ARGS` in a fresh process (one torch thread)."""
-    return subprocess.run([sys.executable, "-m", "h2po.cli", *map(str, args)], check=False, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "h2po.cli", *map(str, args)], check=False, capture_output=True,
+                          text=True,
                           env=ENV, cwd=ROOT, timeout=300)
 
 

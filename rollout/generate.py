@@ -1,0 +1,56 @@
+"""On-policy rollout generation (no Ray): G sampled lists per request, their trajectories, rewards and advantages.
+
+This is what a rollout actor runs for every batch (DESIGN section 7): the requests are repeated G times, sampled
+at the rollout temperature in one batched call, scored by every configured reward (a failing reward raises
+`RewardError` naming it), and each reward component is z-scored within its group of G before the weighted sum
+gives the advantage (DESIGN section 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from catalog.batch import encode_requests
+from catalog.requests import Example
+from catalog.schema import Catalog
+from model.transformer import Retriever
+from rewards.base import Reward, RewardBatch, RewardContext
+from rewards.registry import group_advantages, score_rewards
+from rollout.sampler import sample_lists
+
+
+@dataclass
+class Rollouts:
+    """B requests x G sampled lists, flattened request-major (row b * G + g)."""
+
+    examples: list[Example]  # (B,)
+    items: torch.Tensor  # (B*G, K) long
+    step_of: torch.Tensor  # (B*G, K) long
+    behaviour_logp: torch.Tensor  # (B*G, K) float
+    rewards: np.ndarray  # (B*G, C) raw reward components
+    advantages: torch.Tensor  # (B*G,) float
+    version: int  # weight version of the policy that sampled them
+
+    @property
+    def group_size(self) -> int:
+        return len(self.items) // max(len(self.examples), 1)
+
+
+def generate_rollouts(model: Retriever, catalog: Catalog, vocab: dict, examples: list[Example], group_size: int,
+                      steps: int, temperature: float, rewards: list[tuple[Reward, float]], ctx: RewardContext,
+                      version: int, generator: torch.Generator | None = None) -> Rollouts:
+    """Sample G lists for each of B training requests and score them."""
+    model.eval()
+    repeated = [e for e in examples for _ in range(group_size)]
+    batch = encode_requests(catalog, [e.request for e in repeated], vocab)
+    k = examples[0].request.k
+    samples = sample_lists(model, batch, k, steps, temperature, generator)
+    scored = score_rewards([r for r, _ in rewards], RewardBatch([e.request for e in repeated], samples.items.numpy(),
+                                                [e.targets for e in repeated]), ctx)  # (B*G, C)
+    weights = np.array([w for _, w in rewards], dtype=np.float64)
+    adv = group_advantages(scored.reshape(len(examples), group_size, -1), weights).reshape(-1)
+    return Rollouts(examples, samples.items, samples.step_of, samples.logp, scored,
+                    torch.from_numpy(adv).float(), version)
