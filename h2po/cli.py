@@ -47,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--json", action="store_true", help="print the list as JSON")
     rt.add_argument("--requests", help="JSONL file: one request per line (seeds, negatives, constraints, k)")
     rt.add_argument("--out", help="with --requests: JSONL output, one result per input line")
+    tr = sub.add_parser("train", help="H2PO fine-tuning on Ray + DeepSpeed; writes OUT_DIR/h2po.safetensors")
+    tr.add_argument("--checkpoint", required=True, help="MOST checkpoint to start from (also the reference)")
+    tr.add_argument("--preferences", help="logged preference pairs (Parquet, `h2po data preferences`); none = "
+                    "no off-policy term")
+    tr.add_argument("--steps", type=int, default=100, help="learner steps (weight versions)")
+    tr.add_argument("--mode", choices=["sync", "async"], default="async", help="overlap rollouts with training")
+    tr.add_argument("--learners", type=int, default=2, help="data-parallel learner ranks")
+    tr.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2], help="DeepSpeed ZeRO stage")
+    _config_args(tr)
     data = sub.add_parser("data", help="get or convert datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
     dl = dsub.add_parser("download", help="fetch MovieLens ml-latest-small and verify its checksums")
@@ -233,6 +242,16 @@ def cmd_preferences(args) -> int:
     return 1 if reader.report.bad else 0
 
 
+def cmd_train(args) -> None:
+    from actors.driver import SystemConfig, train
+    from learner.checkpoint import read_header
+
+    base = json.loads(read_header(Path(args.checkpoint))["config"])
+    cfg = load_config(args.config, args.overrides, base=base)
+    train(cfg, args.checkpoint, args.preferences, args.steps, args.mode,
+          SystemConfig(learners=args.learners, zero_stage=args.zero_stage))
+
+
 def cmd_data(args) -> int:
     from catalog import movielens
 
@@ -261,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_run(args, pretrain_only=True)
         elif args.command == "eval":
             cmd_eval(args)
+        elif args.command == "train":
+            cmd_train(args)
         elif args.command == "retrieve":
             return cmd_retrieve(args)
         elif args.command == "data":

@@ -41,7 +41,11 @@ class RewardError(UserError):
 
     def __init__(self, reward: str, problem: str) -> None:
         super().__init__(f"reward {reward!r} {problem}")
-        self.reward = reward
+        self.reward, self.problem = reward, problem
+
+    def __reduce__(self) -> tuple:
+        """Pickle by constructor arguments, so the error crosses process boundaries (Ray) intact."""
+        return type(self), (self.reward, self.problem)
 
 
 def resolve_reward(name: str) -> type[Reward]:

@@ -1,0 +1,45 @@
+"""`ReplayBufferActor`: the replay buffer as a Ray actor (DESIGN section 7), a shell around `rollout.buffer`.
+
+It holds the versioned rollout groups (staleness bound `h2po.max_staleness`) and, when a preference file is
+given, streams logged pairs from it through the validating reader; `take` serves one learner batch with the
+configured mix (n on-policy requests, m logged pairs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+
+from catalog.dataset import load_catalog
+from h2po.config import RunConfig
+from rollout.buffer import BufferStats, LearnerBatch, PreferenceStream, ReplayBuffer
+from rollout.generate import Rollouts
+
+
+@ray.remote
+class ReplayBufferActor:
+    """Versioned rollout groups + logged preference pairs; serves learner batches."""
+
+    def __init__(self, cfg: RunConfig, preferences_path: str | None) -> None:
+        stream = None
+        if preferences_path:
+            catalog = load_catalog(cfg.data, Path(cfg.out_dir))
+            stream = PreferenceStream(preferences_path, catalog)
+        self.buffer = ReplayBuffer(cfg.h2po.max_staleness, stream)
+
+    def put(self, rollouts: Rollouts) -> int:
+        """Accept rollouts; returns the number of groups waiting."""
+        return self.buffer.put(rollouts)
+
+    def take(self, current_version: int, n_requests: int, n_pairs: int) -> LearnerBatch:
+        """Drop stale groups, then serve up to n_requests groups and n_pairs logged pairs."""
+        return self.buffer.take(current_version, n_requests, n_pairs)
+
+    def stats(self) -> BufferStats:
+        return self.buffer.stats()
+
+    def preference_report(self) -> str:
+        """The validating reader's summary of the current pass ('' without a preference file)."""
+        stream = self.buffer.preferences
+        return stream.report.summary() if stream is not None else ""

@@ -1,0 +1,94 @@
+"""`LearnerActor`: one data-parallel H2PO learner rank (DESIGN section 7), a Ray shell around `learner.engine`.
+
+Each rank holds the policy (from the MOST checkpoint), a frozen reference copy (the same checkpoint, DESIGN
+section 5) and a DeepSpeed `Engine`. The driver starts all ranks, asks rank 0 for an address, calls every rank's
+`init_distributed` concurrently, then feeds each rank its shard of every learner batch. Per batch a rank fixes
+the proximal policy (its weights before the batch: pi_prox of decoupled PPO), runs `h2po.inner_epochs` H2PO
+updates (`learner.h2po_step.h2po_losses`, then `Engine.step`, which averages gradients over the ranks) and
+advances the weight version by one. Ranks draw their MOST anchor batches and VRPO noise from their own seeds.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+import ray
+import torch
+
+from actors.workspace import frozen_copy, load_policy
+from catalog.preferences import PreferencePair
+from h2po.config import RunConfig
+from learner.checkpoint import save_checkpoint
+from learner.engine import Engine, EngineConfig, init_distributed
+from learner.h2po_step import AnchorInputs, h2po_losses, rollout_log_probs
+from rollout.generate import Rollouts
+
+
+@ray.remote
+class LearnerActor:
+    """One learner rank: policy + frozen reference + DeepSpeed engine; versioned weights."""
+
+    def __init__(self, cfg: RunConfig, checkpoint: str, engine_cfg: EngineConfig) -> None:
+        self.cfg, self.engine_cfg = cfg, engine_cfg
+        self.policy = load_policy(cfg, checkpoint)
+        self.ref = frozen_copy(self.policy.model)
+        ws = self.policy.ws
+        self.anchor = AnchorInputs(ws.data, ws.unit_features, self.policy.relevance, cfg.requests, cfg.most)
+        self.engine: Engine | None = None
+        self.rank, self.version = -1, 0
+
+    def address(self) -> tuple[str, int]:
+        """(node IP, a free port on this node): where rank 0 hosts the process-group rendezvous."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def init_distributed(self, rank: int, world_size: int, port: int, address: str = "127.0.0.1") -> int:
+        """Join the process group and build the engine (all ranks must be called before any is awaited)."""
+        init_distributed(rank, world_size, port, address)
+        self.rank = rank
+        self.engine = Engine(self.policy.model, self.engine_cfg)
+        self.rng = np.random.default_rng([self.cfg.seed, 1 + rank])
+        self.generator = torch.Generator().manual_seed(self.cfg.seed * 1009 + 1 + rank)
+        return rank
+
+    def train_step(self, rollouts: Rollouts | None, pairs: list[PreferencePair], lambda_off: float) -> dict:
+        """H2PO on this rank's shard: `inner_epochs` updates, then version + 1.  -> mean stats over the updates."""
+        start = time.time()
+        model, ws, h2po = self.engine.module, self.policy.ws, self.cfg.h2po
+        prox_logp = None
+        if rollouts is not None:
+            with torch.no_grad():
+                prox_logp = rollout_log_probs(model, ws.data.catalog, ws.vocab, rollouts)  # (B*G, K)
+        history = []
+        for _ in range(h2po.inner_epochs):
+            loss, stats = h2po_losses(model, self.ref, ws.data.catalog, ws.vocab, rollouts, prox_logp, pairs,
+                                      self.anchor, h2po, lambda_off, self.rng, self.generator)
+            stats["grad_norm"] = self.engine.step(loss)
+            history.append(stats)
+        self.version += 1
+        out = {key: float(np.mean([h[key] for h in history])) for key in history[0]}
+        out.update({"time/train": time.time() - start, "version": self.version})
+        return out
+
+    @ray.method(num_returns=2)
+    def weights(self) -> tuple[dict[str, torch.Tensor], int]:
+        """(trained parameters as fp32 CPU tensors, weight version); buffers are constants and left out."""
+        return self.engine.state_dict(buffers=False), self.version
+
+    def save_policy(self, path: str, meta: dict) -> str:
+        """Write the current policy as an h2po checkpoint (`learner.checkpoint` format) at `path`."""
+        ws = self.policy.ws
+        save_checkpoint(path, self.engine.module, self.cfg, ws.data.catalog, {**meta, "version": self.version})
+        return path
+
+    def save_checkpoint(self, directory: str) -> None:
+        """DeepSpeed checkpoint of model + optimiser + version (every rank calls it)."""
+        self.engine.save_checkpoint(directory, {"version": self.version})
+
+    def load_checkpoint(self, directory: str) -> int:
+        """Restore the latest DeepSpeed checkpoint (every rank).  -> the restored weight version."""
+        self.version = int(self.engine.load_checkpoint(directory)["version"])
+        return self.version

@@ -1,0 +1,55 @@
+"""`RolloutActor`: a policy copy tagged with a weight version that samples and scores rollouts (DESIGN section 7).
+
+A Ray shell around `rollout.generate.generate_rollouts`: fresh training requests (`catalog.dataset.
+training_examples`), G lists each at the rollout temperature, rewards and group advantages. A reward that fails
+raises `rewards.registry.RewardError` naming it; Ray re-raises it in the caller (the driver applies
+`h2po.on_reward_error`). Resources (CPUs or a GPU) are set by the driver with `.options(...)`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+import torch
+
+from actors.workspace import load_policy, load_weights
+from catalog.dataset import training_examples
+from h2po.config import RunConfig
+from rewards.base import RewardContext
+from rewards.registry import build_rewards
+from rollout.generate import Rollouts, generate_rollouts
+
+
+@ray.remote
+class RolloutActor:
+    """Holds a versioned policy copy; `generate` returns Rollouts tagged with that version."""
+
+    def __init__(self, cfg: RunConfig, checkpoint: str, seed: int) -> None:
+        self.cfg, self.seed = cfg, seed
+        self.policy = load_policy(cfg, checkpoint)
+        self.rewards = build_rewards(cfg.h2po.rewards)
+        ws = self.policy.ws
+        self.reward_ctx = RewardContext.from_dataset(ws.data, ws.features, self.policy.relevance)
+        self.version = 0
+
+    def set_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+        """Adopt published weights (parameters; buffers are constants) and their version."""
+        load_weights(self.policy.model, state)
+        self.version = version
+        return version
+
+    def weight_version(self) -> int:
+        return self.version
+
+    def reward_names(self) -> list[str]:
+        return [reward.name for reward, _ in self.rewards]
+
+    def generate(self, n_requests: int, seed: int) -> Rollouts:
+        """G rollouts for each of n fresh training requests, drawn with (actor seed, call seed)."""
+        rng = np.random.default_rng([self.seed, seed])
+        generator = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
+        ws, h2po = self.policy.ws, self.cfg.h2po
+        examples = training_examples(ws.data, self.cfg.requests, n_requests, rng)
+        return generate_rollouts(self.policy.model, ws.data.catalog, ws.vocab, examples, h2po.group_size,
+                                 self.cfg.sampler.steps, h2po.rollout_temperature, self.rewards, self.reward_ctx,
+                                 self.version, generator)

@@ -1,0 +1,59 @@
+"""Process set-up shared by the actors (wiring, no Ray): the workspace, the MOST policy and weight loading.
+
+Every actor process builds its own `Workspace` from the run config (the catalog is read from the run directory,
+which must be shared storage on a multi-node cluster) and loads the MOST checkpoint, which must have been made on
+that catalog. The relevance matrix of the MOST anchor and the rewards is the model's EASE prior when it has one
+(the same matrix pretraining used), else EASE with the configured or tuned lambda.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from h2po.config import RunConfig
+from h2po.pipeline import Workspace, ease_lambda, prepare
+from learner.checkpoint import load_checkpoint
+from model.transformer import Retriever
+
+
+@dataclass
+class Policy:
+    """A process's workspace and the policy loaded from a checkpoint."""
+
+    ws: Workspace
+    model: Retriever
+    relevance: torch.Tensor  # (N, N) float16 item-to-item relevance (EASE's B)
+
+
+def load_policy(cfg: RunConfig, checkpoint: str | Path) -> Policy:
+    """Prepare the workspace of `cfg` and load the checkpoint's model onto its catalog."""
+    ws = prepare(cfg)
+    model, _, _ = load_checkpoint(Path(checkpoint), ws.data.catalog)
+    relevance = model.prior_matrix
+    if relevance is None:
+        from evaluation.baselines import EASE
+
+        relevance = EASE(ws.data.catalog, ws.data.train_matrix, ease_lambda(ws)).B.half()
+    return Policy(ws, model, relevance)
+
+
+def frozen_copy(model: Retriever) -> Retriever:
+    """A frozen copy (eval mode, no gradients) that shares the model's buffers (features, prior matrix)."""
+    shared = {id(buffer): buffer for buffer in model.buffers()}
+    ref = copy.deepcopy(model, memo=shared)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+def load_weights(model: Retriever, state: dict[str, torch.Tensor]) -> None:
+    """Load published weights: every parameter must be present; buffers (constants) may be left out."""
+    params = {name for name, _ in model.named_parameters()}
+    missing, unknown = params - set(state), set(state) - set(model.state_dict())
+    if missing or unknown:
+        raise KeyError(f"published weights do not fit the model: missing {sorted(missing)[:5]}, "
+                       f"unknown {sorted(unknown)[:5]}")
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,156 @@
+"""The learner's optimiser engine: DeepSpeed behind `step`, `state_dict`, `load` and checkpoints (DESIGN section 7).
+
+One `Engine` per data-parallel rank. The caller computes a loss that is already averaged over its shard of the
+batch (micro batch size 1, no gradient accumulation), and `step(loss)` runs DeepSpeed's backward (which averages
+the gradients over the ranks) and the optimiser step with gradient clipping. Device and collective backend follow
+`torch.cuda.is_available()`: gloo on CPU, nccl on GPU.
+
+Deliberate simplifications:
+- ZeRO stages 0-2 only. Stage 3 partitions parameters and gathers them in module forward hooks, but the Retriever
+  reads its own parameters in methods other than `forward` (`encode`, `hidden`, `logits`), which those hooks do
+  not see; stage 3 is rejected with a clear error instead of silently training on empty shards.
+- fp32 on CPU; `bf16=True` is honoured only on GPU. `state_dict()` is therefore the module's own parameters
+  (complete on every rank for stages 0-2), cast to fp32 on the CPU.
+- Constant learning rate (DESIGN default 1e-5), AdamW from torch (`torch_adam`: no JIT-built fused kernel).
+
+Example (inside a process where `init_distributed` has run, e.g. an `actors.learner.LearnerActor`):
+    init_distributed(rank=0, world_size=1, port=29500)
+    engine = Engine(model, EngineConfig(zero_stage=2, lr=1e-5))
+    engine.step(loss)
+    weights = engine.state_dict()
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass
+class EngineConfig:
+    """Plain arguments of the engine (the run config's H2PO section and the system options fill them)."""
+
+    zero_stage: int = 2  # ZeRO stage 0, 1 or 2 (3 is rejected: module docstring)
+    lr: float = 1e-5  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # global gradient-norm clip (0 = none)
+    bf16: bool = False  # bf16 mixed precision (GPU only; ignored on CPU)
+
+
+def backend() -> str:
+    """The collective backend of this process: nccl on GPU, gloo on CPU."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(rank: int, world_size: int, port: int, address: str = "127.0.0.1") -> None:
+    """Join the process group of `world_size` ranks (every rank must call this concurrently).
+
+    Sets the environment DeepSpeed reads (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK = 0: one rank per
+    process, each seeing its own device) and calls `deepspeed.init_distributed`."""
+    import deepspeed
+
+    os.environ.update({"MASTER_ADDR": address, "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+    deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
+
+
+def deepspeed_config(cfg: EngineConfig, world_size: int, on_gpu: bool) -> dict:
+    """The DeepSpeed JSON config for `cfg`: one micro batch per rank (the loss is already a shard average)."""
+    if cfg.zero_stage not in (0, 1, 2):
+        raise ValueError(f"zero_stage must be 0, 1 or 2, got {cfg.zero_stage} (stage 3 needs every parameter "
+                         "read inside a submodule's forward; the Retriever reads its own in encode/logits)")
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world_size,
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
+                                                  "torch_adam": True}},
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": bool(cfg.bf16 and on_gpu)},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class Engine:
+    """A DeepSpeed engine around `model`: `step(loss)`, full fp32 `state_dict()`, `load`, and checkpoints."""
+
+    def __init__(self, model: nn.Module, cfg: EngineConfig) -> None:
+        import deepspeed
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("Engine needs init_distributed() first (every rank, concurrently)")
+        on_gpu = torch.cuda.is_available()
+        config = deepspeed_config(cfg, dist.get_world_size(), on_gpu)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        # DeepSpeed's initial broadcast views every parameter as bytes, which fails for 0-dim parameters (the
+        # Retriever's prior_scale). Broadcast those here and tag them so that DeepSpeed skips them: its broadcast
+        # leaves out parameters marked `ds_optim_param` (a flag otherwise only used by its OptimizedLinear).
+        if on_gpu:
+            model.cuda()  # nccl broadcasts device tensors (DeepSpeed would move the model there anyway)
+        scalars = [p for p in trainable if p.dim() == 0]
+        for p in scalars:
+            dist.broadcast(p.data, src=0)
+            p.ds_optim_param = True
+        try:
+            self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
+        finally:
+            for p in scalars:
+                del p.ds_optim_param
+        self.steps = 0
+
+    @property
+    def module(self) -> nn.Module:
+        """The trained model (on the engine's device); call its methods directly to build the loss."""
+        return self.engine.module
+
+    @property
+    def rank(self) -> int:
+        return self.engine.global_rank
+
+    def step(self, loss: torch.Tensor) -> float:
+        """Backward (gradients averaged over ranks), clip, optimiser step.  -> the global gradient norm."""
+        self.engine.backward(loss)
+        self.engine.step()
+        self.steps += 1
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def state_dict(self, buffers: bool = True) -> dict[str, torch.Tensor]:
+        """The full model weights as fp32 CPU tensors (every rank holds full parameters for ZeRO stages 0-2).
+
+        `buffers=False` leaves out the module's buffers (item features, the prior matrix: constants that never
+        train), which keeps weight publication small."""
+        params = {name for name, _ in self.module.named_parameters()}
+        return {name: (value.detach().float() if value.is_floating_point() else value.detach()).cpu().clone()
+                for name, value in self.module.state_dict().items() if buffers or name in params}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """Overwrite the weights with `state` (parameters, optionally buffers) and resync the optimiser's fp32
+        partitions, which ZeRO would otherwise copy back over the module at the next step."""
+        missing = {name for name, _ in self.module.named_parameters()} - set(state)
+        if missing:
+            raise KeyError(f"state lacks parameters {sorted(missing)[:5]}")
+        self.module.load_state_dict(state, strict=False)
+        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()
+
+    def save_checkpoint(self, directory: str | Path, client_state: dict | None = None) -> None:
+        """DeepSpeed checkpoint (module, optimiser partitions, step) under `directory/step<N>`; every rank calls it."""
+        self.engine.save_checkpoint(str(directory), tag=f"step{self.steps}",
+                                    client_state={"engine_steps": self.steps, **(client_state or {})})
+
+    def load_checkpoint(self, directory: str | Path, tag: str | None = None) -> dict:
+        """Restore the latest (or `tag`) checkpoint under `directory` on every rank.  -> its client state."""
+        path, client_state = self.engine.load_checkpoint(str(directory), tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
+        self.steps = int(client_state.get("engine_steps", 0))
+        return client_state

@@ -1,0 +1,258 @@
+"""Tests of the distributed H2PO system: the replay buffer's logic (no Ray), and the real actors end to end on a
+small local Ray cluster (4 CPUs) with DeepSpeed (gloo, ZeRO stage 2, 2 learner ranks) on the tiny config.
+
+The buffer tests use synthetic rollouts on the 50-item conftest catalog (seconds). The Ray tests (marked slow)
+share one module fixture: `h2po pretrain` on `configs/tiny.yaml` with k=8 (about 15 s), logged preference pairs
+from EASE (one per training user, about 5 s) and one Ray instance; each test then places its own actors (about
+10-15 s: every actor imports torch + DeepSpeed and loads the workspace). H2PO runs with B=2 requests x G=2
+rollouts, 2 VRPO samples, a 4-request MOST anchor and lr 1e-3 so that 3 steps move the weights visibly.
+Run: `python -m pytest tests/test_actors.py -q` (about 1.5 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+
+from catalog.behaviour import generate_preferences
+from catalog.dataset import Dataset
+from catalog.preferences import write_preferences
+from catalog.requests import Example, Request
+from catalog.schema import CatalogError
+from evaluation.baselines import EASE
+from h2po.cli import main
+from h2po.config import DataConfig, RequestConfig, load_config
+from learner.checkpoint import read_header
+from rewards.registry import RewardError
+from rollout.buffer import LearnerBatch, PreferenceStream, ReplayBuffer, RolloutQueue, shard_batch, split_groups
+from rollout.generate import Rollouts
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.yaml")
+TINY_H2PO = ["threads=1", "requests.k=8", "h2po.group_size=2", "h2po.batch_requests=2", "h2po.vrpo_samples=2",
+             "most.batch_size=4", "h2po.lr=1e-3"]
+
+
+def fake_rollouts(first_seed: int, n_requests: int, version: int, g: int = 2, k: int = 3) -> Rollouts:
+    """n requests x g rows; request b has seed item first_seed + b, row r holds items 10 r .. 10 r + k - 1."""
+    examples = [Example(Request((first_seed + b,), k=k), (), 0, "A", 1) for b in range(n_requests)]
+    rows = n_requests * g
+    items = torch.arange(rows * k).reshape(rows, k) + 10
+    return Rollouts(examples, items, torch.zeros(rows, k, dtype=torch.long), torch.zeros(rows, k),
+                    np.zeros((rows, 1)), torch.arange(rows, dtype=torch.float32), version)
+
+
+def test_split_and_shard_keep_groups_together():
+    """3 requests x G=2 split into groups of 2 rows; 2 shards take requests [0, 1] and [2], pairs [0, 1] and [2]."""
+    rollouts = fake_rollouts(0, 3, version=5)
+    groups = split_groups(rollouts)
+    assert [len(g.items) for g in groups] == [2, 2, 2] and all(g.version == 5 for g in groups)
+    assert torch.equal(groups[1].items, rollouts.items[2:4])
+    shards = shard_batch(LearnerBatch(rollouts, ["p0", "p1", "p2"], 0), 2)
+    assert [s.n_requests for s in shards] == [2, 1] and [s.pairs for s in shards] == [["p0", "p1"], ["p2"]]
+    assert torch.equal(torch.cat([s.rollouts.advantages for s in shards]), rollouts.advantages)
+    assert shard_batch(LearnerBatch(None, [], 0), 2)[1].rollouts is None
+
+
+def test_queue_drops_stale_groups_and_serves_oldest_first():
+    """max_staleness 1 at version 3: the version-1 groups (staleness 2) are dropped, version 2 and 3 are served."""
+    queue = RolloutQueue(max_staleness=1)
+    queue.put(fake_rollouts(0, 2, version=1))
+    queue.put(fake_rollouts(10, 1, version=2))
+    queue.put(fake_rollouts(20, 2, version=3))
+    served, staleness = queue.take(current_version=3, n=2)
+    assert [e.request.seeds for e in served.examples] == [(10,), (20,)]
+    assert staleness == 1 and served.version == 2
+    assert (queue.stats.groups_dropped_stale, queue.stats.groups_served, queue.stats.groups_waiting) == (2, 2, 1)
+    assert queue.take(current_version=5, n=4) == (None, 0) and queue.stats.groups_dropped_stale == 3
+
+
+def test_preference_stream_serves_pairs_pass_after_pass(tiny_catalog, tmp_path):
+    """A file of P valid pairs: 2P + 1 pairs take two passes; a file of only bad rows raises, naming the file."""
+    data = Dataset.build(tiny_catalog, DataConfig())
+    requests = RequestConfig(seed_sizes=[1, 2], family_b_share=0.0)
+    table, stats = generate_preferences(data, EASE(tiny_catalog, data.train_matrix, 10.0), 4, 2.0, 3, 0, "test",
+                                        requests=requests)  # 9 pairs of k=3 lists
+    assert stats.pairs == 9
+    path = tmp_path / "prefs.parquet"
+    write_preferences(table, path)
+    stream = PreferenceStream(path, tiny_catalog, batch_rows=2)
+    pairs = stream.next_pairs(2 * stats.pairs + 1)
+    assert stream.passes == 2 and pairs[0] == pairs[stats.pairs] and stream.served == 2 * stats.pairs + 1
+    buffer = ReplayBuffer(0, stream)
+    buffer.put(fake_rollouts(0, 1, version=0))
+    batch = buffer.take(0, 4, 3)
+    assert batch.n_requests == 1 and len(batch.pairs) == 3 and buffer.stats().pairs_served == 2 * stats.pairs + 4
+    bad = tmp_path / "bad.parquet"
+    write_preferences(table.set_column(table.schema.get_field_index("k"), "k", [[2] * len(table)]), bad)
+    with pytest.raises(CatalogError, match="no valid preference pairs"):
+        PreferenceStream(bad, tiny_catalog).next_pairs(1)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A tiny MOST checkpoint (k=8) and logged preference pairs in one run directory."""
+    threads = torch.get_num_threads()
+    run = tmp_path_factory.mktemp("h2po_run")
+    overrides = [f"out_dir={run}", "threads=1", "requests.k=8"]
+    assert main(["pretrain", "--config", TINY, *overrides]) == 0
+    assert main(["data", "preferences", "--out", str(run / "prefs.parquet"), "--config", TINY, *overrides,
+                 "preferences.pairs_per_user=1"]) == 0
+    torch.set_num_threads(threads)
+    return run
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def h2po_config(run_dir: Path, *extra: str):
+    base = json.loads(read_header(run_dir / "most.safetensors")["config"])
+    return load_config(None, [*TINY_H2PO, *extra], base=base)
+
+
+@ray.remote(num_cpus=1)
+def engine_roundtrip(zero_stage: int) -> dict:
+    """In a fresh process: a one-rank Engine on a model with a 0-dim parameter, loss = sum of all parameters."""
+    import socket
+
+    from learner.engine import Engine, EngineConfig, init_distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_distributed(0, 1, port)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    model.scale = torch.nn.Parameter(torch.tensor(2.0))
+    engine = Engine(model, EngineConfig(zero_stage=zero_stage, lr=0.1, grad_clip=0.0))
+
+    def step() -> dict:
+        engine.step(sum(p.sum() for p in engine.module.parameters()))
+        return engine.state_dict()
+    start = engine.state_dict()
+    first = step()
+    engine.load(start)
+    return {"start": start, "first": first, "reloaded": engine.state_dict(), "second": step()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_engine_steps_loads_and_keeps_scalar_shapes(cluster, zero_stage):
+    """grad = 1 everywhere, so each Adam step moves every weight by exactly -lr = -0.1 (m_hat / sqrt(v_hat) = 1).
+    After `load(start)` the next step lands at start - 0.1 again (not start - 0.2: the optimiser's fp32 copy was
+    refreshed), and the 0-dim parameter keeps shape () through DeepSpeed's steps."""
+    out = ray.get(engine_roundtrip.remote(zero_stage))
+    assert out["start"]["scale"].shape == () and out["second"]["scale"].shape == ()
+    for name, value in out["start"].items():
+        torch.testing.assert_close(out["first"][name], value - 0.1)
+        torch.testing.assert_close(out["reloaded"][name], value)
+        torch.testing.assert_close(out["second"][name], value - 0.1)
+
+
+@pytest.mark.slow
+def test_sync_run_trains_and_publishes_weights(run_dir, cluster):
+    """3 sync steps, 2 ranks, ZeRO 2: finite stats, versions 1..3, staleness 0, every sampled group and 2 pairs per
+    step served, the rollout actor at the final version, and h2po.safetensors holding the moved final weights."""
+    from actors.driver import SystemConfig, train
+
+    cfg = h2po_config(run_dir)
+    result = train(cfg, run_dir / "most.safetensors", run_dir / "prefs.parquet", steps=3, mode="sync",
+                   system=SystemConfig(learners=2, zero_stage=2))
+    assert [s["version"] for s in result.history] == [1, 2, 3]
+    assert all(math.isfinite(v) for s in result.history for v in s.values())
+    assert all(s["rollout/staleness"] == 0 and s["rollout/requests"] == 2 and s["pairs"] == 2
+               for s in result.history)
+    assert {"loss/on", "loss/off", "loss/anchor", "kl", "dpo/accuracy", "reward/ndcg"} <= set(result.history[0])
+    assert result.version == 3 and result.rollout_versions == [3]
+    assert (result.buffer.groups_served, result.buffer.groups_dropped_stale, result.buffer.pairs_served) == (6, 0, 6)
+    saved = {k.removeprefix("model."): v for k, v in load_file(result.checkpoint).items()}
+    start = {k.removeprefix("model."): v for k, v in load_file(run_dir / "most.safetensors").items()}
+    assert all(torch.equal(saved[name], value) for name, value in result.state_dict.items())
+    assert {name: value.shape for name, value in saved.items()} == {name: value.shape for name, value in start.items()}
+    assert not torch.equal(saved["item_residual"], start["item_residual"])
+    assert result.history[-1]["kl"] > 0
+
+
+@pytest.mark.slow
+def test_async_run_trains_on_one_version_old_rollouts(run_dir, cluster):
+    """Async: the first batch is fresh, later ones were sampled by the previous version (staleness 1), none dropped."""
+    from actors.driver import SystemConfig, train
+
+    result = train(h2po_config(run_dir), run_dir / "most.safetensors", None, steps=3, mode="async",
+                   system=SystemConfig(learners=2, zero_stage=2))
+    assert [s["rollout/staleness"] for s in result.history] == [0, 1, 1]
+    assert all(s["pairs"] == 0 and s["loss/off"] == 0 for s in result.history)
+    assert result.rollout_versions == [3] and result.buffer.groups_dropped_stale == 0
+
+
+@pytest.mark.slow
+def test_actors_publish_weights_and_checkpoint(run_dir, cluster):
+    """Placed actors: one step changes the published weights, the rollout actor samples with them (new version,
+    new behaviour log-probs for the same seed), and a DeepSpeed checkpoint restores weights and version."""
+    from actors.driver import SystemConfig, place_actors
+
+    actors = place_actors(h2po_config(run_dir), str(run_dir / "most.safetensors"), None,
+                          SystemConfig(learners=2, zero_stage=2))
+    rollout = actors.rollouts[0]
+    before = ray.get(rollout.generate.remote(2, 7))
+    assert before.version == 0
+    shards = shard_batch(LearnerBatch(before, [], 0), 2)
+    ray.get([a.train_step.remote(s.rollouts, s.pairs, 1.0) for a, s in zip(actors.learners, shards)])
+    state_ref, version_ref = actors.learners[0].weights.remote()
+    assert ray.get(rollout.set_weights.remote(state_ref, ray.get(version_ref))) == 1
+    after = ray.get(rollout.generate.remote(2, 7))
+    assert after.version == 1 and not torch.equal(after.behaviour_logp, before.behaviour_logp)
+    ckpt = str(run_dir / "deepspeed")
+    ray.get([a.save_checkpoint.remote(ckpt) for a in actors.learners])
+    ray.get([a.train_step.remote(s.rollouts, s.pairs, 1.0) for a, s in zip(actors.learners, shards)])
+    assert ray.get([a.load_checkpoint.remote(ckpt) for a in actors.learners]) == [1, 1]
+    restored, version = ray.get(actors.learners[1].weights.remote())
+    assert version == 1 and all(torch.equal(restored[k], v) for k, v in ray.get(state_ref).items())
+    for actor in [*actors.learners, *actors.rollouts, actors.buffer]:
+        ray.kill(actor)
+
+
+BROKEN_REWARD = '''
+import numpy as np
+from rewards.base import Reward
+
+class BrokenReward(Reward):
+    name = "broken"
+
+    def __call__(self, batch, ctx):
+        return np.full(len(batch), np.nan)
+'''
+
+
+@pytest.mark.slow
+def test_failing_reward_stops_or_skips_with_its_name(run_dir, cluster, tmp_path):
+    """A reward returning NaN: generate raises RewardError naming it; the driver re-raises it ("stop") or counts
+    the dropped batch ("skip")."""
+    from actors.buffer import ReplayBufferActor
+    from actors.driver import Actors, collect_rollouts, launch_rollouts
+    from actors.rollout import RolloutActor
+
+    (tmp_path / "broken_reward.py").write_text(BROKEN_REWARD)
+    cfg = h2po_config(run_dir, 'h2po.rewards=[{"name": "broken_reward:BrokenReward", "weight": 1.0}]')
+    rollout = RolloutActor.options(runtime_env={"env_vars": {"PYTHONPATH": str(tmp_path)}}).remote(
+        cfg, str(run_dir / "most.safetensors"), 0)
+    with pytest.raises(RewardError, match="'broken' returned 2 NaN"):
+        ray.get(rollout.generate.remote(1, 0))
+    actors = Actors([], [rollout], ReplayBufferActor.options(num_cpus=0).remote(cfg, None))
+    with pytest.raises(RewardError) as err:
+        collect_rollouts(launch_rollouts(actors, 1, 0), actors.buffer, "stop")
+    assert err.value.reward == "broken"
+    assert collect_rollouts(launch_rollouts(actors, 1, 1), actors.buffer, "skip") == 1
+    ray.kill(rollout)
+    ray.kill(actors.buffer)
