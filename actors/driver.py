@@ -39,29 +39,13 @@ from actors.rollout import RolloutActor
 from catalog.dataset import load_catalog
 from catalog.preferences import read_preferences
 from catalog.schema import CatalogError
-from h2po.config import RunConfig
+from h2po.config import RunConfig, SystemConfig
 from h2po.errors import UserError
 from learner.checkpoint import read_header
 from learner.engine import EngineConfig
 from learner.h2po import lambda_off_at
 from rewards.registry import RewardError, build_rewards
 from rollout.buffer import BufferStats, LearnerBatch, shard_batch
-
-
-@dataclass
-class SystemConfig:
-    """Placement and engine options of a distributed run (candidates for a `system:` section of RunConfig)."""
-
-    learners: int = 2  # data-parallel learner ranks (Ray actors)
-    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-2
-    rollout_actors: int = 1  # rollout actors; a batch's requests are split over them
-    rollout_cpus: float = 1.0  # CPUs per rollout actor
-    rollout_gpus: float = 0.0  # GPUs per rollout actor
-    learner_cpus: float = 1.0  # CPUs per learner rank
-    learner_gpus: float = 0.0  # GPUs per learner rank
-    pairs_per_step: int = -1  # logged pairs per learner batch (the off-policy share); -1 = h2po.batch_requests
-    grad_clip: float = 1.0  # gradient-norm clip of the engine
-    ray_cpus: int = 0  # CPUs of a local Ray instance (0 = all cores, at least what the actors ask); local only
 
 
 @dataclass
@@ -215,7 +199,7 @@ def run_loop(actors: Actors, cfg: RunConfig, steps: int, mode: str, n_pairs: int
 def train(cfg: RunConfig, checkpoint: str | Path, preferences_path: str | Path | None = None, steps: int = 100,
           mode: Literal["sync", "async"] = "sync", system: SystemConfig | None = None) -> TrainResult:
     """H2PO from a MOST checkpoint on Ray + DeepSpeed; writes OUT_DIR/h2po.safetensors (module docstring)."""
-    system = system or SystemConfig()
+    system = system or cfg.system
     checkpoint, preferences = Path(checkpoint), str(preferences_path) if preferences_path else None
     check_inputs(cfg, checkpoint, preferences, steps, mode)
     n_pairs = (cfg.h2po.batch_requests if system.pairs_per_step < 0 else system.pairs_per_step) if preferences else 0

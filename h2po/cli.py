@@ -53,8 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "no off-policy term")
     tr.add_argument("--steps", type=int, default=100, help="learner steps (weight versions)")
     tr.add_argument("--mode", choices=["sync", "async"], default="async", help="overlap rollouts with training")
-    tr.add_argument("--learners", type=int, default=2, help="data-parallel learner ranks")
-    tr.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2], help="DeepSpeed ZeRO stage")
     _config_args(tr)
     data = sub.add_parser("data", help="get or convert datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -243,13 +241,12 @@ def cmd_preferences(args) -> int:
 
 
 def cmd_train(args) -> None:
-    from actors.driver import SystemConfig, train
+    from actors.driver import train
     from learner.checkpoint import read_header
 
     base = json.loads(read_header(Path(args.checkpoint))["config"])
-    cfg = load_config(args.config, args.overrides, base=base)
-    train(cfg, args.checkpoint, args.preferences, args.steps, args.mode,
-          SystemConfig(learners=args.learners, zero_stage=args.zero_stage))
+    cfg = load_config(args.config, args.overrides, base=base)  # placement: system.learners=2 system.zero_stage=2 ...
+    train(cfg, args.checkpoint, args.preferences, args.steps, args.mode)
 
 
 def cmd_data(args) -> int:

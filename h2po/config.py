@@ -146,6 +146,22 @@ class PreferenceConfig:
 
 
 @dataclass
+class SystemConfig:
+    """Placement and engine options of a distributed H2PO run (DESIGN section 7)."""
+
+    learners: int = option(2, "Data-parallel learner ranks (Ray actors, one DeepSpeed engine each).")
+    zero_stage: int = option(2, "DeepSpeed ZeRO stage (0-2).")
+    rollout_actors: int = option(1, "Rollout actors; a batch's requests are split over them.")
+    rollout_cpus: float = option(1.0, "CPUs per rollout actor.")
+    rollout_gpus: float = option(0.0, "GPUs per rollout actor.")
+    learner_cpus: float = option(1.0, "CPUs per learner rank.")
+    learner_gpus: float = option(0.0, "GPUs per learner rank.")
+    pairs_per_step: int = option(-1, "Logged pairs per learner batch (the off-policy share); -1 = h2po.batch_requests.")
+    grad_clip: float = option(1.0, "Gradient-norm clip of the engine.")
+    ray_cpus: int = option(0, "CPUs of a local Ray instance (0 = all cores, at least what the actors ask).")
+
+
+@dataclass
 class RunConfig:
     """The whole run: every component's sub-config."""
 
@@ -160,6 +176,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     h2po: H2POConfig = field(default_factory=H2POConfig)
     preferences: PreferenceConfig = field(default_factory=PreferenceConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
 
 
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")

@@ -164,7 +164,8 @@ def test_engine_steps_loads_and_keeps_scalar_shapes(cluster, zero_stage):
 def test_sync_run_trains_and_publishes_weights(run_dir, cluster):
     """3 sync steps, 2 ranks, ZeRO 2: finite stats, versions 1..3, staleness 0, every sampled group and 2 pairs per
     step served, the rollout actor at the final version, and h2po.safetensors holding the moved final weights."""
-    from actors.driver import SystemConfig, train
+    from actors.driver import train
+    from h2po.config import SystemConfig
 
     cfg = h2po_config(run_dir)
     result = train(cfg, run_dir / "most.safetensors", run_dir / "prefs.parquet", steps=3, mode="sync",
@@ -187,7 +188,8 @@ def test_sync_run_trains_and_publishes_weights(run_dir, cluster):
 @pytest.mark.slow
 def test_async_run_trains_on_one_version_old_rollouts(run_dir, cluster):
     """Async: the first batch is fresh, later ones were sampled by the previous version (staleness 1), none dropped."""
-    from actors.driver import SystemConfig, train
+    from actors.driver import train
+    from h2po.config import SystemConfig
 
     result = train(h2po_config(run_dir), run_dir / "most.safetensors", None, steps=3, mode="async",
                    system=SystemConfig(learners=2, zero_stage=2))
@@ -200,7 +202,8 @@ def test_async_run_trains_on_one_version_old_rollouts(run_dir, cluster):
 def test_actors_publish_weights_and_checkpoint(run_dir, cluster):
     """Placed actors: one step changes the published weights, the rollout actor samples with them (new version,
     new behaviour log-probs for the same seed), and a DeepSpeed checkpoint restores weights and version."""
-    from actors.driver import SystemConfig, place_actors
+    from actors.driver import place_actors
+    from h2po.config import SystemConfig
 
     actors = place_actors(h2po_config(run_dir), str(run_dir / "most.safetensors"), None,
                           SystemConfig(learners=2, zero_stage=2))
