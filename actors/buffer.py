@@ -2,7 +2,8 @@
 
 It holds the versioned rollout groups (staleness bound `h2po.max_staleness`) and, when a preference file is
 given, streams logged pairs from it through the validating reader; `take` serves one learner batch with the
-configured mix (n on-policy requests, m logged pairs).
+configured mix (n on-policy requests, m logged pairs) and the ids it serves; `state`/`restore` carry
+it across a restart.
 """
 
 from __future__ import annotations
@@ -28,9 +29,18 @@ class ReplayBufferActor:
             stream = PreferenceStream(preferences_path, catalog)
         self.buffer = ReplayBuffer(cfg.h2po.max_staleness, stream)
 
-    def put(self, rollouts: Rollouts) -> int:
-        """Accept rollouts; returns the number of groups waiting."""
-        return self.buffer.put(rollouts)
+    def put(self, rollouts: Rollouts, ids: list[str] | None = None) -> int:
+        """Accept rollouts (one id per request); returns the number of groups waiting."""
+        return self.buffer.put(rollouts, ids)
+
+    def state(self) -> dict:
+        """Waiting groups, counters and preference cursor (`rollout.buffer.ReplayBuffer.state`)."""
+        return self.buffer.state()
+
+    def restore(self, state: dict) -> int:
+        """Continue from a saved `state()`.  -> groups waiting"""
+        self.buffer.restore(state)
+        return len(self.buffer.queue.groups)
 
     def take(self, current_version: int, n_requests: int, n_pairs: int) -> LearnerBatch:
         """Drop stale groups, then serve up to n_requests groups and n_pairs logged pairs."""

@@ -13,11 +13,23 @@ The loop is plain calls, one learner step per iteration:
 A failing reward raises `RewardError` from the rollout actor: `h2po.on_reward_error` = "stop" re-raises it
 (naming the reward), "skip" drops that rollout batch and counts it.
 
-Ray: `RAY_ADDRESS` set -> `ray.init(address=...)` (e.g. inside `ray job submit`); else a local instance, shut
-down again at the end. An already initialised Ray (a test's cluster) is used as it is.
+Faults: rollout actors are started with `max_restarts`; when one dies (its call raises `RayActorError`, or it
+answers with a version older than the one pushed to it) the driver re-pushes the current weights and version to
+the restarted actor, retries the same generation (same seed, same group ids) and counts the restart. A learner rank
+that dies fails the step at once with `LearnerFailed`, naming the rank and pointing to `--resume` (the other ranks
+would wait in a collective forever, so the driver never waits on them alone; every learner wait has a timeout).
 
-Not yet built (see the module docstrings of rollout/buffer.py and learner/engine.py): periodic checkpoints of
-optimiser + buffer + cursors and resume, evaluation during training, the dashboard feed.
+Checkpoints and resume: every `h2po.checkpoint_every` steps and at the end the driver writes OUT_DIR/train_state
+atomically (`actors.train_state`); `train(..., resume=True)` restores engines, buffer, preference cursor, version
+and the ledger, and continues with the next step. Every rollout group has an id (`g<call seed>-<request>`), every
+logged pair one (`p<pass>-<row>`); the ledger lists per step the ids trained on. In async mode the generation in
+flight is collected into the buffer before a checkpoint, so that no accepted group is lost or sampled twice.
+
+Ray: `RAY_ADDRESS` set -> `ray.init(address=...)` (e.g. inside `ray job submit`); else a local instance, shut
+down again at the end. An already initialised Ray (a test's cluster) is used as it is. The run's actors are killed
+at the end, whether it succeeded or not.
+
+Not yet built: evaluation during training, the dashboard feed.
 """
 
 from __future__ import annotations
@@ -26,16 +38,19 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import ray
+from ray.exceptions import RayActorError
 
 from actors.buffer import ReplayBufferActor
 from actors.learner import LearnerActor
 from actors.rollout import RolloutActor
+from actors.train_state import DriverState, find_train_state, read_train_state, write_train_state
 from catalog.dataset import load_catalog
 from catalog.preferences import read_preferences
 from catalog.schema import CatalogError
@@ -47,14 +62,48 @@ from learner.h2po import lambda_off_at
 from rewards.registry import RewardError, build_rewards
 from rollout.buffer import BufferStats, LearnerBatch, shard_batch
 
+MAX_ROLLOUT_RESTARTS = 8  # Ray restarts of one rollout actor (beyond them its calls fail for good)
+GENERATE_ATTEMPTS = 3  # tries of one generation call across restarts
+RESTART_TIMEOUT = 300.0  # seconds to wait for a restarted rollout actor to take the weights
+
+
+class LearnerFailed(RuntimeError):
+    """A learner rank died or hung: the step cannot complete; the run resumes from its last train state."""
+
+    def __init__(self, rank: int, message: str) -> None:
+        super().__init__(message)
+        self.rank = rank
+
 
 @dataclass
 class Actors:
-    """Handles of the placed actors: learner ranks (rank order), rollout actors, the replay buffer."""
+    """Handles of the placed actors: learner ranks (rank order), rollout actors, the replay buffer; the latest
+    published weights (ObjectRef, version) that a restarted rollout actor gets again, and its restarts."""
 
     learners: list
     rollouts: list
     buffer: object
+    weights: tuple = (None, 0)
+    rollout_restarts: int = 0
+
+    def kill(self) -> None:
+        for actor in [*self.learners, *self.rollouts, self.buffer]:
+            ray.kill(actor)
+
+
+@dataclass
+class RolloutCall:
+    """One generation call in flight: which rollout actor, how many requests, its seed, the weight version the
+    actor should have, and the result's ObjectRef."""
+
+    actor: int
+    n_requests: int
+    seed: int
+    version: int
+    ref: object
+
+    def group_ids(self, n: int) -> list[str]:
+        return [f"g{self.seed}-{b}" for b in range(n)]
 
 
 @dataclass
@@ -68,6 +117,9 @@ class TrainResult:
     checkpoint: Path
     seconds: float
     rollout_versions: list[int] = field(default_factory=list)  # each rollout actor's weight version at the end
+    ledger: list[list[str]] = field(default_factory=list)  # per step: ids of the groups and pairs trained on
+    rollout_restarts: int = 0  # rollout actors restarted after dying (this process's part of the run)
+    resumed_from: int = 0  # steps already done by the train state this run resumed from
 
 
 def connect_ray(system: SystemConfig) -> bool:
@@ -107,7 +159,8 @@ def place_actors(cfg: RunConfig, checkpoint: str, preferences: str | None, syste
 
     engine_cfg = EngineConfig(zero_stage=system.zero_stage, lr=cfg.h2po.lr, grad_clip=system.grad_clip)
     buffer = ReplayBufferActor.options(num_cpus=0).remote(cfg, preferences)
-    rollouts = [RolloutActor.options(num_cpus=system.rollout_cpus, num_gpus=system.rollout_gpus)
+    rollouts = [RolloutActor.options(num_cpus=system.rollout_cpus, num_gpus=system.rollout_gpus,
+                                     max_restarts=MAX_ROLLOUT_RESTARTS)
                 .remote(with_threads(system.rollout_cpus), checkpoint, cfg.seed * 1000 + i)
                 for i in range(system.rollout_actors)]
     learners = [LearnerActor.options(num_cpus=system.learner_cpus, num_gpus=system.learner_gpus)
@@ -118,29 +171,93 @@ def place_actors(cfg: RunConfig, checkpoint: str, preferences: str | None, syste
     return Actors(learners, rollouts, buffer)
 
 
-def launch_rollouts(actors: Actors, n_requests: int, call: int) -> list:
-    """Split n requests over the rollout actors and start their generation.  -> Rollouts refs"""
+def launch_rollouts(actors: Actors, n_requests: int, call: int) -> list[RolloutCall]:
+    """Split n requests over the rollout actors and start their generation (seed = call * actors + actor)."""
     counts = [len(part) for part in np.array_split(np.arange(n_requests), len(actors.rollouts))]
-    return [actor.generate.remote(n, call * len(actors.rollouts) + i)
-            for i, (actor, n) in enumerate(zip(actors.rollouts, counts)) if n > 0]
+    calls = [RolloutCall(i, n, call * len(actors.rollouts) + i, actors.weights[1], None)
+             for i, n in enumerate(counts) if n > 0]
+    for c in calls:
+        c.ref = actors.rollouts[c.actor].generate.remote(c.n_requests, c.seed)
+    return calls
 
 
-def collect_rollouts(refs: list, buffer, on_reward_error: str) -> int:
-    """Wait for the rollouts and hand them to the buffer.  -> batches skipped for a failing reward ("skip").
+def recover_rollout(actors: Actors, call: RolloutCall, why: str) -> None:
+    """A rollout actor died (Ray restarts it): push the current weights and version again, retry the call."""
+    actors.rollout_restarts += 1
+    actor = actors.rollouts[call.actor]
+    state_ref, version = actors.weights
+    if state_ref is not None:
+        ray.get(actor.set_weights.remote(state_ref, version), timeout=RESTART_TIMEOUT)
+    print(f"rollout actor {call.actor} restarted ({why}); weights v{version} re-pushed, generation retried "
+          f"(rollout restarts: {actors.rollout_restarts})", flush=True)
+    call.version, call.ref = version, actor.generate.remote(call.n_requests, call.seed)
+
+
+def get_rollouts(call: RolloutCall, actors: Actors | None):
+    """The call's Rollouts; with `actors`, a dead or restarted rollout actor is recovered and the call retried."""
+    for attempt in range(GENERATE_ATTEMPTS):
+        try:
+            rollouts = ray.get(call.ref)
+        except RayActorError as err:
+            if actors is None or attempt + 1 == GENERATE_ATTEMPTS:
+                raise
+            recover_rollout(actors, call, f"died: {type(err).__name__}")
+            continue
+        if actors is None or rollouts.version >= call.version or attempt + 1 == GENERATE_ATTEMPTS:
+            return rollouts
+        recover_rollout(actors, call, f"answered with v{rollouts.version}, expected v{call.version}")
+    raise AssertionError("unreachable")
+
+
+def collect_rollouts(calls: list[RolloutCall], buffer, on_reward_error: str, actors: Actors | None = None) -> int:
+    """Wait for the rollouts and hand them, with their group ids, to the buffer.  -> batches skipped for a failing
+    reward ("skip"). With `actors`, dead rollout actors are recovered (module docstring).
 
     The rollouts pass through the driver (a few KB) rather than as ObjectRefs to the buffer, so that a failed
     generation reaches the driver directly instead of being re-raised by the buffer."""
     skipped, accepted = 0, []
-    for ref in refs:
+    for call in calls:
         try:
-            accepted.append(ray.get(ref))
+            rollouts = get_rollouts(call, actors)
+            accepted.append((rollouts, call.group_ids(len(rollouts.examples))))
         except RewardError as err:
             if on_reward_error == "stop":
                 raise getattr(err, "cause", err) from None  # the reward's own error, with its name
             print(f"skipping a rollout batch: {err}", flush=True)
             skipped += 1
-    ray.get([buffer.put.remote(rollouts) for rollouts in accepted])
+    ray.get([buffer.put.remote(rollouts, ids) for rollouts, ids in accepted])
     return skipped
+
+
+def gather_ranks(refs: list, what: str, timeout: float, hint: str) -> list:
+    """Results of one call per learner rank, failing at once (`LearnerFailed`) when any rank dies or all do not
+    answer within `timeout` seconds: the surviving ranks would otherwise wait in a collective for ever."""
+    rank_of = {ref: rank for rank, ref in enumerate(refs)}
+    remaining, deadline = list(refs), time.time() + timeout
+    while remaining:
+        ready, remaining = ray.wait(remaining, num_returns=1, timeout=max(0.0, deadline - time.time()))
+        if not ready:
+            ranks = sorted(rank_of[r] for r in remaining)
+            raise LearnerFailed(ranks[0], f"learner rank(s) {ranks} did not finish {what} within {timeout:.0f}s; "
+                                          f"the run stopped. {hint}")
+        try:
+            ray.get(ready[0])
+        except RayActorError as err:
+            rank = rank_of[ready[0]]
+            raise LearnerFailed(rank, f"learner rank {rank} died during {what} ({type(err).__name__}); the other "
+                                      f"ranks cannot continue without it, the run stopped. {hint}") from None
+    return ray.get(list(refs))
+
+
+def push_weights(actors: Actors, wait: bool) -> None:
+    """Send the latest published weights to every rollout actor (sync: wait; a dead one is recovered later)."""
+    state_ref, version = actors.weights
+    updates = [actor.set_weights.remote(state_ref, version) for actor in actors.rollouts]
+    for ref in updates if wait else []:
+        try:
+            ray.get(ref)
+        except RayActorError:
+            pass  # its next generation fails or answers with an old version: `get_rollouts` recovers it
 
 
 def step_stats(rank_stats: list[dict], batch: LearnerBatch, reward_names: list[str]) -> dict:
@@ -165,60 +282,136 @@ def format_stats(step: int, steps: int, stats: dict) -> str:
         f" staleness {stats['rollout/staleness']} | {times}"
 
 
-def run_loop(actors: Actors, cfg: RunConfig, steps: int, mode: str, n_pairs: int) -> tuple[list[dict], object]:
-    """The training loop (module docstring).  -> (per-step stats, ObjectRef of the last published weights)"""
-    h2po = cfg.h2po
+@dataclass
+class LoopOptions:
+    """How the loop runs: steps, mode, pairs per batch, checkpoints, learner timeout, a hook after each step."""
+
+    steps: int
+    mode: str
+    n_pairs: int
+    checkpoint_every: int = 0
+    step_timeout: float = 1800.0
+    on_step: Callable[[int, Actors], None] | None = None  # (step index, actors), e.g. a test killing an actor
+
+
+def resume_hint(cfg: RunConfig) -> str:
+    found = find_train_state(cfg.out_dir)
+    if found is None:
+        return "No train state was written yet (h2po.checkpoint_every): start the run again."
+    step = json.loads((found / "driver.json").read_text())["step"]
+    return f"Resume from the last checkpoint ({found}, step {step}) with `h2po train ... --resume`."
+
+
+def save_state(actors: Actors, cfg: RunConfig, state: DriverState, timeout: float) -> Path:
+    """Write OUT_DIR/train_state atomically (`actors.train_state`)."""
+    def save_engines(directory: str) -> None:
+        gather_ranks([learner.save_checkpoint.remote(directory) for learner in actors.learners], "a checkpoint",
+                     timeout, resume_hint(cfg))
+    return write_train_state(cfg.out_dir, save_engines, ray.get(actors.buffer.state.remote()), state, cfg)
+
+
+def run_loop(actors: Actors, cfg: RunConfig, opts: LoopOptions, state: DriverState) -> DriverState:
+    """The training loop (module docstring), from `state.step` on.  -> the state after the last step"""
+    h2po, steps = cfg.h2po, opts.steps
     names = ray.get(actors.rollouts[0].reward_names.remote())
-    version, history, pending, state_ref, skipped = 0, [], None, None, 0
-    for step in range(steps):
+    pending = None
+    for step in range(state.step, steps):
         start = time.time()
-        pending = pending or launch_rollouts(actors, h2po.batch_requests, step)
-        skipped += collect_rollouts(pending, actors.buffer, h2po.on_reward_error)
-        batch: LearnerBatch = ray.get(actors.buffer.take.remote(version, h2po.batch_requests, n_pairs))
+        if pending is None and state.collected_through < step:
+            pending = launch_rollouts(actors, h2po.batch_requests, step)
+        if pending is not None:
+            state.skipped += collect_rollouts(pending, actors.buffer, h2po.on_reward_error, actors)
+            state.collected_through, pending = step, None
+        batch: LearnerBatch = ray.get(actors.buffer.take.remote(state.version, h2po.batch_requests, opts.n_pairs))
         rollout_seconds = time.time() - start
-        overlap = mode == "async" and step + 1 < steps
-        pending = launch_rollouts(actors, h2po.batch_requests, step + 1) if overlap else None
+        if opts.mode == "async" and step + 1 < steps:
+            pending = launch_rollouts(actors, h2po.batch_requests, step + 1)
         lambda_off = lambda_off_at(step, steps, h2po.lambda_off_start, h2po.lambda_off_end)
         shards = shard_batch(batch, len(actors.learners))
-        rank_stats = ray.get([learner.train_step.remote(shard.rollouts, shard.pairs, lambda_off)
-                              for learner, shard in zip(actors.learners, shards, strict=True)])
+        hint = resume_hint(cfg)
+        rank_stats = gather_ranks([learner.train_step.remote(shard.rollouts, shard.pairs, lambda_off)
+                                   for learner, shard in zip(actors.learners, shards, strict=True)],
+                                  f"step {step + 1}", opts.step_timeout, hint)
         sync_start = time.time()
         state_ref, version_ref = actors.learners[0].weights.remote()
-        version = ray.get(version_ref)
-        updates = [actor.set_weights.remote(state_ref, version) for actor in actors.rollouts]
-        if mode == "sync":
-            ray.get(updates)  # in async mode the update waits behind the generation already running
+        actors.weights = (state_ref, gather_ranks([version_ref], "publishing weights", opts.step_timeout, hint)[0])
+        push_weights(actors, wait=opts.mode == "sync")  # async: queued behind the generation already running
         stats = step_stats(rank_stats, batch, names)
         stats.update({"time/rollout": rollout_seconds, "time/sync": time.time() - sync_start,
-                      "lambda_off": lambda_off, "rollout/skipped_batches": skipped})
-        history.append(stats)
+                      "lambda_off": lambda_off, "rollout/skipped_batches": state.skipped,
+                      "rollout/restarts": actors.rollout_restarts})
+        state.step, state.version = step + 1, actors.weights[1]
+        state.history.append(stats)
+        state.ledger.append(batch.ids)
         print(format_stats(step, steps, stats), flush=True)
-    return history, state_ref
+        if opts.checkpoint_every > 0 and (state.step % opts.checkpoint_every == 0 or state.step == steps):
+            if pending is not None:  # async: the groups in flight go into the saved buffer, not lost on a crash
+                state.skipped += collect_rollouts(pending, actors.buffer, h2po.on_reward_error, actors)
+                state.collected_through, pending = step + 1, None
+            state.rollout_restarts = actors.rollout_restarts
+            print(f"train state written: {save_state(actors, cfg, state, opts.step_timeout)}", flush=True)
+        if opts.on_step is not None:
+            opts.on_step(step, actors)
+    state.rollout_restarts = actors.rollout_restarts
+    return state
+
+
+def restore_state(actors: Actors, cfg: RunConfig, timeout: float) -> DriverState:
+    """Load OUT_DIR/train_state into the placed actors and push the restored weights to the rollout actors."""
+    found = find_train_state(cfg.out_dir)
+    if found is None:
+        raise UserError(f"--resume: no train state under {cfg.out_dir} (written every h2po.checkpoint_every steps)")
+    state, buffer_state = read_train_state(found)
+    versions = gather_ranks([learner.load_checkpoint.remote(str(found / "engine")) for learner in actors.learners],
+                            "loading the checkpoint", timeout, "")
+    if versions != [state.version] * len(versions):
+        raise RuntimeError(f"{found}: engine versions {versions} differ from the driver's {state.version}")
+    ray.get(actors.buffer.restore.remote(buffer_state))
+    state_ref, version_ref = actors.learners[0].weights.remote()
+    actors.weights = (state_ref, ray.get(version_ref))
+    push_weights(actors, wait=True)
+    actors.rollout_restarts = state.rollout_restarts
+    print(f"resumed from {found}: step {state.step}, version {state.version}, "
+          f"{len(buffer_state['groups'])} groups waiting", flush=True)
+    return state
 
 
 def train(cfg: RunConfig, checkpoint: str | Path, preferences_path: str | Path | None = None, steps: int = 100,
-          mode: Literal["sync", "async"] = "sync", system: SystemConfig | None = None) -> TrainResult:
-    """H2PO from a MOST checkpoint on Ray + DeepSpeed; writes OUT_DIR/h2po.safetensors (module docstring)."""
+          mode: Literal["sync", "async"] = "sync", system: SystemConfig | None = None, resume: bool = False,
+          step_timeout: float = 1800.0, on_step: Callable[[int, Actors], None] | None = None) -> TrainResult:
+    """H2PO from a MOST checkpoint on Ray + DeepSpeed; writes OUT_DIR/h2po.safetensors (module docstring).
+
+    `resume`: continue from OUT_DIR/train_state; `step_timeout`: seconds a learner step may take before the run
+    fails; `on_step(step, actors)`: called after every step (tests use it to kill actors)."""
     system = system or cfg.system
     checkpoint, preferences = Path(checkpoint), str(preferences_path) if preferences_path else None
     check_inputs(cfg, checkpoint, preferences, steps, mode)
     n_pairs = (cfg.h2po.batch_requests if system.pairs_per_step < 0 else system.pairs_per_step) if preferences else 0
-    start, started = time.time(), connect_ray(system)
+    opts = LoopOptions(steps, mode, n_pairs, cfg.h2po.checkpoint_every, step_timeout, on_step)
+    start, started, actors = time.time(), connect_ray(system), None
     try:
         actors = place_actors(cfg, str(checkpoint), preferences, system)
         print(f"H2PO: {system.learners} learner ranks (ZeRO {system.zero_stage}), {system.rollout_actors} rollout "
               f"actor(s), {mode} mode, {steps} steps; actors ready in {time.time() - start:.1f}s", flush=True)
-        history, state_ref = run_loop(actors, cfg, steps, mode, n_pairs)
+        state = restore_state(actors, cfg, step_timeout) if resume else DriverState()
+        resumed_from = state.step
+        if state.step >= steps:
+            raise UserError(f"the train state under {cfg.out_dir} has {state.step} steps done; ask for more than that")
+        state = run_loop(actors, cfg, opts, state)
         out = Path(cfg.out_dir) / "h2po.safetensors"
-        meta = {"steps": steps, "mode": mode, "from": str(checkpoint), "final": history[-1]}
+        meta = {"steps": steps, "mode": mode, "from": str(checkpoint), "final": state.history[-1]}
         ray.get(actors.learners[0].save_policy.remote(str(out), json.loads(json.dumps(meta))))
         buffer_stats = ray.get(actors.buffer.stats.remote())
         if preferences:
             print(ray.get(actors.buffer.preference_report.remote()))
-        result = TrainResult(ray.get(state_ref), history[-1]["version"], history, buffer_stats, out,
-                             time.time() - start, ray.get([a.weight_version.remote() for a in actors.rollouts]))
-        print(f"H2PO done: version {result.version} in {result.seconds:.1f}s; {buffer_stats}; policy {out}")
+        result = TrainResult(ray.get(actors.weights[0]), state.version, state.history, buffer_stats, out,
+                             time.time() - start, ray.get([a.weight_version.remote() for a in actors.rollouts]),
+                             state.ledger, state.rollout_restarts, resumed_from)
+        print(f"H2PO done: version {result.version} in {result.seconds:.1f}s; {buffer_stats}; rollout restarts "
+              f"{result.rollout_restarts}; policy {out}")
         return result
     finally:
+        if actors is not None:
+            actors.kill()  # also a rank stuck in a collective after another rank died
         if started:
             ray.shutdown()

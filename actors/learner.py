@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -85,10 +86,17 @@ class LearnerActor:
         return path
 
     def save_checkpoint(self, directory: str) -> None:
-        """DeepSpeed checkpoint of model + optimiser + version (every rank calls it)."""
+        """DeepSpeed checkpoint of model + optimiser + version, plus this rank's RNG states (every rank calls it)."""
         self.engine.save_checkpoint(directory, {"version": self.version})
+        torch.save({"numpy": self.rng.bit_generator.state, "torch": self.generator.get_state()},
+                   Path(directory) / f"rng_rank{self.rank}.pt")
 
     def load_checkpoint(self, directory: str) -> int:
-        """Restore the latest DeepSpeed checkpoint (every rank).  -> the restored weight version."""
+        """Restore the latest DeepSpeed checkpoint and RNG states (every rank).  -> the restored weight version."""
         self.version = int(self.engine.load_checkpoint(directory)["version"])
+        rng_file = Path(directory) / f"rng_rank{self.rank}.pt"
+        if rng_file.exists():  # checkpoints of `save_checkpoint`; bare DeepSpeed ones keep the current streams
+            states = torch.load(rng_file, weights_only=False)
+            self.rng.bit_generator.state = states["numpy"]
+            self.generator.set_state(states["torch"])
         return self.version

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "no off-policy term")
     tr.add_argument("--steps", type=int, default=100, help="learner steps (weight versions)")
     tr.add_argument("--mode", choices=["sync", "async"], default="async", help="overlap rollouts with training")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT_DIR/train_state (written every "
+                    "h2po.checkpoint_every steps); --steps is the total")
     _config_args(tr)
     data = sub.add_parser("data", help="get or convert datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -241,12 +243,15 @@ def cmd_preferences(args) -> int:
 
 
 def cmd_train(args) -> None:
-    from actors.driver import train
+    from actors.driver import LearnerFailed, train
     from learner.checkpoint import read_header
 
     base = json.loads(read_header(Path(args.checkpoint))["config"])
     cfg = load_config(args.config, args.overrides, base=base)  # placement: system.learners=2 system.zero_stage=2 ...
-    train(cfg, args.checkpoint, args.preferences, args.steps, args.mode)
+    try:
+        train(cfg, args.checkpoint, args.preferences, args.steps, args.mode, resume=args.resume)
+    except LearnerFailed as err:
+        raise UserError(str(err)) from err
 
 
 def cmd_data(args) -> int:

@@ -133,6 +133,8 @@ class H2POConfig:
                                   {"name": "diversity", "weight": 0.1}],
                                  "Rewards: {name: built-in or dotted path, weight, args: {...}}.")
     on_reward_error: Literal["stop", "skip"] = option("stop", "A failing reward stops the run, or skips the batch.")
+    checkpoint_every: int = option(50, "Write OUT_DIR/train_state (resumable: h2po train --resume) every this many "
+                                   "learner steps and at the end; 0 = never.")
 
 
 @dataclass

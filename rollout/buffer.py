@@ -8,14 +8,18 @@ staleness bound, logged preference pairs streamed from Parquet, and learner batc
   at a time and starts a new pass at the end of the file; bad rows are never served (the reader counts them).
 - `LearnerBatch` = on-policy groups + logged pairs; `shard_batch` splits it over the data-parallel ranks.
 
-Deliberate simplifications: the buffer lives in memory (accepted groups and the preference cursor are not yet
-persisted across a restart); a concatenated batch carries the oldest version of its groups.
+Every group and pair carries an id (groups: given by the driver, else their acceptance number; pairs:
+`p<pass>-<row>` of the file), and a batch lists the ids it serves so the driver can keep a ledger of what was
+trained. `state()` / `restore(state)` carry the waiting groups, the counters and the preference cursor (pass, next
+row) across a restart: the driver writes them into its atomic train state.
+
+Deliberate simplification: a concatenated batch carries the oldest version of its groups.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +56,7 @@ class LearnerBatch:
     rollouts: Rollouts | None
     pairs: list[PreferencePair]
     staleness: int = 0  # largest (current version - sampling version) among the groups
+    ids: list[str] = field(default_factory=list)  # ids of the served groups, then of the pairs (the ledger)
 
     @property
     def n_requests(self) -> int:
@@ -81,58 +86,94 @@ class BufferStats:
 
 
 class RolloutQueue:
-    """FIFO of rollout groups tagged with versions, with the staleness bound."""
+    """FIFO of rollout groups tagged with versions and ids, with the staleness bound."""
 
     def __init__(self, max_staleness: int) -> None:
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
         self.max_staleness = max_staleness
-        self.groups: deque[Rollouts] = deque()
+        self.groups: deque[tuple[str, Rollouts]] = deque()
         self.stats = BufferStats()
 
-    def put(self, rollouts: Rollouts) -> int:
-        """Accept a batch of rollouts; returns the number of groups now waiting."""
+    def put(self, rollouts: Rollouts, ids: list[str] | None = None) -> int:
+        """Accept a batch of rollouts (one id per request; default: acceptance numbers).  -> groups now waiting"""
         groups = split_groups(rollouts)
-        self.groups.extend(groups)
+        if ids is None:
+            ids = [f"g{self.stats.groups_accepted + b}" for b in range(len(groups))]
+        if len(ids) != len(groups):
+            raise ValueError(f"{len(groups)} groups but {len(ids)} ids")
+        self.groups.extend(zip(ids, groups, strict=True))
         self.stats.groups_accepted += len(groups)
         self.stats.groups_waiting = len(self.groups)
         return len(self.groups)
 
-    def take(self, current_version: int, n: int) -> tuple[Rollouts | None, int]:
-        """Drop groups staler than the bound, then serve up to n oldest.  -> (rollouts or None, max staleness)"""
-        fresh = [r for r in self.groups if current_version - r.version <= self.max_staleness]
+    def take_with_ids(self, current_version: int, n: int) -> tuple[Rollouts | None, int, list[str]]:
+        """Drop groups staler than the bound, then serve up to n oldest.  -> (rollouts or None, staleness, ids)"""
+        fresh = [(i, r) for i, r in self.groups if current_version - r.version <= self.max_staleness]
         self.stats.groups_dropped_stale += len(self.groups) - len(fresh)
         served, rest = fresh[:n], fresh[n:]
         self.groups = deque(rest)
         self.stats.groups_served += len(served)
         self.stats.groups_waiting = len(self.groups)
-        staleness = max((current_version - r.version for r in served), default=0)
-        return concat_groups(served), staleness
+        staleness = max((current_version - r.version for _, r in served), default=0)
+        return concat_groups([r for _, r in served]), staleness, [i for i, _ in served]
+
+    def take(self, current_version: int, n: int) -> tuple[Rollouts | None, int]:
+        """`take_with_ids` without the ids."""
+        rollouts, staleness, _ = self.take_with_ids(current_version, n)
+        return rollouts, staleness
 
 
 class PreferenceStream:
-    """Valid logged pairs from a Parquet file, served in order, pass after pass (`report`: bad rows of this pass)."""
+    """Valid logged pairs from a Parquet file, served in order, pass after pass (`report`: bad rows of this pass).
+
+    The cursor is (pass, file row of the next pair to serve); `seek` restores it after a restart."""
 
     def __init__(self, path: str | Path, catalog: Catalog, batch_rows: int = 1024) -> None:
         self.reader = read_preferences(path, catalog, batch_rows)
-        self.pending: deque[PreferencePair] = deque()
+        self.pending: deque[tuple[int, PreferencePair]] = deque()  # (file row, pair)
         self.batches = iter(self.reader)
         self.passes = 0
         self.served = 0
+        self.last_ids: list[str] = []  # `p<pass>-<row>` of the pairs of the last `next_pairs` call
+
+    def _read_batch(self) -> bool:
+        batch = next(self.batches, None)
+        if batch is not None:
+            self.pending.extend(zip(batch.rows, batch.pairs, strict=True))
+        return batch is not None
 
     def next_pairs(self, n: int) -> list[PreferencePair]:
         """The next n valid pairs; raises CatalogError when a whole pass over the file holds none."""
-        while len(self.pending) < n:
-            batch = next(self.batches, None)
-            if batch is not None:
-                self.pending.extend(batch.pairs)
+        served = []
+        while len(served) < n:
+            if not self.pending:
+                if self._read_batch():
+                    continue
+                if self.reader.report.good == 0:
+                    raise CatalogError(f"{self.reader.path}: no valid preference pairs\n"
+                                       f"{self.reader.report.summary()}")
+                self.passes += 1
+                self.batches = iter(self.reader)  # a new pass (the reader starts a fresh report)
                 continue
-            if self.reader.report.good == 0:
-                raise CatalogError(f"{self.reader.path}: no valid preference pairs\n{self.reader.report.summary()}")
-            self.passes += 1
-            self.batches = iter(self.reader)  # a new pass (the reader starts a fresh report)
+            row, pair = self.pending.popleft()
+            served.append((f"p{self.passes}-{row}", pair))
         self.served += n
-        return [self.pending.popleft() for _ in range(n)]
+        self.last_ids = [i for i, _ in served]
+        return [pair for _, pair in served]
+
+    def cursor(self) -> dict:
+        """Where the stream stands: pass, the file row of the next pair, pairs served so far."""
+        row = self.pending[0][0] if self.pending else self.reader.report.rows
+        return {"passes": self.passes, "row": int(row), "served": self.served}
+
+    def seek(self, cursor: dict) -> None:
+        """Continue from a `cursor()`: re-read the current pass up to that row (the report counts those rows)."""
+        self.passes, self.served = cursor["passes"], cursor["served"]
+        self.batches, self.pending = iter(self.reader), deque()
+        while self.reader.report.rows <= cursor["row"] and self._read_batch():
+            pass
+        self.pending = deque((row, pair) for row, pair in self.pending if row >= cursor["row"])
 
     @property
     def report(self):
@@ -146,14 +187,29 @@ class ReplayBuffer:
         self.queue = RolloutQueue(max_staleness)
         self.preferences = preferences
 
-    def put(self, rollouts: Rollouts) -> int:
-        return self.queue.put(rollouts)
+    def put(self, rollouts: Rollouts, ids: list[str] | None = None) -> int:
+        return self.queue.put(rollouts, ids)
 
     def take(self, current_version: int, n_requests: int, n_pairs: int) -> LearnerBatch:
         """Up to n_requests fresh groups and, when a preference file is attached, exactly n_pairs logged pairs."""
-        rollouts, staleness = self.queue.take(current_version, n_requests)
+        rollouts, staleness, ids = self.queue.take_with_ids(current_version, n_requests)
         pairs = self.preferences.next_pairs(n_pairs) if self.preferences is not None else []
-        return LearnerBatch(rollouts, pairs, staleness)
+        pair_ids = self.preferences.last_ids if self.preferences is not None else []
+        return LearnerBatch(rollouts, pairs, staleness, ids + pair_ids)
+
+    def state(self) -> dict:
+        """What a restart needs: the waiting groups with their ids, the counters, the preference cursor."""
+        return {"groups": list(self.queue.groups), "stats": vars(self.queue.stats).copy(),
+                "preferences": self.preferences.cursor() if self.preferences is not None else None}
+
+    def restore(self, state: dict) -> None:
+        """Undo a restart: the inverse of `state()` (the preference file must be the same)."""
+        self.queue.groups = deque(state["groups"])
+        self.queue.stats = BufferStats(**state["stats"])
+        if (state["preferences"] is None) != (self.preferences is None):
+            raise ValueError("the saved buffer and this run differ in having a preference file")
+        if self.preferences is not None:
+            self.preferences.seek(state["preferences"])
 
     def stats(self) -> BufferStats:
         stats = BufferStats(**vars(self.queue.stats))
