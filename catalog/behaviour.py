@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from catalog.dataset import Dataset, family_a, family_b
+from catalog.dataset import Dataset, training_example
 from catalog.preferences import PREFERENCES_SCHEMA
 from catalog.requests import Example, request_to_json, valid_mask
 from catalog.schema import Catalog
@@ -77,10 +77,7 @@ def user_examples(data: Dataset, cfg: RequestConfig, user: int, n: int, rng: np.
     for _ in range(n * TRIES):
         if len(out) == n:
             break
-        if rng.random() < cfg.family_b_share:
-            ex = family_b(data, user, cfg.family_b_seed_size, cfg.k, cfg.family_b_min_targets, rng)
-        else:
-            ex = family_a(data, user, int(rng.choice(cfg.seed_sizes)), cfg.k, rng)
+        ex = training_example(data, user, cfg, rng)
         if ex is not None:
             out.append(ex)
     return out

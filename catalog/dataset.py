@@ -157,16 +157,20 @@ def benchmark_examples(data: Dataset, users: np.ndarray, cfg: RequestConfig, see
     return out
 
 
+def training_example(data: Dataset, user: int, cfg: RequestConfig, rng: np.random.Generator) -> Example | None:
+    """One training request of `user`: family B with probability `family_b_share`, else family A (None when the
+    user's positives do not allow the drawn family)."""
+    if rng.random() < cfg.family_b_share:
+        return family_b(data, user, cfg.family_b_seed_size, cfg.k, cfg.family_b_min_targets, rng)
+    return family_a(data, user, int(rng.choice(cfg.seed_sizes)), cfg.k, rng)
+
+
 def training_examples(data: Dataset, cfg: RequestConfig, n: int, rng: np.random.Generator) -> list[Example]:
     """`n` fresh training requests from training users (new seed subsets every call: augmentation)."""
     out: list[Example] = []
     users = data.train_users
     while len(out) < n:
-        user = int(users[rng.integers(len(users))])
-        if rng.random() < cfg.family_b_share:
-            ex = family_b(data, user, cfg.family_b_seed_size, cfg.k, cfg.family_b_min_targets, rng)
-        else:
-            ex = family_a(data, user, int(rng.choice(cfg.seed_sizes)), cfg.k, rng)
+        ex = training_example(data, int(users[rng.integers(len(users))]), cfg, rng)
         if ex is not None:
             out.append(ex)
     return out
