@@ -45,7 +45,7 @@ from typing import Literal
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.buffer import ReplayBufferActor
 from actors.learner import LearnerActor
@@ -65,6 +65,7 @@ from rollout.buffer import BufferStats, LearnerBatch, shard_batch
 MAX_ROLLOUT_RESTARTS = 8  # Ray restarts of one rollout actor (beyond them its calls fail for good)
 GENERATE_ATTEMPTS = 3  # tries of one generation call across restarts
 RESTART_TIMEOUT = 300.0  # seconds to wait for a restarted rollout actor to take the weights
+ACTOR_GONE = (RayActorError, ActorUnavailableError)  # died, or restarting / restarted under a call
 
 
 class LearnerFailed(RuntimeError):
@@ -186,8 +187,15 @@ def recover_rollout(actors: Actors, call: RolloutCall, why: str) -> None:
     actors.rollout_restarts += 1
     actor = actors.rollouts[call.actor]
     state_ref, version = actors.weights
-    if state_ref is not None:
-        ray.get(actor.set_weights.remote(state_ref, version), timeout=RESTART_TIMEOUT)
+    deadline = time.time() + RESTART_TIMEOUT
+    while state_ref is not None:
+        try:
+            ray.get(actor.set_weights.remote(state_ref, version), timeout=RESTART_TIMEOUT)
+            break
+        except ACTOR_GONE:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)  # still restarting
     print(f"rollout actor {call.actor} restarted ({why}); weights v{version} re-pushed, generation retried "
           f"(rollout restarts: {actors.rollout_restarts})", flush=True)
     call.version, call.ref = version, actor.generate.remote(call.n_requests, call.seed)
@@ -198,7 +206,7 @@ def get_rollouts(call: RolloutCall, actors: Actors | None):
     for attempt in range(GENERATE_ATTEMPTS):
         try:
             rollouts = ray.get(call.ref)
-        except RayActorError as err:
+        except ACTOR_GONE as err:
             if actors is None or attempt + 1 == GENERATE_ATTEMPTS:
                 raise
             recover_rollout(actors, call, f"died: {type(err).__name__}")
@@ -256,7 +264,7 @@ def push_weights(actors: Actors, wait: bool) -> None:
     for ref in updates if wait else []:
         try:
             ray.get(ref)
-        except RayActorError:
+        except ACTOR_GONE:
             pass  # its next generation fails or answers with an old version: `get_rollouts` recovers it
 
 

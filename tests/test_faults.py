@@ -90,8 +90,9 @@ def test_killed_rollout_actor_is_restarted_and_training_continues(run_dir, clust
 
 @pytest.mark.slow
 def test_killed_learner_rank_fails_the_step_loudly(run_dir, cluster):  # noqa: F811
-    """Sync: learner rank 1 is killed after step 1; step 2 raises LearnerFailed naming rank 1 and --resume (rank 0
-    is left waiting in the gradient all-reduce: the driver must not wait for it)."""
+    """Sync, a train state every step: learner rank 1 is killed after step 1; step 2 raises LearnerFailed naming
+    rank 1, the state of step 1 and --resume (rank 0 is left waiting in the gradient all-reduce: the driver must
+    not wait for it)."""
     from actors.driver import LearnerFailed, train
 
     def kill_learner(step, actors):
@@ -99,8 +100,9 @@ def test_killed_learner_rank_fails_the_step_loudly(run_dir, cluster):  # noqa: F
             ray.kill(actors.learners[1])
 
     start = time.time()
-    with pytest.raises(LearnerFailed, match=r"learner rank 1 died during step 2.*--resume") as err:
-        train(h2po_config(run_dir, "h2po.checkpoint_every=0"), run_dir / "most.safetensors", None, steps=3,
+    with pytest.raises(LearnerFailed, match=r"learner rank 1 died during step 2.*step 1\) with `h2po train "
+                                            r"\.\.\. --resume`") as err:
+        train(h2po_config(run_dir, "h2po.checkpoint_every=1"), run_dir / "most.safetensors", None, steps=3,
               mode="sync", on_step=kill_learner)
     assert err.value.rank == 1 and time.time() - start < 80
 
