@@ -243,7 +243,8 @@ def cmd_preferences(args) -> int:
 
 
 def cmd_train(args) -> None:
-    from actors.driver import LearnerFailed, train
+    from actors.calls import LearnerFailed
+    from actors.driver import train
     from learner.checkpoint import read_header
 
     base = json.loads(read_header(Path(args.checkpoint))["config"])

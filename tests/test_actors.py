@@ -243,7 +243,7 @@ def test_failing_reward_stops_or_skips_with_its_name(run_dir, cluster, tmp_path)
     """A reward returning NaN: generate raises RewardError naming it; the driver re-raises it ("stop") or counts
     the dropped batch ("skip")."""
     from actors.buffer import ReplayBufferActor
-    from actors.driver import Actors, collect_rollouts, launch_rollouts
+    from actors.calls import Actors, collect_rollouts, launch_rollouts
     from actors.rollout import RolloutActor
 
     (tmp_path / "broken_reward.py").write_text(BROKEN_REWARD)

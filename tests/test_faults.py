@@ -93,7 +93,8 @@ def test_killed_learner_rank_fails_the_step_loudly(run_dir, cluster):  # noqa: F
     """Sync, a train state every step: learner rank 1 is killed after step 1; step 2 raises LearnerFailed naming
     rank 1, the state of step 1 and --resume (rank 0 is left waiting in the gradient all-reduce: the driver must
     not wait for it)."""
-    from actors.driver import LearnerFailed, train
+    from actors.calls import LearnerFailed
+    from actors.driver import train
 
     def kill_learner(step, actors):
         if step == 0:

@@ -1,0 +1,168 @@
+"""`h2po train` submitted with `ray job submit` to a real Ray head that has token authentication on (Ray's default).
+
+The test starts its own head (`ray start --head --block`) on loopback, on free ports and its own temp dir, as its
+own process session, with a fresh random token passed as RAY_AUTH_TOKEN (so ~/.ray/auth_token is neither read nor
+written); it never runs `ray stop` (that would stop every Ray instance on the machine). Teardown kills exactly the
+processes of that session (SIGTERM, then SIGKILL) and checks that none is left.
+
+Then: the tiny MOST checkpoint (k=8, as in tests/test_actors.py), a submit without a token and one with a wrong
+token (both refused by the dashboard), and a 2-step sync run (1 learner rank, ZeRO 2, 1 rollout actor) submitted
+with the token, uploading the repository as the working dir; the job must succeed and write h2po.safetensors.
+Run: `python -m pytest tests/test_job_submit.py -q` (about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from catalog.movielens import locate
+from h2po.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.yaml")
+RAY = str(Path(sys.executable).parent / "ray")
+TINY_H2PO = ["threads=1", "requests.k=8", "h2po.group_size=2", "h2po.batch_requests=2", "h2po.vrpo_samples=2",
+             "most.batch_size=4", "h2po.lr=1e-3"]
+EXCLUDES = [".git", ".venv", "runs", ".pytest_cache", ".ruff_cache", "*.egg-info", "__pycache__", ".ci"]
+
+pytestmark = pytest.mark.slow
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def session_pids(sid: int) -> list[int]:
+    """Processes whose session id is `sid` (the head's `setsid` session: GCS, raylet, dashboard, workers, jobs)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields: state ppid pgrp session ...
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_session(sid: int) -> list[int]:
+    """SIGTERM the session, wait a little, SIGKILL what is left.  -> pids still alive (none expected)."""
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        for pid in session_pids(sid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait
+        while session_pids(sid) and time.time() < deadline:
+            time.sleep(0.2)
+    return session_pids(sid)
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A token-authenticated Ray head on loopback: yields (dashboard address, token)."""
+    token = secrets.token_hex(32)
+    port, dashboard, client, metrics = free_ports(4)
+    low = random.randrange(20000, 30000, 200)
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(Path(temp) / "head.log", "w")
+    proc = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
+         "--metrics-export-port", str(metrics), "--min-worker-port", str(low), "--max-worker-port", str(low + 199),
+         "--num-cpus", "4", "--num-gpus", "0", "--temp-dir", temp, "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert proc.poll() is None, f"ray start exited: {(Path(temp) / 'head.log').read_text()[-3000:]}"
+            assert time.time() < deadline, "Ray head did not come up in 90 s"
+            request = urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+            try:
+                with urllib.request.urlopen(request, timeout=5):
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(1)
+        yield address, token
+    finally:
+        left = kill_session(proc.pid)
+        proc.wait(timeout=10)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+        assert not left, f"Ray head processes left running: {left}"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    threads = torch.get_num_threads()
+    run = tmp_path_factory.mktemp("h2po_job")
+    assert main(["pretrain", "--config", TINY, f"out_dir={run}", "threads=1", "requests.k=8"]) == 0
+    torch.set_num_threads(threads)
+    return run
+
+
+def submit(address: str, env: dict, entrypoint: list[str], runtime_env: dict | None = None,
+           timeout: float = 150) -> subprocess.CompletedProcess:
+    args = [RAY, "job", "submit", "--address", address]
+    if runtime_env:
+        args += ["--runtime-env-json", json.dumps(runtime_env)]
+    return subprocess.run([*args, "--", *entrypoint], env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+def client_env(**auth: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    return {**env, "HOME": tempfile.gettempdir() + "/rj-nohome", **auth}  # no ~/.ray/auth_token to fall back on
+
+
+def test_submit_without_or_with_a_wrong_token_is_refused(head):
+    address, _ = head
+    for env, why in ((client_env(), "Missing authentication token"),
+                     (client_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64), "Invalid authentication token")):
+        out = submit(address, env, [sys.executable, "-c", "print('should not run')"], timeout=60)
+        assert out.returncode != 0 and why in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+def test_h2po_train_job_succeeds(head, run_dir):
+    address, token = head
+    runtime_env = {"working_dir": str(ROOT), "excludes": EXCLUDES,
+                   "env_vars": {"H2PO_MOVIELENS": str(locate()), "OMP_NUM_THREADS": "1"}}
+    entrypoint = [sys.executable, "-m", "h2po.cli", "train", "--checkpoint", str(run_dir / "most.safetensors"),
+                  "--steps", "2", "--mode", "sync", f"out_dir={run_dir}", "system.learners=1", "system.zero_stage=2",
+                  "system.rollout_actors=1", "h2po.checkpoint_every=0", *TINY_H2PO]
+    start = time.time()
+    out = submit(address, client_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token), entrypoint, runtime_env)
+    text = out.stdout + out.stderr
+    print(f"job took {time.time() - start:.1f}s\n{text[-4000:]}")
+    assert out.returncode == 0, text[-4000:]
+    assert "succeeded" in text and "H2PO done: version 2" in text, text[-4000:]
+    assert (run_dir / "h2po.safetensors").is_file()
