@@ -21,7 +21,7 @@ from catalog.requests import soft_bonus
 from h2po.config import MostConfig, RequestConfig
 from learner.most import build_targets, most_loss
 from model.diffusion import elbo_nll, stratified_times
-from model.transformer import Retriever
+from model.transformer import Retriever, seed_row_sum
 
 
 @dataclass
@@ -36,7 +36,7 @@ class PretrainResult:
 
 def relevance_scores(prior_matrix: torch.Tensor, seeds: torch.Tensor, seed_mask: torch.Tensor) -> np.ndarray:
     """Raw relevance of every item to a seed set: the sum of the seeds' rows of a prior matrix.  -> (B, N)"""
-    return (prior_matrix[seeds].float() * seed_mask[..., None]).sum(1).numpy()
+    return seed_row_sum(prior_matrix, seeds, seed_mask).numpy()
 
 
 def most_step(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray, relevance_matrix: torch.Tensor,

@@ -27,6 +27,13 @@ MASK = -1
 SEGMENTS = {"constraint": 0, "negative": 1, "seed": 2, "slot": 3}
 
 
+def seed_row_sum(matrix: torch.Tensor, seeds: torch.Tensor, seed_mask: torch.Tensor) -> torch.Tensor:
+    """Relevance of every item to a seed set: the sum of the seeds' rows of an item-item matrix (e.g. EASE's B).
+
+    matrix (N, N); seeds, seed_mask (B, S) padded -> (B, N) float32."""
+    return (matrix[seeds].float() * seed_mask[..., None]).sum(1)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: x * (1 + scale) + shift, conditioning broadcast over tokens."""
     return x * (1 + scale[:, None]) + shift[:, None]
@@ -116,8 +123,7 @@ class Retriever(nn.Module):
         """(B, N) prior scores of the seed set, standardised per request over its valid items."""
         if self.prior_matrix is None:
             return None
-        rows = self.prior_matrix[batch.seeds].float() * batch.seed_mask[..., None]  # (B, S, N)
-        raw = rows.sum(1)
+        raw = seed_row_sum(self.prior_matrix, batch.seeds, batch.seed_mask)  # (B, N)
         valid = batch.valid.float()
         count = valid.sum(1, keepdim=True).clamp_min(1)
         mean = (raw * valid).sum(1, keepdim=True) / count
