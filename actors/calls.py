@@ -10,7 +10,7 @@ so no learner wait is without a timeout.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
@@ -42,6 +42,7 @@ class Actors:
     buffer: object
     weights: tuple = (None, 0)
     rollout_restarts: int = 0
+    events: list = field(default_factory=list)  # restarts and skipped batches since the driver last drained them
 
     def kill(self) -> None:
         for actor in [*self.learners, *self.rollouts, self.buffer]:
@@ -58,6 +59,7 @@ class RolloutCall:
     seed: int
     version: int
     ref: object
+    done: dict | None = None  # when collected: lists, seconds (generation time), version of the rollouts
 
     def group_ids(self, n: int) -> list[str]:
         return [f"g{self.seed}-{b}" for b in range(n)]
@@ -87,8 +89,9 @@ def recover_rollout(actors: Actors, call: RolloutCall, why: str) -> None:
             if time.time() > deadline:
                 raise
             time.sleep(0.5)  # still restarting
-    print(f"rollout actor {call.actor} restarted ({why}); weights v{version} re-pushed, generation retried "
-          f"(rollout restarts: {actors.rollout_restarts})", flush=True)
+    message = f"rollout actor {call.actor} restarted ({why}); weights v{version} re-pushed, generation retried"
+    actors.events.append({"event": "restart", "actor": call.actor, "message": message})
+    print(f"{message} (rollout restarts: {actors.rollout_restarts})", flush=True)
     call.version, call.ref = version, actor.generate.remote(call.n_requests, call.seed)
 
 
@@ -118,11 +121,14 @@ def collect_rollouts(calls: list[RolloutCall], buffer, on_reward_error: str, act
     for call in calls:
         try:
             rollouts = get_rollouts(call, actors)
+            call.done = {"lists": len(rollouts.items), "seconds": rollouts.seconds, "version": rollouts.version}
             accepted.append((rollouts, call.group_ids(len(rollouts.examples))))
         except RewardError as err:
             if on_reward_error == "stop":
                 raise getattr(err, "cause", err) from None  # the reward's own error, with its name
             print(f"skipping a rollout batch: {err}", flush=True)
+            if actors is not None:
+                actors.events.append({"event": "skipped_batch", "actor": call.actor, "message": str(err)})
             skipped += 1
     ray.get([buffer.put.remote(rollouts, ids) for rollouts, ids in accepted])
     return skipped

@@ -26,7 +26,9 @@ Ray: `RAY_ADDRESS` set -> `ray.init(address=...)` (e.g. inside `ray job submit`)
 down again at the end. An already initialised Ray (a test's cluster) is used as it is. The run's actors are killed
 at the end, whether it succeeded or not.
 
-Not yet built: evaluation during training, the dashboard feed.
+Monitoring (`actors.monitor`): every step appends a record to OUT_DIR/metrics.jsonl (also exported as Ray gauges),
+the live dashboard page serves it (its URL is printed at start), validation NDCG@10 is probed every
+`h2po.eval_every` steps, and OUT_DIR/report.html is written at the end, also when the run fails.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from actors.calls import (
     push_weights,
 )
 from actors.learner import LearnerActor
+from actors.monitor import Monitor
 from actors.rollout import RolloutActor
 from actors.train_state import DriverState, find_train_state, read_train_state, write_train_state
 from catalog.dataset import load_catalog
@@ -132,16 +135,18 @@ def place_actors(cfg: RunConfig, checkpoint: str, preferences: str | None, syste
     return Actors(learners, rollouts, buffer)
 
 
-def step_stats(rank_stats: list[dict], batch: LearnerBatch, reward_names: list[str]) -> dict:
+def step_stats(rank_stats: list[dict], batch: LearnerBatch, rewards: list[tuple[str, float]]) -> dict:
     """Mean of the ranks' stats (over the ranks that report a key) plus reward means and batch facts."""
     keys = dict.fromkeys(k for stats in rank_stats for k in stats)
     out = {k: float(np.mean([s[k] for s in rank_stats if k in s])) for k in keys}
     out["version"] = int(rank_stats[0]["version"])
     if batch.rollouts is not None:
-        for name, mean in zip(reward_names, batch.rollouts.rewards.mean(0), strict=True):
+        for (name, _), mean in zip(rewards, batch.rollouts.rewards.mean(0), strict=True):
             out[f"reward/{name}"] = float(mean)
+        out["reward/total"] = float((batch.rollouts.rewards @ np.array([w for _, w in rewards])).mean())
     out.update({"rollout/requests": batch.n_requests, "rollout/staleness": batch.staleness,
-                "pairs": len(batch.pairs)})
+                "pairs": len(batch.pairs), "batch/on": batch.n_requests, "batch/off": len(batch.pairs),
+                "buffer/waiting": batch.waiting, "staleness": {str(k): v for k, v in batch.staleness_counts.items()}})
     return out
 
 
@@ -182,18 +187,21 @@ def save_state(actors: Actors, cfg: RunConfig, state: DriverState, timeout: floa
     return write_train_state(cfg.out_dir, save_engines, ray.get(actors.buffer.state.remote()), state, cfg)
 
 
-def run_loop(actors: Actors, cfg: RunConfig, opts: LoopOptions, state: DriverState) -> DriverState:
-    """The training loop (module docstring), from `state.step` on.  -> the state after the last step"""
+def run_loop(actors: Actors, cfg: RunConfig, opts: LoopOptions, state: DriverState,
+             monitor: Monitor | None = None) -> DriverState:
+    """The training loop (module docstring), from `state.step` on.  -> the state after the last step
+
+    Stops early, after a complete step, when `h2po.max_minutes` is spent (the schedule keeps `opts.steps`)."""
     h2po, steps = cfg.h2po, opts.steps
-    names = ray.get(actors.rollouts[0].reward_names.remote())
-    pending = None
+    rewards = [(reward.name, weight) for reward, weight in build_rewards(h2po.rewards)]
+    pending, loop_start = None, time.time()
     for step in range(state.step, steps):
-        start = time.time()
+        start, calls = time.time(), []
         if pending is None and state.collected_through < step:
             pending = launch_rollouts(actors, h2po.batch_requests, step)
         if pending is not None:
             state.skipped += collect_rollouts(pending, actors.buffer, h2po.on_reward_error, actors)
-            state.collected_through, pending = step, None
+            state.collected_through, pending, calls = step, None, pending
         batch: LearnerBatch = ray.get(actors.buffer.take.remote(state.version, h2po.batch_requests, opts.n_pairs))
         rollout_seconds = time.time() - start
         if opts.mode == "async" and step + 1 < steps:
@@ -208,15 +216,22 @@ def run_loop(actors: Actors, cfg: RunConfig, opts: LoopOptions, state: DriverSta
         state_ref, version_ref = actors.learners[0].weights.remote()
         actors.weights = (state_ref, gather_ranks([version_ref], "publishing weights", opts.step_timeout, hint)[0])
         push_weights(actors, wait=opts.mode == "sync")  # async: queued behind the generation already running
-        stats = step_stats(rank_stats, batch, names)
-        stats.update({"time/rollout": rollout_seconds, "time/sync": time.time() - sync_start,
+        stats = step_stats(rank_stats, batch, rewards)
+        step_seconds = time.time() - start
+        stats.update({"step": step + 1, "time/rollout": rollout_seconds, "time/sync": time.time() - sync_start,
+                      "time/step": step_seconds, "learner/idle_fraction": 1 - stats["time/train"] / step_seconds,
                       "lambda_off": lambda_off, "rollout/skipped_batches": state.skipped,
                       "rollout/restarts": actors.rollout_restarts})
         state.step, state.version = step + 1, actors.weights[1]
         state.history.append(stats)
         state.ledger.append(batch.ids)
         print(format_stats(step, steps, stats), flush=True)
-        if opts.checkpoint_every > 0 and (state.step % opts.checkpoint_every == 0 or state.step == steps):
+        if monitor is not None:
+            monitor.step(stats, batch, calls, actors.events, state_ref)
+        actors.events.clear()
+        over_budget = 0 < h2po.max_minutes * 60 < time.time() - loop_start
+        if opts.checkpoint_every > 0 and (state.step % opts.checkpoint_every == 0 or state.step == steps
+                                          or over_budget):
             if pending is not None:  # async: the groups in flight go into the saved buffer, not lost on a crash
                 state.skipped += collect_rollouts(pending, actors.buffer, h2po.on_reward_error, actors)
                 state.collected_through, pending = step + 1, None
@@ -224,6 +239,10 @@ def run_loop(actors: Actors, cfg: RunConfig, opts: LoopOptions, state: DriverSta
             print(f"train state written: {save_state(actors, cfg, state, opts.step_timeout)}", flush=True)
         if opts.on_step is not None:
             opts.on_step(step, actors)
+        if over_budget and state.step < steps:
+            print(f"h2po.max_minutes ({h2po.max_minutes:g}) spent: stopping after step {state.step} of {steps}",
+                  flush=True)
+            break
     state.rollout_restarts = actors.rollout_restarts
     return state
 
@@ -260,7 +279,7 @@ def train(cfg: RunConfig, checkpoint: str | Path, preferences_path: str | Path |
     check_inputs(cfg, checkpoint, preferences, steps, mode)
     n_pairs = (cfg.h2po.batch_requests if system.pairs_per_step < 0 else system.pairs_per_step) if preferences else 0
     opts = LoopOptions(steps, mode, n_pairs, cfg.h2po.checkpoint_every, step_timeout, on_step)
-    start, started, actors = time.time(), connect_ray(system), None
+    start, started, actors, monitor = time.time(), connect_ray(system), None, None
     try:
         actors = place_actors(cfg, str(checkpoint), preferences, system)
         print(f"H2PO: {system.learners} learner ranks (ZeRO {system.zero_stage}), {system.rollout_actors} rollout "
@@ -269,9 +288,14 @@ def train(cfg: RunConfig, checkpoint: str | Path, preferences_path: str | Path |
         resumed_from = state.step
         if state.step >= steps:
             raise UserError(f"the train state under {cfg.out_dir} has {state.step} steps done; ask for more than that")
-        state = run_loop(actors, cfg, opts, state)
+        monitor = Monitor(cfg, str(checkpoint), [(r.name, w) for r, w in build_rewards(cfg.h2po.rewards)],
+                          load_catalog(cfg.data, Path(cfg.out_dir)))
+        monitor.start({"run": Path(cfg.out_dir).resolve().name, "mode": mode, "steps": steps,
+                       "learners": system.learners, "rollout_actors": system.rollout_actors,
+                       "zero_stage": system.zero_stage, "rewards": [n for n, _ in monitor.rewards]}, resumed_from)
+        state = run_loop(actors, cfg, opts, state, monitor)
         out = Path(cfg.out_dir) / "h2po.safetensors"
-        meta = {"steps": steps, "mode": mode, "from": str(checkpoint), "final": state.history[-1]}
+        meta = {"steps": state.step, "mode": mode, "from": str(checkpoint), "final": state.history[-1]}
         ray.get(actors.learners[0].save_policy.remote(str(out), json.loads(json.dumps(meta))))
         buffer_stats = ray.get(actors.buffer.stats.remote())
         if preferences:
@@ -281,7 +305,13 @@ def train(cfg: RunConfig, checkpoint: str | Path, preferences_path: str | Path |
                              state.ledger, state.rollout_restarts, resumed_from)
         print(f"H2PO done: version {result.version} in {result.seconds:.1f}s; {buffer_stats}; rollout restarts "
               f"{result.rollout_restarts}; policy {out}")
+        monitor.finish("done")
         return result
+    except BaseException as err:
+        if monitor is not None:
+            monitor.log.write("event", event="failed", actor=None, step=None, message=f"{type(err).__name__}: {err}")
+            monitor.finish("failed", f"{type(err).__name__}: {err}")
+        raise
     finally:
         if actors is not None:
             actors.kill()  # also a rank stuck in a collective after another rank died

@@ -2,10 +2,11 @@
 
 Each rank holds the policy (from the MOST checkpoint), a frozen reference copy (the same checkpoint, DESIGN
 section 5) and a DeepSpeed `Engine`. The driver starts all ranks, asks rank 0 for an address, calls every rank's
-`init_distributed` concurrently, then feeds each rank its shard of every learner batch. Per batch a rank fixes
-the proximal policy (its weights before the batch: pi_prox of decoupled PPO), runs `h2po.inner_epochs` H2PO
-updates (`learner.h2po_step.h2po_losses`, then `Engine.step`, which averages gradients over the ranks) and
-advances the weight version by one. Ranks draw their MOST anchor batches and VRPO noise from their own seeds.
+`init_distributed` concurrently, then feeds each rank its shard of every learner batch. Per batch a rank runs
+`h2po.inner_epochs` H2PO updates (`learner.h2po_step.h2po_losses`, then `Engine.step`, which averages gradients
+over the ranks; the proximal policy pi_prox of decoupled PPO is the weights before the batch, read off the first
+update's forward pass) and advances the weight version by one. Ranks draw their MOST anchor batches and VRPO
+noise from their own seeds.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from catalog.preferences import PreferencePair
 from h2po.config import RunConfig
 from learner.checkpoint import save_checkpoint
 from learner.engine import Engine, EngineConfig, init_distributed
-from learner.h2po_step import AnchorInputs, h2po_losses, rollout_log_probs
+from learner.h2po_step import AnchorInputs, h2po_losses
 from rollout.generate import Rollouts
 
 
@@ -59,13 +60,10 @@ class LearnerActor:
         """H2PO on this rank's shard: `inner_epochs` updates, then version + 1.  -> mean stats over the updates."""
         start = time.time()
         model, ws, h2po = self.engine.module, self.policy.ws, self.cfg.h2po
-        prox_logp = None
-        if rollouts is not None:
-            with torch.no_grad():
-                prox_logp = rollout_log_probs(model, ws.data.catalog, ws.vocab, rollouts)  # (B*G, K)
+        cache: dict = {}  # pi_prox and reference log-probs of this batch, filled by the first update
         history = []
         for _ in range(h2po.inner_epochs):
-            loss, stats = h2po_losses(model, self.ref, ws.data.catalog, ws.vocab, rollouts, prox_logp, pairs,
+            loss, stats = h2po_losses(model, self.ref, ws.data.catalog, ws.vocab, rollouts, cache, pairs,
                                       self.anchor, h2po, lambda_off, self.rng, self.generator)
             stats["grad_norm"] = self.engine.step(loss)
             history.append(stats)

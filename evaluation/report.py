@@ -4,7 +4,7 @@
 of `evaluation/metrics.py` and summarises them per group: "A", "B" (families, seed sizes pooled) and "A/s=3",
 "A/s=5", ... (one seed size). Each metric gets its mean and a 95% bootstrap interval (`"ndcg@10"`,
 `"ndcg@10_ci"`); coverage is a scalar of the group's lists. Non-reference methods also get the paired
-bootstrap difference of NDCG@min(ks) to the reference (`"ndcg@10_vs_EASE"`, `"ndcg@10_vs_EASE_ci"`). All
+bootstrap difference of NDCG@min(ks) to each reference (`"ndcg@10_vs_EASE"`, `"ndcg@10_vs_EASE_ci"`). All
 methods share the resample indices (same seed), so their intervals are comparable.
 
 Example:
@@ -52,7 +52,7 @@ def summarise(values: dict[str, np.ndarray], lists: np.ndarray, n_items: int, n_
 
 
 def evaluate_methods(methods: dict[str, Recommender], examples: Sequence[Example], data: Dataset,
-                     cfg: EvalConfig, reference: str = "EASE",
+                     cfg: EvalConfig, references: Sequence[str] = ("EASE",),
                      features: np.ndarray | None = None) -> dict[str, dict[str, dict[str, object]]]:
     """{group: {method: {metric: value}}} for every method on `examples` (see the module docstring).
 
@@ -71,7 +71,7 @@ def evaluate_methods(methods: dict[str, Recommender], examples: Sequence[Example
         for name in methods:
             group_values = {metric: v[rows] for metric, v in values[name].items()}
             summary = summarise(group_values, lists[name][rows], data.catalog.n_items, cfg.bootstrap, seed)
-            if reference in methods and name != reference:
+            for reference in [r for r in references if r in methods and r != name]:
                 d, lo, hi = paired_bootstrap(group_values[primary], values[reference][primary][rows],
                                              cfg.bootstrap, seed)
                 summary[f"{primary}_vs_{reference}"], summary[f"{primary}_vs_{reference}_ci"] = d, [lo, hi]
@@ -97,22 +97,22 @@ def _cell(summary: dict[str, object], key: str, width: int, with_ci: bool = Fals
 
 
 def format_table(results: dict[str, dict[str, dict[str, object]]]) -> str:
-    """A fixed-width text table per group: methods as rows, NDCG@10 with CI first, then the other metrics."""
+    """A fixed-width text table per group: methods as rows, NDCG@10 with CI first, then the other metrics, then
+    one paired-difference column per reference method."""
     blocks = []
     for group, by_method in results.items():
-        vs_key = next((k for s in by_method.values() for k in s if "_vs_" in k and not k.endswith("_ci")), None)
+        vs_keys = list(dict.fromkeys(k for s in by_method.values() for k in s if "_vs_" in k and not k.endswith("_ci")))
         name_width = max(12, *(len(m) for m in by_method))
         n = next(iter(by_method.values()))["n"]
         header = f"{'method':<{name_width}} {'NDCG@10 [95% CI]':>22}" + "".join(f" {h:>{w}}" for h, _, w in COLUMNS)
-        if vs_key:
-            metric, reference = vs_key.split("_vs_")
+        for key in vs_keys:
+            metric, reference = key.split("_vs_")
             header += f" {f'd{metric.upper()} vs {reference} [95% CI]':>27}"
         lines = [f"== {group} (n={n}) ==", header]
         for method, summary in by_method.items():
             row = f"{method:<{name_width}} {_cell(summary, 'ndcg@10', 22, with_ci=True)}"
             row += "".join(f" {_cell(summary, key, w)}" for _, key, w in COLUMNS)
-            if vs_key:
-                row += f" {_cell(summary, vs_key, 27, with_ci=True)}"
+            row += "".join(f" {_cell(summary, key, 27, with_ci=True)}" for key in vs_keys)
             lines.append(row)
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)

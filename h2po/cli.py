@@ -14,8 +14,10 @@ from catalog.requests import Exclude, Prefer, Recency, Request, Require, check_r
 from h2po.config import describe, load_config
 from h2po.errors import UserError
 
-RUN_HELP = """Run the main job on the embedded default: import the data, tune EASE, pretrain with MOST,
-evaluate against the baselines on the test split, and print the comparison table."""
+RUN_HELP = """Run the main job on the embedded default: import the data, tune EASE, pretrain with MOST (or reuse
+OUT_DIR/most.safetensors made with the same settings), generate logged preferences, fine-tune with H2PO on a
+local Ray instance (h2po.steps learner steps, within h2po.max_minutes; the dashboard URL is printed), evaluate
+baselines, MOST and H2PO on the test split, and print the comparison table. h2po.steps=0 stops after MOST."""
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="h2po", description="Seed-set-conditioned generative retrieval: "
                                      "MOST pretraining, retrieval under constraints, evaluation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _config_args(sub.add_parser("run", help="the main job (pretrain + eval)", description=RUN_HELP))
+    _config_args(sub.add_parser("run", help="the main job (MOST + H2PO + eval)", description=RUN_HELP))
     _config_args(sub.add_parser("pretrain", help="MOST pretraining; writes OUT_DIR/most.safetensors"))
     ev = sub.add_parser("eval", help="compare a checkpoint with the baselines on the test split")
     ev.add_argument("--checkpoint", required=True, help="checkpoint file (most.safetensors)")
@@ -66,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     pf = dsub.add_parser("preferences", help="logged preference pairs from the configured behaviour policy")
     pf.add_argument("--out", required=True, help="output Parquet file (schema: catalog/preferences.py)")
     _config_args(pf)
+    db = sub.add_parser("dashboard", help="serve the live page of a run directory (finished or running)")
+    db.add_argument("--run", required=True, help="run directory holding metrics.jsonl (a training run's OUT_DIR)")
+    db.add_argument("--host", default="127.0.0.1", help="address to bind; another than loopback only when asked")
+    db.add_argument("--port", type=int, default=0, help="port to bind (0 = a free port; the URL is printed)")
+    db.add_argument("--report", action="store_true", help="write OUT_DIR/report.html (self-contained) and exit")
     sub.add_parser("config", help="list every config key with its default and meaning")
     return parser
 
@@ -96,27 +103,46 @@ def _constraints(args) -> tuple:
 
 
 def cmd_run(args, pretrain_only: bool = False) -> None:
+    from evaluation.baselines import EASE
     from h2po import pipeline
+    from learner.checkpoint import load_checkpoint
 
     start = time.time()
     cfg = load_config(args.config, args.overrides)
     _ensure_data(cfg)
     ws = pipeline.prepare(cfg)
     lam = pipeline.ease_lambda(ws)
-    from evaluation.baselines import EASE
-
-    ease = EASE(ws.data.catalog, ws.data.train_matrix, lam)
-    path, result = pipeline.run_pretrain(ws, ease)
-    print(f"MOST: {result.steps} steps in {result.seconds:.0f}s ({result.samples_per_second:.0f} samples/s); "
-          f"best validation NDCG@10 {result.best_score:.4f} at step {result.best_step}; checkpoint {path}")
+    path = None if pretrain_only else pipeline.reusable_most(ws)
+    if path is not None:
+        print(f"MOST: reusing {path} (finished pretraining with these settings; delete it to pretrain again)")
+    else:
+        path, result = pipeline.run_pretrain(ws, EASE(ws.data.catalog, ws.data.train_matrix, lam))
+        print(f"MOST: {result.steps} steps in {result.seconds:.0f}s ({result.samples_per_second:.0f} samples/s); "
+              f"best validation NDCG@10 {result.best_score:.4f} at step {result.best_step}; checkpoint {path}")
     if not pretrain_only:
-        from learner.checkpoint import load_checkpoint
-
-        model, _, _ = load_checkpoint(path, ws.data.catalog)
-        pipeline.run_evaluation(ws, {"MOST": model}, lam, ws.out_dir / "results.json")
+        models = {"MOST": load_checkpoint(path, ws.data.catalog)[0]}
+        if cfg.h2po.steps > 0:
+            models["H2PO"] = _run_h2po(ws, path)
+        pipeline.run_evaluation(ws, models, lam, ws.out_dir / "results.json")
         print(f"results: {ws.out_dir / 'results.json'}")
+        if "H2PO" in models and cfg.dashboard.report:
+            from dashboard.report import write_report
+
+            print(f"report: {write_report(ws.out_dir)}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"done in {time.time() - start:.0f}s, peak memory {peak:.0f} MiB")
+    print(f"done in {time.time() - start:.0f}s, peak memory of this process {peak:.0f} MiB")
+
+
+def _run_h2po(ws, most_path: Path):
+    """Logged preferences, then H2PO on a local Ray instance from the MOST checkpoint.  -> the trained policy"""
+    from actors.driver import train
+    from h2po import pipeline
+    from learner.checkpoint import load_checkpoint
+
+    prefs = ws.out_dir / "preferences.parquet"
+    pipeline.make_preferences(ws, prefs)
+    result = train(ws.cfg, most_path, prefs, ws.cfg.h2po.steps, "async")
+    return load_checkpoint(result.checkpoint, ws.data.catalog)[0]
 
 
 def _ensure_data(cfg) -> None:
@@ -216,30 +242,11 @@ def _retrieve_batch(args) -> int:
 
 def cmd_preferences(args) -> int:
     """Generate logged preference pairs on the training users, write them, and re-read them with the validator."""
-    from catalog.behaviour import generate_preferences
-    from catalog.preferences import read_preferences, write_preferences
-    from evaluation.baselines import EASE, CentroidKNN
     from h2po import pipeline
 
     cfg = load_config(args.config, args.overrides)
-    pc = cfg.preferences
-    if pc.noise <= 0 or pc.pairs_per_user < 1:
-        raise UserError("preferences.noise must be > 0 and preferences.pairs_per_user >= 1")
     _ensure_data(cfg)
-    ws = pipeline.prepare(cfg)
-    data = ws.data
-    scorer = EASE(data.catalog, data.train_matrix, pipeline.ease_lambda(ws)) if pc.behaviour == "ease" \
-        else CentroidKNN(data.catalog, ws.features)
-    source = f"{pc.behaviour} gumbel-top-k noise={pc.noise:g} seed={pc.seed}"
-    table, stats = generate_preferences(data, scorer, pc.pairs_per_user, pc.noise, cfg.requests.k, pc.seed, source,
-                                        requests=cfg.requests, progress=True)
-    write_preferences(table, Path(args.out))
-    print(f"{stats.summary()}; written to {args.out}")
-    reader = read_preferences(args.out, data.catalog)
-    for _ in reader:
-        pass
-    print(reader.report.summary())
-    return 1 if reader.report.bad else 0
+    return 1 if pipeline.make_preferences(pipeline.prepare(cfg), Path(args.out)).bad else 0
 
 
 def cmd_train(args) -> None:
@@ -269,6 +276,24 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_dashboard(args) -> None:
+    from dashboard.feed import METRICS_FILE
+
+    if not (Path(args.run) / METRICS_FILE).is_file():
+        raise UserError(f"{args.run} has no {METRICS_FILE}: give the OUT_DIR of a training run (h2po train / run)")
+    if args.report:
+        from dashboard.report import write_report
+
+        print(f"report: {write_report(args.run)}")
+        return
+    from dashboard.server import serve
+
+    try:
+        serve(args.run, args.host, args.port)
+    except OSError as err:
+        raise UserError(f"cannot serve on {args.host}:{args.port}: {err.strerror or err}") from err
+
+
 def cmd_config() -> None:
     for key, default, text in describe():
         print(f"{key:28s} {json.dumps(default):>24s}  {text}")
@@ -289,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_retrieve(args)
         elif args.command == "data":
             return cmd_data(args)
+        elif args.command == "dashboard":
+            cmd_dashboard(args)
         else:
             cmd_config()
     except UserError as err:

@@ -135,6 +135,10 @@ class H2POConfig:
     on_reward_error: Literal["stop", "skip"] = option("stop", "A failing reward stops the run, or skips the batch.")
     checkpoint_every: int = option(50, "Write OUT_DIR/train_state (resumable: h2po train --resume) every this many "
                                    "learner steps and at the end; 0 = never.")
+    steps: int = option(60, "Learner steps of `h2po run` (`h2po train --steps` overrides it).")
+    max_minutes: float = option(0.0, "Stop after the first learner step that ends past this budget; 0 = no limit.")
+    eval_every: int = option(20, "Validation NDCG@10 of the policy every this many steps, shown on the dashboard; "
+                             "0 = never.")
 
 
 @dataclass
@@ -164,6 +168,16 @@ class SystemConfig:
 
 
 @dataclass
+class DashboardConfig:
+    """The live rollout/learner page started with every training run (`h2po dashboard --run DIR` on its own)."""
+
+    enabled: bool = option(True, "Serve the live page while `h2po train` / `h2po run` trains.")
+    host: str = option("127.0.0.1", "Address the page binds to; another host only when asked for (e.g. 0.0.0.0).")
+    port: int = option(0, "Port of the page; 0 = a free port (the URL is printed at start).")
+    report: bool = option(True, "Write OUT_DIR/report.html (self-contained, offline) at the end of the run.")
+
+
+@dataclass
 class RunConfig:
     """The whole run: every component's sub-config."""
 
@@ -179,6 +193,7 @@ class RunConfig:
     h2po: H2POConfig = field(default_factory=H2POConfig)
     preferences: PreferenceConfig = field(default_factory=PreferenceConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
 
 
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")

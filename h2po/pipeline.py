@@ -1,7 +1,10 @@
-"""The single-machine job, as plain calls: prepare data -> EASE prior -> MOST pretraining -> evaluation.
+"""The single-machine job, as plain calls: prepare data -> EASE prior -> MOST pretraining -> logged preferences ->
+H2PO (`actors.driver.train`, on a local Ray instance) -> evaluation.
 
 Every stage writes into the run directory (`cfg.out_dir`): `catalog/` (Parquet + the dataset's LICENSE.txt),
-`ease.json` (tuned lambda), `most.safetensors` (best-validating checkpoint), `pretrain.json` (curve),
+`ease.json` (tuned lambda), `most.safetensors` (best-validating checkpoint), `pretrain.json` (curve; its presence
+marks a finished pretraining, which a later run with the same data/model/MOST settings reuses),
+`preferences.parquet` (logged pairs), `h2po.safetensors` + `metrics.jsonl` + `report.html` (H2PO),
 `results.json` (the comparison table). Files are written atomically.
 """
 
@@ -18,15 +21,18 @@ import numpy as np
 import torch
 
 from catalog.batch import constraint_vocab
+from catalog.behaviour import generate_preferences
 from catalog.dataset import Dataset, benchmark_examples, load_catalog
 from catalog.features import item_features
+from catalog.preferences import ValidationReport, read_preferences, write_preferences
 from catalog.requests import Example
 from catalog.schema import atomic_write
-from evaluation.baselines import EASE, build_baselines, tune_ease
+from evaluation.baselines import EASE, CentroidKNN, build_baselines, tune_ease
 from evaluation.metrics import item_mask, ranking_metrics
 from evaluation.report import evaluate_methods, format_table
 from h2po.config import RunConfig, config_to_dict
-from learner.checkpoint import save_checkpoint
+from h2po.errors import UserError
+from learner.checkpoint import read_header, save_checkpoint
 from learner.pretrain import PretrainResult, pretrain
 from model.transformer import Retriever
 from rollout.retrieve import recommend
@@ -119,18 +125,53 @@ def run_pretrain(ws: Workspace, ease: EASE) -> tuple[Path, PretrainResult]:
     return path, result
 
 
+MOST_KEYS = ("seed", "data", "requests", "model", "most")  # the config sections a MOST checkpoint depends on
+
+
+def reusable_most(ws: Workspace) -> Path | None:
+    """OUT_DIR/most.safetensors when a finished pretraining (pretrain.json) made it with this run's settings."""
+    path = ws.out_dir / "most.safetensors"
+    if not (path.is_file() and (ws.out_dir / "pretrain.json").is_file()):
+        return None
+    header = read_header(path)
+    made_with, wanted = json.loads(header["config"]), config_to_dict(ws.cfg)
+    same = all(made_with.get(key) == wanted[key] for key in MOST_KEYS)
+    return path if same and header["catalog"] == ws.data.catalog.fingerprint else None
+
+
+def make_preferences(ws: Workspace, out: Path) -> ValidationReport:
+    """Logged preference pairs from the configured behaviour policy on the training users (DESIGN section 5),
+    written to `out` and re-read with the validating reader.  -> the reader's report"""
+    pc, data = ws.cfg.preferences, ws.data
+    if pc.noise <= 0 or pc.pairs_per_user < 1:
+        raise UserError("preferences.noise must be > 0 and preferences.pairs_per_user >= 1")
+    scorer = EASE(data.catalog, data.train_matrix, ease_lambda(ws)) if pc.behaviour == "ease" \
+        else CentroidKNN(data.catalog, ws.features)
+    source = f"{pc.behaviour} gumbel-top-k noise={pc.noise:g} seed={pc.seed}"
+    table, stats = generate_preferences(data, scorer, pc.pairs_per_user, pc.noise, ws.cfg.requests.k, pc.seed,
+                                        source, requests=ws.cfg.requests, progress=True)
+    write_preferences(table, Path(out))
+    print(f"{stats.summary()}; written to {out}")
+    reader = read_preferences(out, data.catalog)
+    for _ in reader:
+        pass
+    print(reader.report.summary())
+    return reader.report
+
+
 def _save_best(ws: Workspace, path: Path, model: Retriever, record: dict) -> None:
     save_checkpoint(path, model, ws.cfg, ws.data.catalog, record)
 
 
 def run_evaluation(ws: Workspace, models: dict[str, Retriever], ease_lam: float, out: Path | None = None) -> dict:
-    """Baselines and models on the test split: results dict (also written to `out`) and the printed table."""
+    """Baselines and models on the test split: results dict (also written to `out`) and the printed table.
+    Every method gets its paired NDCG@10 difference to EASE and, when MOST is among the models, to MOST."""
     test = examples(ws, "test")
     baselines = build_baselines(ws.data, ws.features, ws.cfg.eval, ease_lam)
     methods = {name: functools.partial(b.recommend, k=ws.cfg.requests.k) for name, b in baselines.items()}
     methods.update({name: model_recommender(ws, model) for name, model in models.items()})
     start = time.time()
-    results = evaluate_methods(methods, test, ws.data, ws.cfg.eval, features=ws.features)
+    results = evaluate_methods(methods, test, ws.data, ws.cfg.eval, ("EASE", "MOST"), features=ws.features)
     cat = ws.data.catalog
     report = {"results": results, "config": config_to_dict(ws.cfg),
               "dataset": {"name": cat.name, "n_items": cat.n_items, "fingerprint": cat.fingerprint,

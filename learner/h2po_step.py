@@ -44,13 +44,20 @@ def rollout_log_probs(model: Retriever, catalog: Catalog, vocab: dict, rollouts:
 
 
 def on_policy_terms(model: Retriever, ref: Retriever, catalog: Catalog, vocab: dict, rollouts: Rollouts,
-                    prox_logp: torch.Tensor, cfg: H2POConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Decoupled-PPO loss and mean k3 KL to the reference over the rollouts' slots."""
+                    cache: dict, cfg: H2POConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Decoupled-PPO loss and mean k3 KL to the reference over the rollouts' slots.
+
+    `cache` is per learner batch: the first call fills `prox` (the policy's log-probs before the batch's first
+    update, pi_prox of decoupled PPO: exactly this call's, detached) and `ref` (the frozen reference's); later
+    inner epochs reuse both instead of recomputing them."""
     logp = rollout_log_probs(model, catalog, vocab, rollouts)
-    with torch.no_grad():
-        ref_logp = rollout_log_probs(ref, catalog, vocab, rollouts)
+    if "ref" not in cache:
+        with torch.no_grad():
+            cache["ref"] = rollout_log_probs(ref, catalog, vocab, rollouts)
+        cache["prox"] = logp.detach()
+    ref_logp = cache["ref"]
     mask = torch.ones_like(logp, dtype=torch.bool)
-    loss, stats = decoupled_ppo_loss(logp, prox_logp, rollouts.behaviour_logp, rollouts.advantages, mask,
+    loss, stats = decoupled_ppo_loss(logp, cache["prox"], rollouts.behaviour_logp, rollouts.advantages, mask,
                                      cfg.clip_low, cfg.clip_high, cfg.max_importance_weight)
     kl = k3_kl(logp, ref_logp).mean()
     stats["kl"] = kl.detach()
@@ -75,15 +82,16 @@ def off_policy_term(model: Retriever, ref: Retriever, catalog: Catalog, vocab: d
 
 
 def h2po_losses(model: Retriever, ref: Retriever, catalog: Catalog, vocab: dict, rollouts: Rollouts | None,
-                prox_logp: torch.Tensor | None, pairs: list | None, anchor: AnchorInputs, cfg: H2POConfig,
+                cache: dict, pairs: list | None, anchor: AnchorInputs, cfg: H2POConfig,
                 lambda_off: float, rng: np.random.Generator, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """The total H2PO loss (graph attached) and its terms; either data source may be absent (ablations)."""
+    """The total H2PO loss (graph attached) and its terms; either data source may be absent (ablations).
+    `cache`: an empty dict per learner batch, reused across its inner epochs (`on_policy_terms`)."""
     model.eval()
     zero = torch.zeros(())
     stats: dict = {}
     on_loss, kl = zero, zero
     if rollouts is not None:
-        on_loss, kl, on_stats = on_policy_terms(model, ref, catalog, vocab, rollouts, prox_logp, cfg)
+        on_loss, kl, on_stats = on_policy_terms(model, ref, catalog, vocab, rollouts, cache, cfg)
         stats.update(on_stats)
     off_loss = zero
     if pairs:

@@ -57,6 +57,8 @@ class LearnerBatch:
     pairs: list[PreferencePair]
     staleness: int = 0  # largest (current version - sampling version) among the groups
     ids: list[str] = field(default_factory=list)  # ids of the served groups, then of the pairs (the ledger)
+    staleness_counts: dict[int, int] = field(default_factory=dict)  # staleness -> groups served with it
+    waiting: int = 0  # groups left in the buffer after this batch was taken
 
     @property
     def n_requests(self) -> int:
@@ -107,21 +109,22 @@ class RolloutQueue:
         self.stats.groups_waiting = len(self.groups)
         return len(self.groups)
 
-    def take_with_ids(self, current_version: int, n: int) -> tuple[Rollouts | None, int, list[str]]:
-        """Drop groups staler than the bound, then serve up to n oldest.  -> (rollouts or None, staleness, ids)"""
+    def take_with_ids(self, current_version: int, n: int) -> tuple[Rollouts | None, list[int], list[str]]:
+        """Drop groups staler than the bound, then serve up to n oldest.
+        -> (rollouts or None, staleness of each served group, their ids)"""
         fresh = [(i, r) for i, r in self.groups if current_version - r.version <= self.max_staleness]
         self.stats.groups_dropped_stale += len(self.groups) - len(fresh)
         served, rest = fresh[:n], fresh[n:]
         self.groups = deque(rest)
         self.stats.groups_served += len(served)
         self.stats.groups_waiting = len(self.groups)
-        staleness = max((current_version - r.version for _, r in served), default=0)
+        staleness = [current_version - r.version for _, r in served]
         return concat_groups([r for _, r in served]), staleness, [i for i, _ in served]
 
     def take(self, current_version: int, n: int) -> tuple[Rollouts | None, int]:
         """`take_with_ids` without the ids."""
         rollouts, staleness, _ = self.take_with_ids(current_version, n)
-        return rollouts, staleness
+        return rollouts, max(staleness, default=0)
 
 
 class PreferenceStream:
@@ -195,7 +198,8 @@ class ReplayBuffer:
         rollouts, staleness, ids = self.queue.take_with_ids(current_version, n_requests)
         pairs = self.preferences.next_pairs(n_pairs) if self.preferences is not None else []
         pair_ids = self.preferences.last_ids if self.preferences is not None else []
-        return LearnerBatch(rollouts, pairs, staleness, ids + pair_ids)
+        counts = {s: staleness.count(s) for s in sorted(set(staleness))}
+        return LearnerBatch(rollouts, pairs, max(staleness, default=0), ids + pair_ids, counts, len(self.queue.groups))
 
     def state(self) -> dict:
         """What a restart needs: the waiting groups with their ids, the counters, the preference cursor."""

@@ -8,6 +8,7 @@ gives the advantage (DESIGN section 5).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,7 @@ class Rollouts:
     rewards: np.ndarray  # (B*G, C) raw reward components
     advantages: torch.Tensor  # (B*G,) float
     version: int  # weight version of the policy that sampled them
+    seconds: float = 0.0  # wall time of sampling and scoring them (0 for groups split off a batch)
 
     @property
     def group_size(self) -> int:
@@ -43,6 +45,7 @@ def generate_rollouts(model: Retriever, catalog: Catalog, vocab: dict, examples:
                       steps: int, temperature: float, rewards: list[tuple[Reward, float]], ctx: RewardContext,
                       version: int, generator: torch.Generator | None = None) -> Rollouts:
     """Sample G lists for each of B training requests and score them."""
+    start = time.perf_counter()
     model.eval()
     repeated = [e for e in examples for _ in range(group_size)]
     batch = encode_requests(catalog, [e.request for e in repeated], vocab)
@@ -53,4 +56,4 @@ def generate_rollouts(model: Retriever, catalog: Catalog, vocab: dict, examples:
     weights = np.array([w for _, w in rewards], dtype=np.float64)
     adv = group_advantages(scored.reshape(len(examples), group_size, -1), weights).reshape(-1)
     return Rollouts(examples, samples.items, samples.step_of, samples.logp, scored,
-                    torch.from_numpy(adv).float(), version)
+                    torch.from_numpy(adv).float(), version, time.perf_counter() - start)

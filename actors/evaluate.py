@@ -1,0 +1,51 @@
+"""Validation quality during training, for the dashboard: NDCG@10 per request family of the published weights
+every `h2po.eval_every` learner steps, and of the baselines once (drawn as reference lines next to the curve).
+
+The driver holds one `ValidationProbe`: a workspace, a policy copy it loads published weights into, and the
+validation requests (`h2po.pipeline.examples(ws, "val")`). It runs in the driver between learner steps; the
+test-split table of `h2po run` is computed separately (`h2po.pipeline.run_evaluation`).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from actors.workspace import load_policy, load_weights
+from evaluation.baselines import build_baselines
+from evaluation.metrics import item_mask, ranking_metrics
+from h2po import pipeline
+from h2po.config import RunConfig
+
+
+class ValidationProbe:
+    """NDCG@10 on the validation requests, per family, of any recommender (`records(method, recommend, step)`)."""
+
+    def __init__(self, cfg: RunConfig, checkpoint: str | Path) -> None:
+        self.policy = load_policy(cfg, checkpoint)
+        ws = self.policy.ws
+        self.examples = pipeline.examples(ws, "val")
+        self.relevant = item_mask([e.targets for e in self.examples], ws.data.catalog.n_items)
+        self.families = np.array([e.family for e in self.examples])
+
+    def records(self, method: str, recommend, step: int | None) -> list[dict]:
+        """`eval` records (`dashboard.feed`) of one recommender: examples -> (R, k) lists."""
+        ndcg = ranking_metrics(recommend(self.examples), self.relevant, [10])["ndcg@10"]
+        return [{"step": step, "method": method, "split": "val", "family": str(family),
+                 "metrics": {"ndcg@10": float(ndcg[self.families == family].mean())}}
+                for family in sorted(set(self.families))]
+
+    def baselines(self) -> list[dict]:
+        ws = self.policy.ws
+        found = build_baselines(ws.data, ws.features, ws.cfg.eval, pipeline.ease_lambda(ws))
+        k = ws.cfg.requests.k
+        return [r for name, b in found.items() for r in self.records(name, functools.partial(b.recommend, k=k), None)]
+
+    def policy_records(self, state: dict[str, torch.Tensor], step: int, method: str = "H2PO") -> list[dict]:
+        """Load published weights (step 0: the MOST checkpoint as loaded) and evaluate them."""
+        if state:
+            load_weights(self.policy.model, state)
+        return self.records(method, pipeline.model_recommender(self.policy.ws, self.policy.model), step)

@@ -1,0 +1,91 @@
+"""What a training run shows while it goes: the metrics feed (`dashboard.feed`), validation probes
+(`actors.evaluate`), the live dashboard page and, at the end, the HTML report (`dashboard`).
+
+    monitor = Monitor(cfg, checkpoint, rewards, catalog)   # prints the dashboard URL
+    monitor.start(facts, resumed_from)                     # `run` record; baselines + step-0 policy on validation
+    monitor.step(stats, batch, calls, events, weights)     # after every learner step
+    monitor.finish("done" | "failed", message)             # `end` record, report.html, page stopped
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from actors.evaluate import ValidationProbe
+from catalog.requests import request_to_json
+from dashboard.feed import MetricsLog
+from h2po.config import RunConfig
+from rollout.buffer import LearnerBatch
+
+
+def actor_figures(calls: list) -> list[dict]:
+    """Per rollout actor of the step's generation calls: lists/s and the weight version its rollouts came from."""
+    done = [c for c in calls if c.done]
+    return [{"actor": c.actor, "lists_per_s": c.done["lists"] / max(c.done["seconds"], 1e-9),
+             "version": c.done["version"]} for c in done]
+
+
+def sample_record(batch: LearnerBatch, catalog, weights: np.ndarray) -> dict | None:
+    """The best-scored rollout of the batch's first request, as catalog titles (the page's sample panel)."""
+    if batch.rollouts is None:
+        return None
+    r = batch.rollouts
+    total = r.rewards[: r.group_size] @ weights
+    best = int(np.argmax(total))
+    request = r.examples[0].request
+    constraints = {k: v for k, v in request_to_json(catalog, request).items() if k != "seeds"}
+    return {"request": str(constraints), "seeds": [catalog.titles[i] for i in request.seeds],
+            "list": [catalog.titles[i] for i in r.items[best].tolist()], "reward": float(total[best])}
+
+
+class Monitor:
+    """The feed, probes and page of one training run (module docstring)."""
+
+    def __init__(self, cfg: RunConfig, checkpoint: str, rewards: list[tuple[str, float]], catalog) -> None:
+        self.cfg, self.catalog = cfg, catalog
+        self.rewards = rewards
+        self.weights = np.array([w for _, w in rewards])
+        self.log = MetricsLog(cfg.out_dir)
+        self.probe = ValidationProbe(cfg, checkpoint) if cfg.h2po.eval_every > 0 else None
+        self.server = None
+        if cfg.dashboard.enabled:
+            from dashboard.server import start_dashboard
+
+            self.server = start_dashboard(cfg.out_dir, cfg.dashboard.host, cfg.dashboard.port)
+            print(f"dashboard: {self.server.url}", flush=True)
+
+    def start(self, facts: dict, resumed_from: int) -> None:
+        self.log.write("run", resumed_from=resumed_from, **facts)
+        if self.probe is not None and resumed_from == 0:
+            for record in self.probe.baselines() + self.probe.policy_records({}, 0, "H2PO"):
+                self.log.write("eval", **record)
+
+    def step(self, stats: dict, batch: LearnerBatch, calls: list, events: list[dict], state_ref) -> None:
+        """Write the step's record, its events and sample, and a validation probe when one is due."""
+        step = stats["step"]
+        self.log.write("step", actors=actor_figures(calls), **stats)
+        for event in events:
+            self.log.write("event", step=step, **event)
+        sample = sample_record(batch, self.catalog, self.weights)
+        if sample is not None:
+            self.log.write("sample", step=step, **sample)
+        every = self.cfg.h2po.eval_every
+        if self.probe is not None and every > 0 and step % every == 0:
+            for record in self.probe.policy_records(ray.get(state_ref), step):
+                self.log.write("eval", **record)
+
+    def finish(self, status: str, message: str = "") -> None:
+        """The `end` record, then the report (it shows the end), then the page stops."""
+        report = Path(self.cfg.out_dir) / "report.html" if self.cfg.dashboard.report else None
+        self.log.write("end", status=status, message=message, report=str(report) if report else None)
+        try:
+            if report is not None:
+                from dashboard.report import write_report
+
+                print(f"report: {write_report(self.cfg.out_dir)}", flush=True)
+        finally:
+            if self.server is not None:
+                self.server.stop()
