@@ -1,0 +1,106 @@
+"""Records of the metrics feed -> the page's text panels, as plain data that the templates render (escaped).
+
+    panels = build_panels(records, run_dir)
+    # {"facts": [(label, value), ...], "status": "running", "step": 12, "version": 12, "events": [...],
+    #  "sample": {...} or None, "comparison": [{"group", "n", "header", "rows"}, ...], "report": bool}
+
+Nothing here is HTML: every string is shown through Jinja2 autoescape (`templates/`), so a catalog title or an
+error message holding markup is displayed as text. The comparison table is OUT_DIR/results.json (written by the
+evaluation, `h2po.pipeline.run_evaluation`) in the layout of `evaluation.report.format_table`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.html"
+COMPARISON_COLUMNS = [  # (header, key): the columns of evaluation.report.COLUMNS shown on the page
+    ("R@10", "recall@10"), ("HR@10", "hit@10"), ("NDCG@20", "ndcg@20"), ("sat", "constraint_sat"),
+    ("dup", "duplicates"), ("leak", "seed_leak"), ("ILD", "ild"), ("nov", "novelty"), ("cov", "coverage"),
+]
+
+
+def _last(records: list[dict], kind: str) -> dict | None:
+    return next((r for r in reversed(records) if r.get("kind") == kind), None)
+
+
+def _clock(seconds: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else ""
+
+
+def run_facts(records: list[dict], steps: list[dict]) -> dict:
+    """Status, latest step and version, and the run record's facts as (label, value) rows."""
+    run = _last(records, "run") or {}
+    end = _last(records, "end")
+    last = steps[-1] if steps else {}
+    status = "running" if end is None or (run and run["time"] > end["time"]) else str(end.get("status"))
+    first_time = next((r["time"] for r in records if "time" in r), None)
+    facts = [("run", run.get("run")), ("status", status), ("mode", run.get("mode")),
+             ("step", f"{last.get('step', 0)} of {run.get('steps', '?')}"), ("weight version", last.get("version")),
+             ("learner ranks", run.get("learners")), ("rollout actors", run.get("rollout_actors")),
+             ("ZeRO stage", run.get("zero_stage")), ("rewards", ", ".join(map(str, run.get("rewards") or []))),
+             ("resumed from step", run.get("resumed_from")), ("started", _clock(first_time)),
+             ("last record", _clock(records[-1].get("time") if records else None))]
+    if end is not None and end.get("message"):
+        facts.append(("end", end["message"]))
+    return {"facts": [(label, "" if v is None else str(v)) for label, v in facts], "status": status,
+            "step": last.get("step", 0), "version": last.get("version", "")}
+
+
+def event_rows(records: list[dict]) -> list[dict]:
+    """Restarts, skipped batches and failures, newest first, with their messages."""
+    rows = [{"time": _clock(r.get("time")), "step": r.get("step"), "event": r.get("event"),
+             "actor": "" if r.get("actor") is None else r["actor"], "message": r.get("message") or ""}
+            for r in records if r.get("kind") == "event"]
+    return rows[::-1]
+
+
+def latest_sample(records: list[dict]) -> dict | None:
+    sample = _last(records, "sample")
+    if sample is None:
+        return None
+    return {"step": sample.get("step"), "request": sample.get("request") or "", "reward": sample.get("reward"),
+            "seeds": [str(t) for t in sample.get("seeds") or []], "list": [str(t) for t in sample.get("list") or []]}
+
+
+def _cell(summary: dict, key: str, with_ci: bool = False) -> str:
+    if summary.get(key) is None:
+        return "-"
+    signed = "_vs_" in key
+    text = f"{summary[key]:+.3f}" if signed else f"{summary[key]:.3f}"
+    if with_ci and summary.get(f"{key}_ci"):
+        lo, hi = summary[f"{key}_ci"]
+        text += f" [{lo:+.3f}, {hi:+.3f}]" if signed else f" [{lo:.3f}, {hi:.3f}]"
+    return text
+
+
+def comparison(run_dir: str | Path) -> list[dict]:
+    """OUT_DIR/results.json as one table per group: methods as rows, NDCG@10 with its CI first.  [] without it."""
+    path = Path(run_dir) / RESULTS_FILE
+    try:
+        results = json.loads(path.read_text())["results"]
+    except (OSError, ValueError, KeyError):
+        return []  # no evaluation yet (or being written: the next poll reads it)
+    tables = []
+    for group, by_method in results.items():
+        vs_key = next((k for s in by_method.values() for k in s if "_vs_" in k and not k.endswith("_ci")), None)
+        header = ["method", "NDCG@10 [95% CI]", *(h for h, _ in COMPARISON_COLUMNS)]
+        if vs_key:
+            metric, reference = vs_key.split("_vs_")
+            header.append(f"Δ{metric.upper()} vs {reference} [95% CI]")
+        rows = []
+        for method, summary in by_method.items():
+            row = [method, _cell(summary, "ndcg@10", with_ci=True), *(_cell(summary, k) for _, k in COMPARISON_COLUMNS)]
+            rows.append(row + ([_cell(summary, vs_key, with_ci=True)] if vs_key else []))
+        tables.append({"group": group, "n": next(iter(by_method.values()), {}).get("n"), "header": header,
+                       "rows": rows})
+    return tables
+
+
+def build_panels(records: list[dict], steps: list[dict], run_dir: str | Path) -> dict:
+    """Every text panel of the page (module docstring)."""
+    return {**run_facts(records, steps), "events": event_rows(records), "sample": latest_sample(records),
+            "comparison": comparison(run_dir), "report": (Path(run_dir) / REPORT_FILE).exists()}
