@@ -15,6 +15,7 @@ import html
 import json
 from collections.abc import Callable
 
+import plotly.colors
 import plotly.graph_objects as go
 
 LOSS_KEYS = ["loss/total", "loss/on", "loss/off", "loss/anchor"]
@@ -22,6 +23,8 @@ POLICY_KEYS = ["kl", "ppo/clip_fraction", "ppo/dropped_share"]
 BUFFER_KEYS = ["buffer/waiting", "batch/on", "batch/off"]
 TIME_KEYS = ["time/step", "time/train", "time/rollout", "time/sync"]
 EVAL_METRIC = "ndcg@10"
+COLORS = plotly.colors.qualitative.Plotly + plotly.colors.qualitative.D3
+DASHES = ["solid", "dot", "dash", "dashdot"]
 
 
 def latest_steps(records: list[dict]) -> list[dict]:
@@ -47,7 +50,11 @@ def _line(steps: list[dict], key: str, name: str | None = None, **extra) -> go.S
 
 
 def _figure(traces: list, layout: dict) -> dict:
-    fig = go.Figure([t for t in traces if t is not None], layout)
+    traces = [t for t in traces if t is not None]
+    xs = [x for t in traces for x in t.x or ()]
+    if xs and all(isinstance(x, int) for x in xs) and max(xs) - min(xs) <= 12:
+        layout["xaxis"]["dtick"] = 1  # a short run: whole steps only, not 1.5
+    fig = go.Figure(traces, layout)
     if not fig.data:
         fig.add_annotation(text="no data yet", showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
                            font=dict(size=14, color="#888"))
@@ -128,22 +135,31 @@ def versions_figure(steps: list[dict]) -> dict:
 
 def eval_figure(records: list[dict], steps: list[dict]) -> dict:
     """NDCG@10 of H2PO evaluations over learner steps, per family; the other methods (baselines, MOST) and any
-    evaluation without a step as dashed horizontal reference lines (their latest figure)."""
-    curves: dict[str, dict] = {}
-    references: dict[str, float] = {}
+    evaluation without a step as horizontal reference lines (their latest figure). One colour per method, one
+    line style per family."""
+    curves: dict[tuple, dict] = {}
+    references: dict[tuple, float] = {}
     for r in (r for r in records if r.get("kind") == "eval" and EVAL_METRIC in (r.get("metrics") or {})):
-        name = f"{r.get('method')} {r.get('family') or 'all'}"
+        key = (str(r.get("method")), str(r.get("family") or "all"))
         if r.get("method") == "H2PO" and r.get("step") is not None:
-            curves.setdefault(name, {})[r["step"]] = r["metrics"][EVAL_METRIC]
+            curves.setdefault(key, {})[r["step"]] = r["metrics"][EVAL_METRIC]
         else:
-            references[name] = r["metrics"][EVAL_METRIC]
+            references[key] = r["metrics"][EVAL_METRIC]
     span = [s["step"] for s in steps] + [x for c in curves.values() for x in c] or [0, 1]
     x_range = [min(span), max(max(span), min(span) + 1)]
-    traces = [go.Scatter(x=sorted(c), y=[c[x] for x in sorted(c)], mode="lines+markers", name=html.escape(name))
-              for name, c in sorted(curves.items())]
-    traces += [go.Scatter(x=x_range, y=[value, value], mode="lines", line=dict(dash="dash"), name=html.escape(name))
-               for name, value in sorted(references.items())]
-    return _figure(traces, _layout("Evaluation (NDCG@10)", "NDCG@10"))
+    methods = sorted({m for m, _ in [*curves, *references]}, key=lambda m: (m != "H2PO", m))
+    families = sorted({f for _, f in [*curves, *references]})
+
+    def style(method: str, family: str) -> dict:
+        return dict(color=COLORS[methods.index(method) % len(COLORS)], dash=DASHES[families.index(family) % 4])
+    traces = [go.Scatter(x=sorted(c), y=[c[x] for x in sorted(c)], mode="lines+markers", line=style(*key),
+                         name=html.escape(" ".join(key))) for key, c in sorted(curves.items())]
+    traces += [go.Scatter(x=x_range, y=[value, value], mode="lines", line=dict(width=1.5, **style(*key)),
+                          name=html.escape(" ".join(key))) for key, value in sorted(references.items())]
+    layout = _layout("Validation NDCG@10: H2PO over steps, reference methods as flat lines", "NDCG@10")
+    layout.update(height=420, legend=dict(orientation="v", x=1.02, y=1, font=dict(size=11)))
+    layout["margin"]["r"] = 10
+    return _figure(traces, layout)
 
 
 CHARTS: dict[str, Callable[[list[dict], list[dict]], dict]] = {  # name -> (records, steps) -> figure

@@ -52,7 +52,7 @@ def page_state(run_dir: str | Path, records: list[dict], version: str = "") -> d
 
 def render_page(state: dict, live: bool) -> str:
     """The whole page: live (assets fetched from the server, figures polled) or the self-contained report."""
-    context = {"live": live, "state": state, "charts": list(CHARTS), "run": state["panels"]["facts"][0][1]}
+    context = {"live": live, "state": state, "charts": list(CHARTS), "run": state["panels"]["run"]}
     if not live:  # our own package files, trusted: inlined as they are
         context.update(css=Markup((STATIC / "page.css").read_text()), page_js=Markup((STATIC / "page.js").read_text()),
                        plotly_js=Markup(plotly_js_path().read_text(encoding="utf-8")))

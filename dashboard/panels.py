@@ -1,8 +1,8 @@
 """Records of the metrics feed -> the page's text panels, as plain data that the templates render (escaped).
 
-    panels = build_panels(records, run_dir)
-    # {"facts": [(label, value), ...], "status": "running", "step": 12, "version": 12, "events": [...],
-    #  "sample": {...} or None, "comparison": [{"group", "n", "header", "rows"}, ...], "report": bool}
+    panels = build_panels(records, latest_steps(records), run_dir)
+    # {"run": "default", "status": "running", "step": 12, "steps": 100, "version": 12, "facts": [(label, value)],
+    #  "events": [...], "sample": {...} or None, "comparison": [{"group", "n", "header", "rows"}], "report": bool}
 
 Nothing here is HTML: every string is shown through Jinja2 autoescape (`templates/`), so a catalog title or an
 error message holding markup is displayed as text. The comparison table is OUT_DIR/results.json (written by the
@@ -32,22 +32,21 @@ def _clock(seconds: float | None) -> str:
 
 
 def run_facts(records: list[dict], steps: list[dict]) -> dict:
-    """Status, latest step and version, and the run record's facts as (label, value) rows."""
+    """Run name, status, latest step and version, and the run record's facts as (label, value) rows."""
     run = _last(records, "run") or {}
     end = _last(records, "end")
     last = steps[-1] if steps else {}
     status = "running" if end is None or (run and run["time"] > end["time"]) else str(end.get("status"))
     first_time = next((r["time"] for r in records if "time" in r), None)
-    facts = [("run", run.get("run")), ("status", status), ("mode", run.get("mode")),
-             ("step", f"{last.get('step', 0)} of {run.get('steps', '?')}"), ("weight version", last.get("version")),
-             ("learner ranks", run.get("learners")), ("rollout actors", run.get("rollout_actors")),
-             ("ZeRO stage", run.get("zero_stage")), ("rewards", ", ".join(map(str, run.get("rewards") or []))),
-             ("resumed from step", run.get("resumed_from")), ("started", _clock(first_time)),
-             ("last record", _clock(records[-1].get("time") if records else None))]
+    facts = [("mode", run.get("mode")), ("learner ranks", run.get("learners")),
+             ("rollout actors", run.get("rollout_actors")), ("ZeRO stage", run.get("zero_stage")),
+             ("rewards", ", ".join(map(str, run.get("rewards") or []))), ("resumed from step", run.get("resumed_from")),
+             ("started", _clock(first_time)), ("last record", _clock(records[-1].get("time") if records else None))]
     if end is not None and end.get("message"):
         facts.append(("end", end["message"]))
-    return {"facts": [(label, "" if v is None else str(v)) for label, v in facts], "status": status,
-            "step": last.get("step", 0), "version": last.get("version", "")}
+    return {"run": str(run.get("run") or "run"), "status": status, "step": last.get("step", 0),
+            "steps": run.get("steps", "?"), "version": last.get("version", ""),
+            "facts": [(label, str(v)) for label, v in facts if v not in (None, "")]}
 
 
 def event_rows(records: list[dict]) -> list[dict]:
@@ -78,7 +77,8 @@ def _cell(summary: dict, key: str, with_ci: bool = False) -> str:
 
 
 def comparison(run_dir: str | Path) -> list[dict]:
-    """OUT_DIR/results.json as one table per group: methods as rows, NDCG@10 with its CI first.  [] without it."""
+    """OUT_DIR/results.json as one table per group: methods as rows, NDCG@10 with its CI first, then the other
+    metrics and the paired differences to each reference method.  [] without the file."""
     path = Path(run_dir) / RESULTS_FILE
     try:
         results = json.loads(path.read_text())["results"]
@@ -86,15 +86,12 @@ def comparison(run_dir: str | Path) -> list[dict]:
         return []  # no evaluation yet (or being written: the next poll reads it)
     tables = []
     for group, by_method in results.items():
-        vs_key = next((k for s in by_method.values() for k in s if "_vs_" in k and not k.endswith("_ci")), None)
+        vs_keys = list(dict.fromkeys(k for s in by_method.values() for k in s if "_vs_" in k and not k.endswith("_ci")))
         header = ["method", "NDCG@10 [95% CI]", *(h for h, _ in COMPARISON_COLUMNS)]
-        if vs_key:
-            metric, reference = vs_key.split("_vs_")
-            header.append(f"Δ{metric.upper()} vs {reference} [95% CI]")
-        rows = []
-        for method, summary in by_method.items():
-            row = [method, _cell(summary, "ndcg@10", with_ci=True), *(_cell(summary, k) for _, k in COMPARISON_COLUMNS)]
-            rows.append(row + ([_cell(summary, vs_key, with_ci=True)] if vs_key else []))
+        header += [f"Δ{metric.upper()} vs {reference} [95% CI]" for metric, reference in
+                   (key.split("_vs_") for key in vs_keys)]
+        rows = [[method, _cell(summary, "ndcg@10", with_ci=True), *(_cell(summary, k) for _, k in COMPARISON_COLUMNS),
+                 *(_cell(summary, key, with_ci=True) for key in vs_keys)] for method, summary in by_method.items()]
         tables.append({"group": group, "n": next(iter(by_method.values()), {}).get("n"), "header": header,
                        "rows": rows})
     return tables

@@ -1,0 +1,338 @@
+"""Tests of the dashboard: the metrics feed, figures and panels from records, the report, the server's API, the Ray
+gauges seen through Ray's own metrics endpoint, and the page driven in a real headless Chromium.
+
+Most tests use a synthetic feed written with `MetricsLog` (`write_feed`: 6 steps of 2 rollout actors, two rewards,
+evaluations of H2PO over steps and of two baselines, restarts, a sample) - a second or so each. The Ray test
+starts its own local Ray (1 CPU, a free metrics port; about 25 s: Ray exports every few seconds). The browser
+tests drive Debian's chromium through chromedriver (Selenium; `.ci/run` installs both): the page shows a
+`<script>` title and an `<img onerror>` message as text without running them, and the live page follows a real
+tiny `h2po train` (10 steps, 2 learner ranks, the tiny MOST checkpoint of `tests/test_actors.py`; about a
+minute), saving artifacts/dashboard.png and artifacts/report.png.
+Run: `python -m pytest tests/test_dashboard.py -q` (about 2 minutes on 2 busy cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dashboard.charts import CHARTS, build_figures, latest_steps
+from dashboard.feed import METRICS_FILE, MetricsLog, read_records
+from dashboard.panels import build_panels
+from dashboard.report import write_report
+from dashboard.server import start_dashboard
+from h2po.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.yaml")
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+SCRIPT_TITLE = "<script>window.__pwned=1</script>"
+IMG_MESSAGE = "actor died: <img src=x onerror=\"window.__pwned=2\">"
+BOLD_REWARD = "<b>bold</b>"
+
+
+def write_feed(run_dir: Path, steps: int = 6, first: int = 1, ray_metrics: bool = False) -> MetricsLog:
+    """A run record, baselines, then `steps` step records (2 actors; H2PO eval, a restart and a sample every 2)."""
+    log = MetricsLog(run_dir, ray_metrics=ray_metrics)
+    if first == 1:
+        log.write("run", run=run_dir.name, mode="async", steps=first + steps - 1, learners=2, rollout_actors=2,
+                  zero_stage=2, rewards=["ndcg", BOLD_REWARD], resumed_from=0)
+        for method, value in (("EASE", 0.36), ("MOST", 0.33)):
+            log.write("eval", step=None, method=method, split="val", family="A", metrics={"ndcg@10": value})
+    for s in range(first, first + steps):
+        log.write("step", step=s, version=s, actors=[{"actor": 0, "lists_per_s": 40.0 + s, "version": s - 1},
+                                                     {"actor": 1, "lists_per_s": 30.0, "version": s}],
+                  staleness={"0": 1, "1": 3}, **{
+                      "reward/ndcg": 0.1 * s, f"reward/{BOLD_REWARD}": 0.5, "reward/total": 0.3 + 0.1 * s,
+                      "loss/total": 1.0 / s, "loss/on": -0.01, "loss/off": 0.6, "loss/anchor": 6.0, "kl": 0.01 * s,
+                      "ppo/clip_fraction": 0.05, "ppo/dropped_share": 0.01, "buffer/waiting": 2, "batch/on": 2,
+                      "batch/off": 2, "time/step": 0.6, "time/train": 0.5, "time/rollout": 0.05, "time/sync": 0.01,
+                      "learner/idle_fraction": 1 / 6})
+        if s % 2 == 0:
+            log.write("eval", step=s, method="H2PO", split="val", family="A", metrics={"ndcg@10": 0.33 + 0.01 * s})
+            log.write("event", event="restart", actor=1, step=s, message=IMG_MESSAGE)
+            log.write("sample", step=s, request="{'k': 3}", seeds=[SCRIPT_TITLE, "Alien (1979)"],
+                      list=["Aliens (1986)", "Blade Runner (1982)", SCRIPT_TITLE], reward=1.5)
+    return log
+
+
+def results_json(run_dir: Path) -> None:
+    """A results.json of two groups and three methods, in the layout `h2po.pipeline.run_evaluation` writes."""
+    def summary(v: float, vs: bool) -> dict:
+        out = {"n": 40, "ndcg@10": v, "ndcg@10_ci": [v - 0.02, v + 0.02], "recall@10": v / 2, "coverage": 0.1}
+        return {**out, "ndcg@10_vs_EASE": v - 0.3, "ndcg@10_vs_EASE_ci": [v - 0.32, v - 0.28]} if vs else out
+    results = {g: {"EASE": summary(0.3, False), "MOST": summary(0.31, True), "H2PO": summary(0.34, True)}
+               for g in ("A", "B")}
+    (run_dir / "results.json").write_text(json.dumps({"results": results}))
+
+
+def test_feed_round_trip_skips_a_torn_line(tmp_path):
+    """Records come back as written (NaN as null); a last line without its newline is left for the next read,
+    and a line torn by a crash before a restart's lines is skipped."""
+    log = MetricsLog(tmp_path, ray_metrics=False)
+    log.write("step", step=1, **{"loss/on": 0.5, "kl": float("nan")})
+    with (tmp_path / METRICS_FILE).open("a") as f:
+        f.write('{"kind": "step", "step": 2, "loss')  # a torn last line
+    records, offset = read_records(tmp_path)
+    assert [(r["step"], r["loss/on"], r["kl"]) for r in records] == [(1, 0.5, None)]
+    assert read_records(tmp_path, offset) == ([], offset)
+    with (tmp_path / METRICS_FILE).open("a") as f:
+        f.write("\n")  # the crash happened; a restart appends its own lines after the torn one
+    log.write("step", step=2, **{"loss/on": 0.25})
+    records, _ = read_records(tmp_path, offset)
+    assert [(r["step"], r["loss/on"]) for r in records] == [(2, 0.25)]
+
+
+def test_every_chart_has_data_and_names_are_escaped(tmp_path):
+    """The synthetic feed fills every chart; a resumed step's last record wins; a reward name holding markup
+    reaches the figure escaped; baselines are flat lines over the steps."""
+    write_feed(tmp_path)
+    MetricsLog(tmp_path, ray_metrics=False).write("step", step=6, version=6, staleness={"1": 2},
+                                                  **{"loss/total": 9.0})  # a resumed run repeats step 6
+    records, _ = read_records(tmp_path)
+    figures = build_figures(records)
+    assert list(figures) == list(CHARTS)
+    for name, figure in figures.items():
+        assert any(y is not None for trace in figure["data"] for y in trace.get("y", [])), name
+    losses = {t["name"]: t["y"] for t in figures["losses"]["data"]}
+    assert losses["loss/total"][-1] == 9.0 and losses["loss/on"][-1] is None
+    names = [t["name"] for t in figures["rewards"]["data"]]
+    assert "reward/&lt;b&gt;bold&lt;/b&gt;" in names and not any("<b>" in n for n in names)
+    ease = next(t for t in figures["eval"]["data"] if t["name"] == "EASE A")
+    assert ease["x"] == [1, 6] and ease["y"] == [0.36, 0.36]
+    staleness = figures["staleness"]["data"]
+    assert staleness[0]["y"] == [5, 17] and staleness[1]["y"] == [0, 2]  # 5 steps of (1, 3), then (0, 2)
+    assert [t["name"] for t in figures["throughput"]["data"]] == ["actor 0", "actor 1"]
+
+
+def test_panels_show_status_events_sample_and_comparison(tmp_path):
+    write_feed(tmp_path)
+    results_json(tmp_path)
+    records, _ = read_records(tmp_path)
+    panels = build_panels(records, latest_steps(records), tmp_path)
+    assert (panels["status"], panels["step"], panels["version"]) == ("running", 6, 6)
+    assert [e["step"] for e in panels["events"]] == [6, 4, 2] and panels["events"][0]["message"] == IMG_MESSAGE
+    assert panels["sample"]["seeds"][0] == SCRIPT_TITLE
+    table = panels["comparison"][0]
+    assert table["group"] == "A" and table["header"][-1] == "ΔNDCG@10 vs EASE [95% CI]"
+    assert table["rows"][2][:2] == ["H2PO", "0.340 [0.320, 0.360]"] and table["rows"][0][-1] == "-"
+    MetricsLog(tmp_path, ray_metrics=False).write("end", status="failed", message="learner rank 1 died")
+    panels = build_panels(read_records(tmp_path)[0], [], tmp_path)
+    assert panels["status"] == "failed" and ("end", "learner rank 1 died") in panels["facts"]
+
+
+def test_report_is_self_contained_and_escapes_data(tmp_path):
+    """report.html: plotly.js inlined (no src/href to any URL), every figure inlined, data text escaped."""
+    write_feed(tmp_path)
+    results_json(tmp_path)
+    path = write_report(tmp_path)
+    text = path.read_text()
+    assert path == tmp_path / "report.html" and len(text) > 3_000_000  # plotly.min.js is ~4.8 MB
+    assert not re.search(r"<(script|link|img|iframe)\b[^>]*\b(src|href)\s*=", text, re.I)
+    assert SCRIPT_TITLE not in text and "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in text
+    assert "<img" not in text and "&lt;img src=x onerror=" in text
+    figures = json.loads(re.search(r'<script type="application/json" id="h2po-figures">(.*?)</script>', text,
+                                   re.S).group(1))
+    assert set(figures) == set(CHARTS) and "H2PO" in text and "0.340 [0.320, 0.360]" in text
+
+
+def fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read()
+
+
+def test_server_serves_page_assets_and_changes(tmp_path):
+    """Loopback by default; the page, plotly.js and its script are served; a poll with the current version gets
+    only the version back, and new records change it."""
+    write_feed(tmp_path, steps=2)
+    handle = start_dashboard(tmp_path)
+    try:
+        assert handle.url.startswith("http://127.0.0.1:")
+        page = fetch(handle.url).decode()
+        assert '<script src="plotly.min.js">' in page and 'id="chart-rewards"' in page
+        assert len(fetch(handle.url + "plotly.min.js")) > 3_000_000 and b"Plotly.react" in fetch(
+            handle.url + "static/page.js")
+        state = json.loads(fetch(handle.url + "api/state"))
+        assert set(state["figures"]) == set(CHARTS) and 'id="latest-step">2<' in state["html"]["summary"]
+        assert json.loads(fetch(f"{handle.url}api/state?since={state['version']}")) == {"version": state["version"]}
+        write_feed(tmp_path, steps=1, first=3)
+        newer = json.loads(fetch(f"{handle.url}api/state?since={state['version']}"))
+        assert newer["version"] != state["version"] and 'id="latest-step">3<' in newer["html"]["summary"]
+    finally:
+        handle.stop()
+    assert not handle.thread.is_alive()
+
+
+def test_cli_dashboard_needs_a_feed_and_writes_the_report(tmp_path, capsys):
+    assert main(["dashboard", "--run", str(tmp_path)]) == 2
+    assert "has no metrics.jsonl" in capsys.readouterr().err
+    write_feed(tmp_path)
+    assert main(["dashboard", "--run", str(tmp_path), "--report"]) == 0
+    assert (tmp_path / "report.html").is_file()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_gauges_reach_rays_metrics_endpoint(tmp_path):
+    """Step records written by a Ray driver appear on Ray's Prometheus endpoint as `ray_h2po_*` gauges (Ray
+    prefixes application metrics with `ray_`), tagged with the run and, per rollout actor, the actor."""
+    import ray
+
+    assert not ray.is_initialized()
+    port = free_port()
+    ray.init(num_cpus=1, include_dashboard=False, _metrics_export_port=port)
+    try:
+        run = tmp_path / "gauged"
+        write_feed(run, steps=2, ray_metrics=True)
+        expected = [r'ray_h2po_loss_on{.*run="gauged".*} -0.01', r'ray_h2po_reward_total{.*run="gauged".*} 0.5',
+                    r'ray_h2po_rollout_lists_per_s{.*actor="0".*run="gauged".*} 42.0']
+        deadline, text = time.time() + 60, ""
+        while time.time() < deadline:
+            try:
+                text = fetch(f"http://127.0.0.1:{port}/metrics").decode()
+            except OSError:
+                text = ""
+            if all(re.search(pattern, text) for pattern in expected):
+                break
+            time.sleep(1)
+        missing = [p for p in expected if not re.search(p, text)]
+        assert not missing, f"{missing} not exported; h2po lines: {[x for x in text.splitlines() if 'h2po' in x]}"
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian chromium through chromedriver (Selenium), a tall window so screenshots show the page."""
+    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+        pytest.skip(f"{CHROMIUM} / {CHROMEDRIVER} missing: apt-get install chromium chromium-driver (.ci/run does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="h2po-chromium-")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                f"--user-data-dir={profile}", "--window-size=1400,2300"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+EMPTY_CHARTS_JS = """return [...document.querySelectorAll('.chart')].filter(div => !(div.data || []).some(
+    trace => Array.from(trace.y || []).some(y => y !== null))).map(div => div.id);"""
+
+
+def wait_for(driver, condition, timeout: float, what: str):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.25).until(condition, f"timed out waiting for {what}")
+
+
+def text_of(driver, element_id: str) -> str:
+    return driver.execute_script(f"const e = document.getElementById('{element_id}'); return e && e.textContent;")
+
+
+@pytest.mark.slow
+def test_page_shows_markup_from_data_as_text(tmp_path, browser):
+    """A `<script>` catalog title and an `<img onerror>` error message are shown literally on the live page and in
+    the report, and neither runs (window.__pwned stays undefined); a reward name with <b> is legend text."""
+    write_feed(tmp_path)
+    handle = start_dashboard(tmp_path)
+    try:
+        for url in (handle.url, write_report(tmp_path).as_uri()):
+            browser.get(url)
+            wait_for(browser, lambda d: not d.execute_script(EMPTY_CHARTS_JS), 30, f"charts drawn on {url}")
+            seeds = browser.execute_script(
+                "return [...document.querySelectorAll('#sample-seeds li')].map(li => li.textContent);")
+            assert seeds == [SCRIPT_TITLE, "Alien (1979)"], url
+            assert IMG_MESSAGE in text_of(browser, "events"), url
+            assert browser.execute_script("return typeof window.__pwned;") == "undefined", url
+            assert browser.execute_script("return document.querySelectorAll('#details img, #details script').length")\
+                == 0, url
+            legend = browser.execute_script("return document.getElementById('chart-rewards').textContent;")
+            assert f"reward/{BOLD_REWARD}" in legend, url
+    finally:
+        handle.stop()
+
+
+@pytest.fixture(scope="module")
+def most_run(tmp_path_factory) -> Path:
+    """The tiny MOST checkpoint (k=8) and logged preference pairs, as in tests/test_actors.py."""
+    import torch
+
+    threads = torch.get_num_threads()
+    run = tmp_path_factory.mktemp("dash_run")
+    overrides = [f"out_dir={run}", "threads=1", "requests.k=8"]
+    assert main(["pretrain", "--config", TINY, *overrides]) == 0
+    assert main(["data", "preferences", "--out", str(run / "prefs.parquet"), "--config", TINY, *overrides]) == 0
+    torch.set_num_threads(threads)
+    return run
+
+
+def start_training(run: Path, steps: int) -> tuple[subprocess.Popen, list[str]]:
+    """`h2po train` on the tiny config in its own process session; its output lines collect in the list."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "h2po.cli", "train", "--checkpoint", str(run / "most.safetensors"),
+                             "--preferences", str(run / "prefs.parquet"), "--steps", str(steps), "--config", TINY,
+                             f"out_dir={run}", "threads=1", "requests.k=8", "h2po.checkpoint_every=0"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    return proc, lines
+
+
+@pytest.mark.slow
+def test_live_page_follows_a_real_run(most_run, browser):
+    """A real 10-step `h2po train`: the printed URL serves the page, every chart gets data, the step shown changes
+    while the run goes, and the run ends with report.html (screenshots of both go to artifacts/)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    proc, lines = start_training(most_run, steps=10)
+    try:
+        url = wait_for(browser, lambda d: next((x.split("dashboard: ", 1)[1].strip() for x in list(lines)
+                                                if x.startswith("dashboard: ")), None) or proc.poll() is not None,
+                       120, "the dashboard URL")
+        assert isinstance(url, str), "".join(lines)[-3000:]
+        assert url.startswith("http://127.0.0.1:")
+        browser.get(url)
+        wait_for(browser, lambda d: int(text_of(d, "latest-step") or 0) >= 1, 90, "the first step on the page")
+        first = text_of(browser, "latest-step")
+        step, status = wait_for(browser, lambda d: text_of(d, "latest-step") != first and (
+            text_of(d, "latest-step"), text_of(d, "status")), 60, f"the step to move on from {first}")
+        assert int(step) > int(first) and status == "running", (first, step, status)
+        wait_for(browser, lambda d: not d.execute_script(EMPTY_CHARTS_JS), 30, "data in every chart")
+        browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+        assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+    records, _ = read_records(most_run)
+    assert records[-1]["kind"] == "end" and records[-1]["status"] == "done"
+    assert max(r["step"] for r in records if r["kind"] == "step") == 10
+    browser.get((most_run / "report.html").as_uri())
+    wait_for(browser, lambda d: not d.execute_script(EMPTY_CHARTS_JS), 30, "data in every chart of the report")
+    assert text_of(browser, "latest-step") == "10" and text_of(browser, "status") == "done"
+    browser.save_screenshot(str(ARTIFACTS / "report.png"))
