@@ -12,6 +12,7 @@ from pathlib import Path
 
 import ray
 
+from actors.workspace import peak_memory_mib
 from catalog.dataset import load_catalog
 from h2po.config import RunConfig
 from rollout.buffer import BufferStats, LearnerBatch, PreferenceStream, ReplayBuffer
@@ -45,6 +46,10 @@ class ReplayBufferActor:
     def take(self, current_version: int, n_requests: int, n_pairs: int) -> LearnerBatch:
         """Drop stale groups, then serve up to n_requests groups and n_pairs logged pairs."""
         return self.buffer.take(current_version, n_requests, n_pairs)
+
+    def peak_memory(self) -> float:
+        """Peak resident memory of this actor's process, MiB."""
+        return peak_memory_mib()
 
     def stats(self) -> BufferStats:
         return self.buffer.stats()

@@ -84,6 +84,7 @@ class TrainResult:
     ledger: list[list[str]] = field(default_factory=list)  # per step: ids of the groups and pairs trained on
     rollout_restarts: int = 0  # rollout actors restarted after dying (this process's part of the run)
     resumed_from: int = 0  # steps already done by the train state this run resumed from
+    peak_memory: dict[str, float] = field(default_factory=dict)  # actor -> peak resident memory, MiB
 
 
 def connect_ray(system: SystemConfig) -> bool:
@@ -169,6 +170,14 @@ class LoopOptions:
     checkpoint_every: int = 0
     step_timeout: float = 1800.0
     on_step: Callable[[int, Actors], None] | None = None  # (step index, actors), e.g. a test killing an actor
+
+
+def peak_memory(actors: Actors) -> dict[str, float]:
+    """Peak resident memory of every actor's process, MiB."""
+    named = {f"learner{r}": a for r, a in enumerate(actors.learners)}
+    named.update({f"rollout{i}": a for i, a in enumerate(actors.rollouts)})
+    named["buffer"] = actors.buffer
+    return dict(zip(named, ray.get([a.peak_memory.remote() for a in named.values()]), strict=True))
 
 
 def resume_hint(cfg: RunConfig) -> str:
@@ -302,9 +311,10 @@ def train(cfg: RunConfig, checkpoint: str | Path, preferences_path: str | Path |
             print(ray.get(actors.buffer.preference_report.remote()))
         result = TrainResult(ray.get(actors.weights[0]), state.version, state.history, buffer_stats, out,
                              time.time() - start, ray.get([a.weight_version.remote() for a in actors.rollouts]),
-                             state.ledger, state.rollout_restarts, resumed_from)
+                             state.ledger, state.rollout_restarts, resumed_from, peak_memory(actors))
         print(f"H2PO done: version {result.version} in {result.seconds:.1f}s; {buffer_stats}; rollout restarts "
-              f"{result.rollout_restarts}; policy {out}")
+              f"{result.rollout_restarts}; peak memory (MiB) "
+              + ", ".join(f"{k} {v:.0f}" for k, v in result.peak_memory.items()) + f"; policy {out}")
         monitor.finish("done")
         return result
     except BaseException as err:

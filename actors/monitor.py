@@ -56,6 +56,9 @@ class Monitor:
 
             self.server = start_dashboard(cfg.out_dir, cfg.dashboard.host, cfg.dashboard.port)
             print(f"dashboard: {self.server.url}", flush=True)
+        nodes = {(n["NodeManagerAddress"], n.get("MetricsExportPort")) for n in ray.nodes() if n.get("Alive")}
+        urls = ", ".join(f"http://{address}:{port}/metrics" for address, port in sorted(nodes) if port)
+        print(f"Ray metrics (Prometheus, ray_h2po_*): {urls}", flush=True)
 
     def start(self, facts: dict, resumed_from: int) -> None:
         self.log.write("run", resumed_from=resumed_from, **facts)

@@ -12,7 +12,7 @@ import numpy as np
 import ray
 import torch
 
-from actors.workspace import load_policy, load_weights
+from actors.workspace import load_policy, load_weights, peak_memory_mib
 from catalog.dataset import training_examples
 from h2po.config import RunConfig
 from rewards.base import RewardContext
@@ -37,6 +37,10 @@ class RolloutActor:
         load_weights(self.policy.model, state)
         self.version = version
         return version
+
+    def peak_memory(self) -> float:
+        """Peak resident memory of this actor's process, MiB."""
+        return peak_memory_mib()
 
     def weight_version(self) -> int:
         return self.version

@@ -9,6 +9,7 @@ that catalog. The relevance matrix of the MOST anchor and the rewards is the mod
 from __future__ import annotations
 
 import copy
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,3 +58,8 @@ def load_weights(model: Retriever, state: dict[str, torch.Tensor]) -> None:
         raise KeyError(f"published weights do not fit the model: missing {sorted(missing)[:5]}, "
                        f"unknown {sorted(unknown)[:5]}")
     model.load_state_dict(state, strict=False)
+
+
+def peak_memory_mib() -> float:
+    """Peak resident memory of this process (an actor's own footprint), in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

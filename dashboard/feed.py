@@ -3,8 +3,9 @@
 Every record has `kind` and `time` (Unix seconds). The driver writes:
 - `run`: once per (re)start: `run` (directory name), `mode`, `steps`, `learners`, `rollout_actors`, `zero_stage`,
   `rewards` (names), `resumed_from` (steps already done).
-- `step`: one per learner step: `step` (1-based), `version`, `reward/<name>` (mean raw score of the batch's
-  rollouts), `reward/total` (mean weighted sum), `loss/total`, `loss/on`, `loss/off`, `loss/anchor`, `kl`,
+- `step`: one per learner step (also exported as Ray gauges `ray_h2po_<key>`, tagged with the run): `step`
+  (1-based), `version`, `reward/<name>` (mean raw score of the batch's rollouts), `reward/total` (mean weighted
+  sum), `loss/total`, `loss/on`, `loss/off`, `loss/anchor`, `kl`,
   `ppo/clip_fraction`, `ppo/dropped_share` (slots dropped by the importance-weight cap), `dpo/accuracy`,
   `grad_norm`, `lambda_off`, `staleness` ({"0": groups, "1": groups, ...} of the batch), `buffer/waiting` (groups
   left in the buffer), `batch/on` (rollout groups), `batch/off` (logged pairs), `time/step`, `time/train`,
@@ -68,7 +69,7 @@ def read_records(run_dir: str | Path, start: int = 0) -> tuple[list[dict], int]:
 
 
 def gauge_name(key: str) -> str:
-    """Prometheus name of a figure: `loss/on` -> `h2po_loss_on`."""
+    """Ray metric name of a figure: `loss/on` -> `h2po_loss_on` (Ray's endpoint shows it as `ray_h2po_loss_on`)."""
     return "h2po_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
 
 

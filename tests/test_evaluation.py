@@ -198,5 +198,9 @@ def test_evaluate_methods_and_table():
     assert "ndcg@4_vs_EASE" not in ease and 0 < ease["coverage"] <= 1
     table = format_table(results)
     assert "popularity" in table and "EASE" in table and "== B" in table
+    two = evaluate_methods(methods, examples, data, cfg, ("EASE", "popularity"), features=features)["A"]
+    assert two["EASE"]["ndcg@4_vs_popularity"] == pytest.approx(-two["popularity"]["ndcg@4_vs_EASE"])
+    header = format_table({"A": two}).splitlines()[1]
+    assert "dNDCG@4 vs EASE" in header and "dNDCG@4 vs popularity" in header
     lam, grid = tune_ease(data, examples, [1.0, 10.0, 100.0], k=4)
     assert lam in grid and grid[lam] == max(grid.values())

@@ -1,0 +1,82 @@
+"""Distributed H2PO throughput (issue 3's measurements): the same learner steps in sync and in async mode.
+
+Run:  python benchmarks/system.py --run runs/default [--steps 20] [--modes sync,async] [--out FILE] [key=value ...]
+
+`--run DIR` holds most.safetensors and preferences.parquet (an `h2po run` directory). Each mode is a real run
+(`actors.driver.train`: local Ray, the configured learner ranks / rollout actors / ZeRO stage) into
+DIR/system/<mode>, with the dashboard and validation probes off so that only the loop is timed. Figures come
+from the run's own feed (OUT_DIR/metrics.jsonl, `dashboard.feed`), over the steps after the first (warm-up):
+- rollout lists/s per actor: lists of a generation call / its wall time inside the actor;
+- learner samples/s: (rollouts + logged pairs) of a step / the learner ranks' train time (both inner epochs);
+- step time: the driver's wall time per step; learner idle: 1 - train time / step time;
+- weight sync: publishing the new weights and (sync mode) waiting until every rollout actor holds them;
+- wall: the whole loop of `--steps` steps (time to the `end` record from the first step's start);
+- peak memory of every actor process (resident, MiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from harness import format_rows, machine, write_result
+
+from actors.driver import train
+from dashboard.feed import read_records
+from h2po.config import load_config
+from learner.checkpoint import read_header
+
+
+def measure(run: Path, mode: str, steps: int, overrides: list[str]) -> dict:
+    """One timed run in `mode`.  -> its figures (module docstring)"""
+    out = run / "system" / mode
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    base = json.loads(read_header(run / "most.safetensors")["config"])
+    cfg = load_config(None, [f"out_dir={out}", "dashboard.enabled=false", "dashboard.report=false",
+                             "h2po.eval_every=0", "h2po.max_minutes=0", "h2po.checkpoint_every=0", *overrides],
+                      base=base)
+    result = train(cfg, run / "most.safetensors", run / "preferences.parquet", steps, mode)
+    records, _ = read_records(out)
+    step_records = [r for r in records if r["kind"] == "step"]
+    timed = step_records[1:]  # the first step waits for the first generation and warms the caches up
+    samples = [r["batch/on"] * cfg.h2po.group_size + r["batch/off"] for r in timed]
+    rates = [a["lists_per_s"] for r in timed for a in r["actors"]]
+    first_start = step_records[0]["time"] - step_records[0]["time/step"]
+    return {"mode": mode, "steps": steps, "wall_s": result.seconds, "loop_s": step_records[-1]["time"] - first_start,
+            "step_s": float(np.mean([r["time/step"] for r in timed])),
+            "train_s": float(np.mean([r["time/train"] for r in timed])),
+            "samples_per_s": float(np.sum(samples) / np.sum([r["time/train"] for r in timed])),
+            "lists_per_s_per_actor": float(np.mean(rates)) if rates else None,
+            "sync_s": float(np.mean([r["time/sync"] for r in timed])),
+            "idle": float(np.mean([r["learner/idle_fraction"] for r in timed])),
+            "peak_mib": result.peak_memory, "learners": cfg.system.learners,
+            "rollout_actors": cfg.system.rollout_actors, "zero_stage": cfg.system.zero_stage}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, help="run directory with most.safetensors and preferences.parquet")
+    parser.add_argument("--steps", type=int, default=20, help="learner steps per mode")
+    parser.add_argument("--modes", default="sync,async", help="comma-separated subset of sync,async")
+    parser.add_argument("--out", help="write the figures as JSON here")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (placement, sizes)")
+    args = parser.parse_args()
+    run = Path(args.run)
+    if not (run / "most.safetensors").is_file() or not (run / "preferences.parquet").is_file():
+        parser.error(f"{run} needs most.safetensors and preferences.parquet (run `h2po run` first)")
+    rows = [measure(run, mode, args.steps, args.overrides) for mode in args.modes.split(",")]
+    header = ["mode", "steps", "loop s", "step s", "learner train s", "learner samples/s", "rollout lists/s/actor",
+              "weight sync s", "learner idle", "peak MiB (max actor)"]
+    print(format_rows(header, [[r["mode"], r["steps"], r["loop_s"], r["step_s"], r["train_s"], r["samples_per_s"],
+                                r["lists_per_s_per_actor"], r["sync_s"], r["idle"], max(r["peak_mib"].values())]
+                               for r in rows]))
+    for r in rows:
+        peaks = ", ".join(f"{k} {v:.0f}" for k, v in r["peak_mib"].items())
+        print(f"{r['mode']} peak memory per actor (MiB): {peaks}")
+    write_result(args.out, {"machine": machine(), "overrides": args.overrides, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
