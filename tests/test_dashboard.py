@@ -7,12 +7,16 @@ starts its own local Ray (1 CPU, a free metrics port; about 25 s: Ray exports ev
 tests drive Debian's chromium through chromedriver (Selenium; `.ci/run` installs both): the page shows a
 `<script>` title and an `<img onerror>` message as text without running them, and the live page follows a real
 tiny `h2po train` (10 steps, 2 learner ranks, the tiny MOST checkpoint of `tests/test_actors.py`; about a
-minute), saving artifacts/dashboard.png and artifacts/report.png.
+minute) on a copy of the imported MovieLens catalog whose every title carries `<script>` and `<img onerror>`
+markup (MOST, the preference pairs and H2PO all run on it, `data.catalog=DIR`): the sampled titles show with
+their markup as text on the live page and in report.html, and none of it runs. Full-page screenshots go to
+artifacts/dashboard.png and artifacts/report.png.
 Run: `python -m pytest tests/test_dashboard.py -q` (about 2 minutes on 2 busy cores).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -42,6 +46,8 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCRIPT_TITLE = "<script>window.__pwned=1</script>"
 IMG_MESSAGE = "actor died: <img src=x onerror=\"window.__pwned=2\">"
 BOLD_REWARD = "<b>bold</b>"
+IMG_TAG = "<img src=x onerror=\"window.__pwned=2\">"
+MARKED_SUFFIX = f" {SCRIPT_TITLE} {IMG_TAG}"  # appended to every title of the live test's catalog
 
 
 def write_feed(run_dir: Path, steps: int = 6, first: int = 1, ray_metrics: bool = False) -> MetricsLog:
@@ -276,18 +282,45 @@ def test_page_shows_markup_from_data_as_text(tmp_path, browser):
         handle.stop()
 
 
+def write_marked_catalog(directory: Path, scratch: Path) -> list[str]:
+    """MovieLens imported as every run imports it (into `scratch`/catalog), written to `directory` with
+    MARKED_SUFFIX appended to every title (item ids and interactions unchanged); returns the original titles."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from catalog.dataset import load_catalog
+    from catalog.schema import write_catalog
+    from h2po.config import load_config
+
+    load_catalog(load_config(TINY).data, scratch)
+    source = scratch / "catalog"
+    items = pq.read_table(source / "items.parquet")
+    titles = items.column("title").to_pylist()
+    items = items.set_column(items.schema.get_field_index("title"), "title",
+                             pa.array([t + MARKED_SUFFIX for t in titles], pa.string()))
+    write_catalog(directory, items, pq.read_table(source / "interactions.parquet"),
+                  (source / "LICENSE.txt").read_text())
+    return titles
+
+
 @pytest.fixture(scope="module")
-def most_run(tmp_path_factory) -> Path:
-    """The tiny MOST checkpoint (k=8) and logged preference pairs, as in tests/test_actors.py."""
+def most_run(tmp_path_factory) -> tuple[Path, list[str]]:
+    """The tiny MOST checkpoint (k=8) and logged preference pairs, as in tests/test_actors.py, made on the marked
+    catalog (`write_marked_catalog`, passed as data.catalog=DIR); the run directory and the unmarked titles."""
     import torch
 
     threads = torch.get_num_threads()
     run = tmp_path_factory.mktemp("dash_run")
-    overrides = [f"out_dir={run}", "threads=1", "requests.k=8"]
+    titles = write_marked_catalog(run / "marked_catalog", tmp_path_factory.mktemp("dash_import"))
+    overrides = run_overrides(run)
     assert main(["pretrain", "--config", TINY, *overrides]) == 0
     assert main(["data", "preferences", "--out", str(run / "prefs.parquet"), "--config", TINY, *overrides]) == 0
     torch.set_num_threads(threads)
-    return run
+    return run, titles
+
+
+def run_overrides(run: Path) -> list[str]:
+    return [f"out_dir={run}", f"data.catalog={run / 'marked_catalog'}", "threads=1", "requests.k=8"]
 
 
 def start_training(run: Path, steps: int) -> tuple[subprocess.Popen, list[str]]:
@@ -296,7 +329,7 @@ def start_training(run: Path, steps: int) -> tuple[subprocess.Popen, list[str]]:
     env.update(OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "h2po.cli", "train", "--checkpoint", str(run / "most.safetensors"),
                              "--preferences", str(run / "prefs.parquet"), "--steps", str(steps), "--config", TINY,
-                             f"out_dir={run}", "threads=1", "requests.k=8", "h2po.checkpoint_every=0"],
+                             *run_overrides(run), "h2po.checkpoint_every=0"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     lines: list[str] = []
@@ -304,12 +337,44 @@ def start_training(run: Path, steps: int) -> tuple[subprocess.Popen, list[str]]:
     return proc, lines
 
 
+SCRIPTS_JS = "return [...document.scripts].map(s => [s.parentElement.tagName, s.getAttribute('src'), s.id]);"
+OWN_SCRIPTS = {"live": [["HEAD", "plotly.min.js", ""], ["BODY", "static/page.js", ""]],
+               "report": [["HEAD", None, ""], ["BODY", None, "h2po-figures"], ["BODY", None, ""]]}
+
+
+def assert_titles_shown_as_text(driver, titles: set[str], page: str) -> None:
+    """The sample panel lists marked catalog titles, markup included, as text (textContent and the visible text);
+    neither the <script> nor the <img onerror> of a title ran, and the DOM holds only the page's own scripts."""
+    from selenium.webdriver.common.by import By
+
+    for list_id in ("sample-seeds", "sample-list"):
+        shown = driver.execute_script(f"return [...document.querySelectorAll('#{list_id} li')].map(e => e.textContent)")
+        assert shown, (page, list_id)
+        assert all(t.endswith(MARKED_SUFFIX) and t[:-len(MARKED_SUFFIX)] in titles for t in shown), (page, shown)
+    visible = driver.find_element(By.ID, "sample").text
+    assert SCRIPT_TITLE in visible and IMG_TAG in visible, (page, visible)
+    assert driver.execute_script("return typeof window.__pwned;") == "undefined", page
+    assert driver.execute_script(SCRIPTS_JS) == OWN_SCRIPTS[page], page
+    assert driver.execute_script("return document.querySelectorAll('img, iframe, object, embed').length;") == 0, page
+
+
+def save_screenshot(driver, name: str) -> None:
+    """The whole page, below the window too (the sample panel), as artifacts/NAME (Chromium's DevTools)."""
+    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": {
+        "x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
+    (ARTIFACTS / name).write_bytes(base64.b64decode(shot["data"]))
+
+
 @pytest.mark.slow
 def test_live_page_follows_a_real_run(most_run, browser):
-    """A real 10-step `h2po train`: the printed URL serves the page, every chart gets data, the step shown changes
-    while the run goes, and the run ends with report.html (screenshots of both go to artifacts/)."""
+    """A real 10-step `h2po train` on a catalog whose titles hold markup (`write_marked_catalog`): the printed URL
+    serves the page, every chart gets data, the step shown changes while the run goes, the sampled titles show as
+    text with their markup not run, and the run ends with report.html, which shows them so too (screenshots of both
+    go to artifacts/)."""
+    run, titles = most_run[0], set(most_run[1])
     ARTIFACTS.mkdir(exist_ok=True)
-    proc, lines = start_training(most_run, steps=10)
+    proc, lines = start_training(run, steps=10)
     try:
         url = wait_for(browser, lambda d: next((x.split("dashboard: ", 1)[1].strip() for x in list(lines)
                                                 if x.startswith("dashboard: ")), None) or proc.poll() is not None,
@@ -323,16 +388,19 @@ def test_live_page_follows_a_real_run(most_run, browser):
             text_of(d, "latest-step"), text_of(d, "status")), 60, f"the step to move on from {first}")
         assert int(step) > int(first) and status == "running", (first, step, status)
         wait_for(browser, lambda d: not d.execute_script(EMPTY_CHARTS_JS), 30, "data in every chart")
-        browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+        assert_titles_shown_as_text(browser, titles, "live")
+        save_screenshot(browser, "dashboard.png")
         assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
-    records, _ = read_records(most_run)
+    records, _ = read_records(run)
     assert records[-1]["kind"] == "end" and records[-1]["status"] == "done"
     assert max(r["step"] for r in records if r["kind"] == "step") == 10
-    browser.get((most_run / "report.html").as_uri())
+    assert all(t.endswith(MARKED_SUFFIX) for r in records if r["kind"] == "sample" for t in r["seeds"] + r["list"])
+    browser.get((run / "report.html").as_uri())
     wait_for(browser, lambda d: not d.execute_script(EMPTY_CHARTS_JS), 30, "data in every chart of the report")
     assert text_of(browser, "latest-step") == "10" and text_of(browser, "status") == "done"
-    browser.save_screenshot(str(ARTIFACTS / "report.png"))
+    assert_titles_shown_as_text(browser, titles, "report")
+    save_screenshot(browser, "report.png")
