@@ -203,17 +203,21 @@ def run_loop(actors: Actors, cfg: RunConfig, opts: LoopOptions, state: DriverSta
     Stops early, after a complete step, when `h2po.max_minutes` is spent (the schedule keeps `opts.steps`)."""
     h2po, steps = cfg.h2po, opts.steps
     rewards = [(reward.name, weight) for reward, weight in build_rewards(h2po.rewards)]
-    pending, loop_start = None, time.time()
+    pending, collected, loop_start = None, [], time.time()  # collected: calls of the batch not yet reported
+
+    def over_budget() -> bool:
+        return 0 < h2po.max_minutes * 60 < time.time() - loop_start
+
     for step in range(state.step, steps):
-        start, calls = time.time(), []
+        start = time.time()
         if pending is None and state.collected_through < step:
             pending = launch_rollouts(actors, h2po.batch_requests, step)
         if pending is not None:
             state.skipped += collect_rollouts(pending, actors.buffer, h2po.on_reward_error, actors)
-            state.collected_through, pending, calls = step, None, pending
+            state.collected_through, pending, collected = step, None, pending
         batch: LearnerBatch = ray.get(actors.buffer.take.remote(state.version, h2po.batch_requests, opts.n_pairs))
         rollout_seconds = time.time() - start
-        if opts.mode == "async" and step + 1 < steps:
+        if opts.mode == "async" and step + 1 < steps and not over_budget():
             pending = launch_rollouts(actors, h2po.batch_requests, step + 1)
         lambda_off = lambda_off_at(step, steps, h2po.lambda_off_start, h2po.lambda_off_end)
         shards = shard_batch(batch, len(actors.learners))
@@ -236,19 +240,18 @@ def run_loop(actors: Actors, cfg: RunConfig, opts: LoopOptions, state: DriverSta
         state.ledger.append(batch.ids)
         print(format_stats(step, steps, stats), flush=True)
         if monitor is not None:
-            monitor.step(stats, batch, calls, actors.events, state_ref)
+            monitor.step(stats, batch, collected, actors.events, state_ref)
         actors.events.clear()
-        over_budget = 0 < h2po.max_minutes * 60 < time.time() - loop_start
-        if opts.checkpoint_every > 0 and (state.step % opts.checkpoint_every == 0 or state.step == steps
-                                          or over_budget):
+        collected, stop = [], over_budget() and state.step < steps
+        if opts.checkpoint_every > 0 and (state.step % opts.checkpoint_every == 0 or state.step == steps or stop):
             if pending is not None:  # async: the groups in flight go into the saved buffer, not lost on a crash
                 state.skipped += collect_rollouts(pending, actors.buffer, h2po.on_reward_error, actors)
-                state.collected_through, pending = step + 1, None
+                state.collected_through, pending, collected = step + 1, None, pending
             state.rollout_restarts = actors.rollout_restarts
             print(f"train state written: {save_state(actors, cfg, state, opts.step_timeout)}", flush=True)
         if opts.on_step is not None:
             opts.on_step(step, actors)
-        if over_budget and state.step < steps:
+        if stop:
             print(f"h2po.max_minutes ({h2po.max_minutes:g}) spent: stopping after step {state.step} of {steps}",
                   flush=True)
             break
@@ -290,6 +293,8 @@ def train(cfg: RunConfig, checkpoint: str | Path, preferences_path: str | Path |
     opts = LoopOptions(steps, mode, n_pairs, cfg.h2po.checkpoint_every, step_timeout, on_step)
     start, started, actors, monitor = time.time(), connect_ray(system), None, None
     try:
+        monitor = Monitor(cfg, str(checkpoint), [(r.name, w) for r, w in build_rewards(cfg.h2po.rewards)],
+                          load_catalog(cfg.data, Path(cfg.out_dir)), resume)
         actors = place_actors(cfg, str(checkpoint), preferences, system)
         print(f"H2PO: {system.learners} learner ranks (ZeRO {system.zero_stage}), {system.rollout_actors} rollout "
               f"actor(s), {mode} mode, {steps} steps; actors ready in {time.time() - start:.1f}s", flush=True)
@@ -297,8 +302,6 @@ def train(cfg: RunConfig, checkpoint: str | Path, preferences_path: str | Path |
         resumed_from = state.step
         if state.step >= steps:
             raise UserError(f"the train state under {cfg.out_dir} has {state.step} steps done; ask for more than that")
-        monitor = Monitor(cfg, str(checkpoint), [(r.name, w) for r, w in build_rewards(cfg.h2po.rewards)],
-                          load_catalog(cfg.data, Path(cfg.out_dir)))
         monitor.start({"run": Path(cfg.out_dir).resolve().name, "mode": mode, "steps": steps,
                        "learners": system.learners, "rollout_actors": system.rollout_actors,
                        "zero_stage": system.zero_stage, "rewards": [n for n, _ in monitor.rewards]}, resumed_from)
@@ -319,8 +322,14 @@ def train(cfg: RunConfig, checkpoint: str | Path, preferences_path: str | Path |
         return result
     except BaseException as err:
         if monitor is not None:
-            monitor.log.write("event", event="failed", actor=None, step=None, message=f"{type(err).__name__}: {err}")
-            monitor.finish("failed", f"{type(err).__name__}: {err}")
+            message = f"{type(err).__name__}: {err}"
+            try:
+                monitor.log.write("event", event="failed", actor=None, step=None, message=message)
+                monitor.finish("failed", message)
+            except Exception as report_err:  # keep the run's own error in front
+                print(f"could not write the failure to the feed and report: {report_err}", flush=True)
+            finally:
+                monitor.close()
         raise
     finally:
         if actors is not None:

@@ -1,7 +1,7 @@
 """What a training run shows while it goes: the metrics feed (`dashboard.feed`), validation probes
 (`actors.evaluate`), the live dashboard page and, at the end, the HTML report (`dashboard`).
 
-    monitor = Monitor(cfg, checkpoint, rewards, catalog)   # prints the dashboard URL
+    monitor = Monitor(cfg, checkpoint, rewards, catalog, resume)   # prints the dashboard URL
     monitor.start(facts, resumed_from)                     # `run` record; baselines + step-0 policy on validation
     monitor.step(stats, batch, calls, events, weights)     # after every learner step
     monitor.finish("done" | "failed", message)             # `end` record, report.html, page stopped
@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,9 @@ import ray
 
 from actors.evaluate import ValidationProbe
 from catalog.requests import request_to_json
-from dashboard.feed import MetricsLog
+from dashboard.feed import MetricsLog, set_aside
 from h2po.config import RunConfig
+from h2po.errors import UserError
 from rollout.buffer import LearnerBatch
 
 
@@ -37,35 +40,54 @@ def sample_record(batch: LearnerBatch, catalog, weights: np.ndarray) -> dict | N
     best = int(np.argmax(total))
     request = r.examples[0].request
     constraints = {k: v for k, v in request_to_json(catalog, request).items() if k != "seeds"}
-    return {"request": str(constraints), "seeds": [catalog.titles[i] for i in request.seeds],
+    return {"request": json.dumps(constraints), "seeds": [catalog.titles[i] for i in request.seeds],
             "list": [catalog.titles[i] for i in r.items[best].tolist()], "reward": float(total[best])}
 
 
 class Monitor:
-    """The feed, probes and page of one training run (module docstring)."""
+    """The feed, probes and page of one training run (module docstring).
 
-    def __init__(self, cfg: RunConfig, checkpoint: str, rewards: list[tuple[str, float]], catalog) -> None:
+    Built before the actors are placed, so that a dashboard port that cannot be bound fails the run at once. A
+    fresh (not resumed) run first moves the previous run's feed and results aside (`dashboard.feed.set_aside`), so
+    that the page shows this run only; a resumed run appends to its feed."""
+
+    def __init__(self, cfg: RunConfig, checkpoint: str, rewards: list[tuple[str, float]], catalog,
+                 resume: bool) -> None:
         self.cfg, self.catalog = cfg, catalog
         self.rewards = rewards
         self.weights = np.array([w for _, w in rewards])
+        if not resume:
+            for moved in set_aside(cfg.out_dir):
+                print(f"previous run's {moved.name.split('.')[0]} kept as {moved}", flush=True)
         self.log = MetricsLog(cfg.out_dir)
         self.probe = ValidationProbe(cfg, checkpoint) if cfg.h2po.eval_every > 0 else None
         self.server = None
         if cfg.dashboard.enabled:
             from dashboard.server import start_dashboard
 
-            self.server = start_dashboard(cfg.out_dir, cfg.dashboard.host, cfg.dashboard.port)
+            try:
+                self.server = start_dashboard(cfg.out_dir, cfg.dashboard.host, cfg.dashboard.port)
+            except OSError as err:
+                raise UserError(f"dashboard.host/dashboard.port: cannot serve the dashboard on "
+                                f"{cfg.dashboard.host}:{cfg.dashboard.port} ({err}); choose another port, 0 for a "
+                                f"free one, or dashboard.enabled=false") from None
             print(f"dashboard: {self.server.url}", flush=True)
+
+    def start(self, facts: dict, resumed_from: int) -> None:
+        """The `run` record, the Ray metrics endpoints, and (fresh runs) baselines + the start policy on validation."""
+        self.log.write("run", resumed_from=resumed_from, **facts)
         nodes = {(n["NodeManagerAddress"], n.get("MetricsExportPort")) for n in ray.nodes() if n.get("Alive")}
         urls = ", ".join(f"http://{address}:{port}/metrics" for address, port in sorted(nodes) if port)
         print(f"Ray metrics (Prometheus, ray_h2po_*): {urls}", flush=True)
-
-    def start(self, facts: dict, resumed_from: int) -> None:
-        self.log.write("run", resumed_from=resumed_from, **facts)
         if self.probe is not None and resumed_from == 0:
-            for record in self.probe.baselines() + self.probe.policy_records({}, 0, "H2PO"):
+            start = time.time()
+            records = self.probe.baselines() + self.probe.policy_records({}, 0, "H2PO")
+            for record in records:
                 self.log.write("eval", **record)
-
+            start_ndcg = {r["family"]: r["metrics"]["ndcg@10"] for r in records if r["step"] == 0}
+            print(f"validation probe: baselines and the start policy in {time.time() - start:.1f}s (start NDCG@10 "
+                  + ", ".join(f"{f} {v:.4f}" for f, v in start_ndcg.items()) + f"; again every "
+                  f"{self.cfg.h2po.eval_every} steps)", flush=True)
     def step(self, stats: dict, batch: LearnerBatch, calls: list, events: list[dict], state_ref) -> None:
         """Write the step's record, its events and sample, and a validation probe when one is due."""
         step = stats["step"]
@@ -80,6 +102,11 @@ class Monitor:
             for record in self.probe.policy_records(ray.get(state_ref), step):
                 self.log.write("eval", **record)
 
+    def close(self) -> None:
+        """Stop the page (idempotent)."""
+        if self.server is not None:
+            self.server.stop()
+
     def finish(self, status: str, message: str = "") -> None:
         """The `end` record, then the report (it shows the end), then the page stops."""
         report = Path(self.cfg.out_dir) / "report.html" if self.cfg.dashboard.report else None
@@ -90,5 +117,4 @@ class Monitor:
 
                 print(f"report: {write_report(self.cfg.out_dir)}", flush=True)
         finally:
-            if self.server is not None:
-                self.server.stop()
+            self.close()

@@ -1,9 +1,10 @@
 """What the benchmark scripts share: the machine description, the workspace and model, tables and JSON output.
 
-Both scripts load the run configuration exactly like `h2po run` (`h2po.config.load_config`: defaults, an
-optional YAML file, `key=value` overrides), prepare the real catalog with `h2po.pipeline.prepare` into a
-scratch run directory, and build the model with `h2po.pipeline.build_model`, so they measure the code and
-model sizes that the pipeline uses.
+`sampler.py` and `training.py` load the run configuration exactly like `h2po run` (`h2po.config.load_config`:
+defaults, an optional YAML file, `key=value` overrides), prepare the real catalog with `h2po.pipeline.prepare`
+into a scratch run directory, and build the model with `h2po.pipeline.build_model`, so they measure the code and
+model sizes that the pipeline uses. `system.py` and `ablation.py` run real H2PO (`actors.driver.train`) from an
+`h2po run` directory with the config of its MOST checkpoint (`add_run_arguments`, `h2po_run_config`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from evaluation.baselines import EASE
 from h2po import pipeline
 from h2po.config import RunConfig, load_config
+from learner.checkpoint import read_header
 
 DEFAULT_WORKDIR = "runs/bench"
 # EASE's lambda changes the prior's values, not its cost; the benchmarks use a fixed one instead of tuning it.
@@ -33,6 +35,26 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = all cores")
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. model.d_model=32")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
+    """--run DIR (an `h2po run` directory), --steps, --out and trailing `key=value` overrides of the H2PO runs."""
+    parser.add_argument("--run", required=True, help="run directory of `h2po run` (most.safetensors, preferences)")
+    parser.add_argument("--steps", type=int, default=steps, help="learner steps of every measured run")
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides of every run")
+
+
+def h2po_run_config(parser: argparse.ArgumentParser, run: Path, out_dir: Path, overrides: list[str]) -> RunConfig:
+    """The config of `run`'s MOST checkpoint + overrides, for a measured H2PO run into out_dir: dashboard, report,
+    validation probes, train-state checkpoints and the time budget off. A run directory without its checkpoint or
+    preferences is a usage error."""
+    if not (run / "most.safetensors").is_file() or not (run / "preferences.parquet").is_file():
+        parser.error(f"{run} needs most.safetensors and preferences.parquet (run `h2po run` first)")
+    base = json.loads(read_header(run / "most.safetensors")["config"])
+    fixed = [f"out_dir={out_dir}", "dashboard.enabled=false", "dashboard.report=false", "h2po.eval_every=0",
+             "h2po.max_minutes=0", "h2po.checkpoint_every=0"]
+    return load_config(None, [*fixed, *overrides], base=base)
 
 
 def set_threads(threads: int) -> int:

@@ -4,39 +4,34 @@ Run:  python benchmarks/system.py --run runs/default [--steps 20] [--modes sync,
 
 `--run DIR` holds most.safetensors and preferences.parquet (an `h2po run` directory). Each mode is a real run
 (`actors.driver.train`: local Ray, the configured learner ranks / rollout actors / ZeRO stage) into
-DIR/system/<mode>, with the dashboard and validation probes off so that only the loop is timed. Figures come
+DIR/system/<mode>, with the dashboard, validation probes and train-state checkpoints off so that only the loop is
+timed. Figures come
 from the run's own feed (OUT_DIR/metrics.jsonl, `dashboard.feed`), over the steps after the first (warm-up):
 - rollout lists/s per actor: lists of a generation call / its wall time inside the actor;
 - learner samples/s: (rollouts + logged pairs) of a step / the learner ranks' train time (both inner epochs);
 - step time: the driver's wall time per step; learner idle: 1 - train time / step time;
 - weight sync: publishing the new weights and (sync mode) waiting until every rollout actor holds them;
-- wall: the whole loop of `--steps` steps (time to the `end` record from the first step's start);
+- loop: the whole loop of `--steps` steps (from the first step's start to the last step's record);
 - peak memory of every actor process (resident, MiB).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
-from harness import format_rows, machine, write_result
+from harness import add_run_arguments, format_rows, h2po_run_config, machine, write_result
 
 from actors.driver import train
 from dashboard.feed import read_records
-from h2po.config import load_config
-from learner.checkpoint import read_header
+from h2po.config import RunConfig
 
 
-def measure(run: Path, mode: str, steps: int, overrides: list[str]) -> dict:
-    """One timed run in `mode`.  -> its figures (module docstring)"""
-    out = run / "system" / mode
+def measure(cfg: RunConfig, run: Path, mode: str, steps: int) -> dict:
+    """One timed run in `mode` into cfg.out_dir.  -> its figures (module docstring)"""
+    out = Path(cfg.out_dir)
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    base = json.loads(read_header(run / "most.safetensors")["config"])
-    cfg = load_config(None, [f"out_dir={out}", "dashboard.enabled=false", "dashboard.report=false",
-                             "h2po.eval_every=0", "h2po.max_minutes=0", "h2po.checkpoint_every=0", *overrides],
-                      base=base)
     result = train(cfg, run / "most.safetensors", run / "preferences.parquet", steps, mode)
     records, _ = read_records(out)
     step_records = [r for r in records if r["kind"] == "step"]
@@ -57,16 +52,12 @@ def measure(run: Path, mode: str, steps: int, overrides: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run", required=True, help="run directory with most.safetensors and preferences.parquet")
-    parser.add_argument("--steps", type=int, default=20, help="learner steps per mode")
+    add_run_arguments(parser, steps=20)
     parser.add_argument("--modes", default="sync,async", help="comma-separated subset of sync,async")
-    parser.add_argument("--out", help="write the figures as JSON here")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (placement, sizes)")
     args = parser.parse_args()
     run = Path(args.run)
-    if not (run / "most.safetensors").is_file() or not (run / "preferences.parquet").is_file():
-        parser.error(f"{run} needs most.safetensors and preferences.parquet (run `h2po run` first)")
-    rows = [measure(run, mode, args.steps, args.overrides) for mode in args.modes.split(",")]
+    rows = [measure(h2po_run_config(parser, run, run / "system" / mode, args.overrides), run, mode, args.steps)
+            for mode in args.modes.split(",")]
     header = ["mode", "steps", "loop s", "step s", "learner train s", "learner samples/s", "rollout lists/s/actor",
               "weight sync s", "learner idle", "peak MiB (max actor)"]
     print(format_rows(header, [[r["mode"], r["steps"], r["loop_s"], r["step_s"], r["train_s"], r["samples_per_s"],

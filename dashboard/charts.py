@@ -128,8 +128,11 @@ def timing_figure(steps: list[dict]) -> dict:
 
 
 def versions_figure(steps: list[dict]) -> dict:
-    """The weight version each rollout actor holds at the end of a step, next to the learner's."""
-    traces = [_line(steps, "version", "learner", line=dict(width=4, color="#bbb")), *_per_actor(steps, "version")]
+    """The version that sampled each rollout actor's rollouts of a step, next to the learner's version after the
+    step: sync runs sit one below the learner, async runs two (the rollouts were generated during the step before,
+    with the weights published before that one: staleness 1 when the batch was taken)."""
+    traces = [_line(steps, "version", "learner (after the step)", line=dict(width=4, color="#bbb")),
+              *_per_actor(steps, "version")]
     return _figure(traces, _layout("Weight versions", "version"))
 
 

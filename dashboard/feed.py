@@ -20,7 +20,8 @@ Every record has `kind` and `time` (Unix seconds). The driver writes:
 - `end`: `status` ("done" or "failed"), `message`, `report` (path of the HTML report, when written).
 
 Lines are appended and flushed one at a time, so a crash loses at most the line being written; `read_records`
-skips a torn last line. A resumed run appends to the same file: readers keep the last record per step.
+skips a torn last line. A resumed run appends to the same file: readers keep the last record per step. A fresh run
+in a directory that holds an earlier feed first sets it aside (`set_aside`: metrics.<time>.jsonl).
 """
 
 from __future__ import annotations
@@ -46,6 +47,20 @@ def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def set_aside(run_dir: str | Path, names: tuple[str, ...] = (METRICS_FILE, "results.json")) -> list[Path]:
+    """Rename a previous run's feed and results in `run_dir` to `<stem>.<time of last change>.<suffix>` (a fresh run
+    starts its own feed; nothing is deleted).  -> the new paths"""
+    moved = []
+    for name in names:
+        path = Path(run_dir) / name
+        if path.is_file():
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+            target = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+            os.replace(path, target)
+            moved.append(target)
+    return moved
 
 
 def read_records(run_dir: str | Path, start: int = 0) -> tuple[list[dict], int]:

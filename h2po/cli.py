@@ -16,8 +16,9 @@ from h2po.errors import UserError
 
 RUN_HELP = """Run the main job on the embedded default: import the data, tune EASE, pretrain with MOST (or reuse
 OUT_DIR/most.safetensors made with the same settings), generate logged preferences, fine-tune with H2PO on a
-local Ray instance (h2po.steps learner steps, within h2po.max_minutes; the dashboard URL is printed), evaluate
-baselines, MOST and H2PO on the test split, and print the comparison table. h2po.steps=0 stops after MOST."""
+local Ray instance, or the cluster RAY_ADDRESS names (h2po.steps learner steps, within h2po.max_minutes; the
+dashboard URL is printed), evaluate baselines, MOST and H2PO on the test split, and print the comparison table.
+h2po.steps=0 skips H2PO."""
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--checkpoint", required=True, help="MOST checkpoint to start from (also the reference)")
     tr.add_argument("--preferences", help="logged preference pairs (Parquet, `h2po data preferences`); none = "
                     "no off-policy term")
-    tr.add_argument("--steps", type=int, default=100, help="learner steps (weight versions)")
+    tr.add_argument("--steps", type=int, default=None, help="learner steps (weight versions); default h2po.steps")
     tr.add_argument("--mode", choices=["sync", "async"], default="async", help="overlap rollouts with training")
     tr.add_argument("--resume", action="store_true", help="continue from OUT_DIR/train_state (written every "
                     "h2po.checkpoint_every steps); --steps is the total")
@@ -135,13 +136,18 @@ def cmd_run(args, pretrain_only: bool = False) -> None:
 
 def _run_h2po(ws, most_path: Path):
     """Logged preferences, then H2PO on a local Ray instance from the MOST checkpoint.  -> the trained policy"""
+    from actors.calls import LearnerFailed
     from actors.driver import train
     from h2po import pipeline
     from learner.checkpoint import load_checkpoint
 
     prefs = ws.out_dir / "preferences.parquet"
     pipeline.make_preferences(ws, prefs)
-    result = train(ws.cfg, most_path, prefs, ws.cfg.h2po.steps, "async")
+    try:
+        result = train(ws.cfg, most_path, prefs, ws.cfg.h2po.steps, "async")
+    except LearnerFailed as err:
+        raise UserError(f"{err} (for this run: h2po train --checkpoint {most_path} --preferences {prefs} --steps "
+                        f"{ws.cfg.h2po.steps} --resume out_dir={ws.out_dir}, then h2po eval)") from err
     return load_checkpoint(result.checkpoint, ws.data.catalog)[0]
 
 
@@ -166,8 +172,9 @@ def cmd_eval(args) -> None:
     base = json.loads(read_header(Path(args.checkpoint))["config"])
     cfg = load_config(args.config, args.overrides, base=base)
     ws = pipeline.prepare(cfg)
-    model, _, _ = load_checkpoint(Path(args.checkpoint), ws.data.catalog)
-    pipeline.run_evaluation(ws, {"MOST": model}, pipeline.ease_lambda(ws), Path(args.out))
+    model, _, meta = load_checkpoint(Path(args.checkpoint), ws.data.catalog)
+    name = "H2PO" if "from" in meta else "MOST"  # an h2po.safetensors names the checkpoint it started from
+    pipeline.run_evaluation(ws, {name: model}, pipeline.ease_lambda(ws), Path(args.out))
     print(f"results: {args.out}")
 
 
@@ -257,7 +264,8 @@ def cmd_train(args) -> None:
     base = json.loads(read_header(Path(args.checkpoint))["config"])
     cfg = load_config(args.config, args.overrides, base=base)  # placement: system.learners=2 system.zero_stage=2 ...
     try:
-        train(cfg, args.checkpoint, args.preferences, args.steps, args.mode, resume=args.resume)
+        steps = cfg.h2po.steps if args.steps is None else args.steps
+        train(cfg, args.checkpoint, args.preferences, steps, args.mode, resume=args.resume)
     except LearnerFailed as err:
         raise UserError(str(err)) from err
 

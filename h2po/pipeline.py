@@ -115,6 +115,7 @@ def run_pretrain(ws: Workspace, ease: EASE) -> tuple[Path, PretrainResult]:
     rng = np.random.default_rng(cfg.seed)
     val = [val[i] for i in sorted(rng.permutation(len(val))[: cfg.most.val_requests])]
     path = ws.out_dir / "most.safetensors"
+    (ws.out_dir / "pretrain.json").unlink(missing_ok=True)  # present again only once this pretraining finishes
     save = functools.partial(_save_best, ws, path)
     result = pretrain(model, ws.data, ws.vocab, ws.unit_features, ease.B.half(), cfg.requests, cfg.most, cfg.seed,
                       functools.partial(validation_score, ws, val), save)
@@ -125,7 +126,8 @@ def run_pretrain(ws: Workspace, ease: EASE) -> tuple[Path, PretrainResult]:
     return path, result
 
 
-MOST_KEYS = ("seed", "data", "requests", "model", "most")  # the config sections a MOST checkpoint depends on
+# the config sections a MOST checkpoint depends on (sampler: validation lists; eval: the tuned EASE prior's lambdas)
+MOST_KEYS = ("seed", "data", "requests", "model", "most", "sampler", "eval")
 
 
 def reusable_most(ws: Workspace) -> Path | None:

@@ -37,7 +37,7 @@ from rollout.generate import Rollouts
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
 TINY_H2PO = ["threads=1", "requests.k=8", "h2po.group_size=2", "h2po.batch_requests=2", "h2po.vrpo_samples=2",
-             "most.batch_size=4", "h2po.lr=1e-3"]
+             "most.batch_size=4", "h2po.lr=1e-3", "h2po.eval_every=0", "dashboard.enabled=false"]
 
 
 def fake_rollouts(first_seed: int, n_requests: int, version: int, g: int = 2, k: int = 3) -> Rollouts:
@@ -167,11 +167,13 @@ def test_sync_run_trains_and_publishes_weights(run_dir, cluster):
     from actors.driver import train
     from h2po.config import SystemConfig
 
-    cfg = h2po_config(run_dir)
+    cfg = h2po_config(run_dir, "h2po.eval_every=2", "dashboard.enabled=true")
     result = train(cfg, run_dir / "most.safetensors", run_dir / "prefs.parquet", steps=3, mode="sync",
                    system=SystemConfig(learners=2, zero_stage=2))
     assert [s["version"] for s in result.history] == [1, 2, 3]
-    assert all(math.isfinite(v) for s in result.history for v in s.values())
+    assert all(math.isfinite(v) for s in result.history for v in s.values() if not isinstance(v, dict))
+    assert set(result.peak_memory) == {"learner0", "learner1", "rollout0", "buffer"}
+    check_feed(run_dir, cfg)
     assert all(s["rollout/staleness"] == 0 and s["rollout/requests"] == 2 and s["pairs"] == 2
                for s in result.history)
     assert {"loss/on", "loss/off", "loss/anchor", "kl", "dpo/accuracy", "reward/ndcg"} <= set(result.history[0])
@@ -183,6 +185,36 @@ def test_sync_run_trains_and_publishes_weights(run_dir, cluster):
     assert {name: value.shape for name, value in saved.items()} == {name: value.shape for name, value in start.items()}
     assert not torch.equal(saved["item_residual"], start["item_residual"])
     assert result.history[-1]["kl"] > 0
+
+
+def check_feed(run_dir: Path, cfg) -> None:
+    """The sync run's records in OUT_DIR/metrics.jsonl (`dashboard.feed`): one per step with the monitoring
+    figures, validation probes at step 0 and 2 next to the baselines, a sample of catalog titles, the end."""
+    from catalog.dataset import load_catalog
+    from dashboard.feed import read_records
+
+    records, _ = read_records(run_dir)
+    start = max(i for i, r in enumerate(records) if r["kind"] == "run")  # the module's runs share the directory
+    records = records[start:]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3] and [r["staleness"] for r in steps] == [{"0": 2}] * 3
+    for r in steps:
+        assert (r["batch/on"], r["batch/off"], r["buffer/waiting"]) == (2, 2, 0)
+        assert 0 <= r["learner/idle_fraction"] < 1 and r["time/train"] < r["time/step"]
+        assert [a["actor"] for a in r["actors"]] == [0] and r["actors"][0]["lists_per_s"] > 0
+        assert r["actors"][0]["version"] == r["step"] - 1  # sync: sampled by the weights before the step
+        assert {"loss/on", "loss/off", "loss/anchor", "kl", "ppo/clip_fraction", "ppo/dropped_share",
+                "reward/ndcg", "reward/total"} <= set(r)
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert {(r["method"], r["step"]) for r in evals if r["method"] == "H2PO"} == {("H2PO", 0), ("H2PO", 2)}
+    assert {"EASE", "popularity"} <= {r["method"] for r in evals if r["step"] is None}
+    assert all(0 <= r["metrics"]["ndcg@10"] <= 1 and r["family"] in ("A", "B") for r in evals)
+    titles = set(load_catalog(cfg.data, run_dir).titles)
+    samples = [r for r in records if r["kind"] == "sample"]
+    assert len(samples) == 3 and all(set(r["seeds"]) | set(r["list"]) <= titles for r in samples)
+    assert all(len(r["list"]) == cfg.requests.k for r in samples)
+    assert records[-1]["kind"] == "end" and records[-1]["status"] == "done"
+    assert Path(records[-1]["report"]).is_file()
 
 
 @pytest.mark.slow

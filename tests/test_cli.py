@@ -113,12 +113,25 @@ def test_pretrain_writes_checkpoint_and_licence(checkpoint):
 
 @pytest.mark.slow
 def test_run_main_job(tmp_path, capsys):
-    """`h2po run` on the tiny config prints the comparison table and writes results.json."""
-    assert main(["run", "--config", TINY, f"out_dir={tmp_path}", "threads=1"]) == 0
+    """`h2po run` on the tiny config: MOST, logged preferences, H2PO on a local Ray instance (2 learner ranks,
+    ZeRO-2; stopped by its time budget after one step), then the table with MOST and H2PO and the report. A
+    second run with the same settings reuses the MOST checkpoint."""
+    assert main(["run", "--config", TINY, f"out_dir={tmp_path}", "threads=1", "h2po.steps=4",
+                 "h2po.max_minutes=1e-6"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in (*BASELINES, "MOST", "NDCG@10"))
-    assert (tmp_path / "most.safetensors").is_file() and (tmp_path / "catalog" / "LICENSE.txt").is_file()
-    assert check_results(tmp_path / "results.json")["config"]["out_dir"] == str(tmp_path)
+    assert all(name in out for name in (*BASELINES, "MOST", "H2PO", "NDCG@10", "dNDCG@10 vs MOST"))
+    assert "stopping after step 1 of 4" in out and "dashboard: http://127.0.0.1:" in out
+    for name in ("most.safetensors", "catalog/LICENSE.txt", "preferences.parquet", "h2po.safetensors",
+                 "metrics.jsonl", "report.html", "train_state/driver.json"):
+        assert (tmp_path / name).is_file(), name
+    report = check_results(tmp_path / "results.json")
+    assert report["config"]["out_dir"] == str(tmp_path)
+    for family in ("A", "B"):
+        h2po = report["results"][family]["H2PO"]
+        assert (h2po["constraint_sat"], h2po["duplicates"], h2po["seed_leak"]) == (1.0, 0.0, 0.0)
+        assert "ndcg@10_vs_MOST" in h2po and "ndcg@10_vs_EASE" in h2po
+    assert main(["run", "--config", TINY, f"out_dir={tmp_path}", "threads=1", "h2po.steps=0"]) == 0
+    assert f"MOST: reusing {tmp_path / 'most.safetensors'}" in capsys.readouterr().out
 
 
 def test_eval_writes_results(checkpoint, tmp_path, capsys):

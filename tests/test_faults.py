@@ -28,6 +28,7 @@ from catalog.behaviour import generate_preferences
 from catalog.dataset import Dataset
 from catalog.preferences import write_preferences
 from catalog.schema import Catalog
+from dashboard.feed import read_records
 from evaluation.baselines import EASE
 from h2po.config import DataConfig, RequestConfig
 from rollout.buffer import PreferenceStream, ReplayBuffer
@@ -149,3 +150,7 @@ def test_driver_killed_after_checkpoint_resumes_without_loss_or_duplicates(run_d
     trained = [i for ids in result.ledger for i in ids]
     assert len(trained) == len(set(trained)) == 16
     assert json.loads(state_file.read_text())["ledger"] == expected
+    records, _ = read_records(run_dir)  # the feed: the killed run's records, then the resumed run's, no gap
+    assert [r["resumed_from"] for r in records if r["kind"] == "run"] == [0, 2]
+    assert sorted({r["step"] for r in records if r["kind"] == "step"}) == [1, 2, 3, 4]
+    assert records[-1]["kind"] == "end" and records[-1]["status"] == "done"

@@ -182,9 +182,10 @@ def test_on_policy_terms_fix_prox_and_reference_on_the_first_epoch(tiny_catalog,
     prox, ref = cache["prox"], cache["ref"]
     torch.testing.assert_close(prox, out.logp, atol=1e-5, rtol=0)
     assert stats["ppo/ratio_mean"].item() == pytest.approx(1.0, abs=1e-6) and kl.item() == pytest.approx(0, abs=1e-6)
+    generator = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
     _, kl, stats = on_policy_terms(model, reference, tiny_catalog, tiny_vocab, rollouts, cache, H2POConfig())
     assert cache["prox"] is prox and cache["ref"] is ref
     assert abs(stats["ppo/ratio_mean"].item() - 1.0) > 1e-3 and kl.item() > 0

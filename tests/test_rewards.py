@@ -189,7 +189,7 @@ def test_readme_yaml_example(tmp_path, monkeypatch):
 
 
 def test_default_config_rewards_build():
-    assert [r.name for r, _ in build_rewards(load_config().h2po.rewards)] == ["ndcg", "relevance", "diversity"]
+    assert [(r.name, w) for r, w in build_rewards(load_config().h2po.rewards)] == [("ndcg", 1.0)]
     reward, weight = build_rewards([{"name": "rewards.ndcg:NDCGReward", "weight": 2, "args": {"k": 5}}])[0]
     assert isinstance(reward, NDCGReward) and reward.k == 5 and weight == 2.0
 
