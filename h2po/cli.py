@@ -29,7 +29,8 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="h2po", description="Seed-set-conditioned generative retrieval: "
-                                     "MOST pretraining, retrieval under constraints, evaluation.")
+                                     "MOST pretraining, distributed H2PO fine-tuning, retrieval under constraints, "
+                                     "evaluation, a live dashboard.")
     sub = parser.add_subparsers(dest="command", required=True)
     _config_args(sub.add_parser("run", help="the main job (MOST + H2PO + eval)", description=RUN_HELP))
     _config_args(sub.add_parser("pretrain", help="MOST pretraining; writes OUT_DIR/most.safetensors"))
