@@ -50,6 +50,8 @@ def on_policy_terms(model: Retriever, ref: Retriever, catalog: Catalog, vocab: d
     `cache` is per learner batch: the first call fills `prox` (the policy's log-probs before the batch's first
     update, pi_prox of decoupled PPO: exactly this call's, detached) and `ref` (the frozen reference's); later
     inner epochs reuse both instead of recomputing them."""
+    if cache.setdefault("rollouts", rollouts) is not rollouts:
+        raise ValueError("on_policy_terms: this cache belongs to another learner batch; use a fresh dict per batch")
     logp = rollout_log_probs(model, catalog, vocab, rollouts)
     if "ref" not in cache:
         with torch.no_grad():

@@ -189,6 +189,9 @@ def test_on_policy_terms_fix_prox_and_reference_on_the_first_epoch(tiny_catalog,
     _, kl, stats = on_policy_terms(model, reference, tiny_catalog, tiny_vocab, rollouts, cache, H2POConfig())
     assert cache["prox"] is prox and cache["ref"] is ref
     assert abs(stats["ppo/ratio_mean"].item() - 1.0) > 1e-3 and kl.item() > 0
+    other = Rollouts(examples, out.items, out.step_of, out.logp, np.zeros((len(requests), 1)), rollouts.advantages, 0)
+    with pytest.raises(ValueError, match="another learner batch"):
+        on_policy_terms(model, reference, tiny_catalog, tiny_vocab, other, cache, H2POConfig())
 
 
 # ---------------------------------------------------------------- VRPO ELBO and DPO
