@@ -31,12 +31,22 @@ def _clock(seconds: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else ""
 
 
+def silent_after(steps: list[dict]) -> float:
+    """Seconds without a new record after which a run that has not ended is shown as "silent": ten median step
+    times, at least five minutes (validation probes and checkpoints make some steps much longer)."""
+    times = sorted(r["time/step"] for r in steps if isinstance(r.get("time/step"), (int, float)))
+    return max(300.0, 10 * times[len(times) // 2]) if times else 900.0
+
+
 def run_facts(records: list[dict], steps: list[dict]) -> dict:
     """Run name, status, latest step and version, and the run record's facts as (label, value) rows."""
     run = _last(records, "run") or {}
     end = _last(records, "end")
     last = steps[-1] if steps else {}
     status = "running" if end is None or (run and run["time"] > end["time"]) else str(end.get("status"))
+    quiet = time.time() - records[-1]["time"] if records and "time" in records[-1] else 0.0
+    if status == "running" and quiet > silent_after(steps):
+        status = "silent"  # no record for far longer than a step takes: the driver may have been killed
     first_time = next((r["time"] for r in records if "time" in r), None)
     facts = [("mode", run.get("mode")), ("learner ranks", run.get("learners")),
              ("rollout actors", run.get("rollout_actors")), ("ZeRO stage", run.get("zero_stage")),
@@ -44,6 +54,8 @@ def run_facts(records: list[dict], steps: list[dict]) -> dict:
              ("started", _clock(first_time)), ("last record", _clock(records[-1].get("time") if records else None))]
     if end is not None and end.get("message"):
         facts.append(("end", end["message"]))
+    if status == "silent":
+        facts.append(("silent for", f"{quiet / 60:.0f} min; if the driver died: h2po train ... --resume"))
     return {"run": str(run.get("run") or "run"), "status": status, "step": last.get("step", 0),
             "steps": run.get("steps", "?"), "version": last.get("version", ""),
             "facts": [(label, str(v)) for label, v in facts if v not in (None, "")]}

@@ -135,6 +135,9 @@ def test_panels_show_status_events_sample_and_comparison(tmp_path):
     table = panels["comparison"][0]
     assert table["group"] == "A" and table["header"][-1] == "ΔNDCG@10 vs EASE [95% CI]"
     assert table["rows"][2][:2] == ["H2PO", "0.340 [0.320, 0.360]"] and table["rows"][0][-1] == "-"
+    old = [{**r, "time": r["time"] - 3600} for r in records]  # the same run, its last record an hour ago
+    panels = build_panels(old, latest_steps(old), tmp_path)
+    assert panels["status"] == "silent" and any(label == "silent for" for label, _ in panels["facts"])
     MetricsLog(tmp_path, ray_metrics=False).write("end", status="failed", message="learner rank 1 died")
     panels = build_panels(read_records(tmp_path)[0], [], tmp_path)
     assert panels["status"] == "failed" and ("end", "learner rank 1 died") in panels["facts"]
