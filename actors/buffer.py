@@ -12,7 +12,7 @@ from pathlib import Path
 
 import ray
 
-from actors.workspace import peak_memory_mib
+from actors.workspace import ActorProcess
 from catalog.dataset import load_catalog
 from h2po.config import RunConfig
 from rollout.buffer import BufferStats, LearnerBatch, PreferenceStream, ReplayBuffer
@@ -20,7 +20,7 @@ from rollout.generate import Rollouts
 
 
 @ray.remote
-class ReplayBufferActor:
+class ReplayBufferActor(ActorProcess):
     """Versioned rollout groups + logged preference pairs; serves learner batches."""
 
     def __init__(self, cfg: RunConfig, preferences_path: str | None) -> None:
@@ -46,10 +46,6 @@ class ReplayBufferActor:
     def take(self, current_version: int, n_requests: int, n_pairs: int) -> LearnerBatch:
         """Drop stale groups, then serve up to n_requests groups and n_pairs logged pairs."""
         return self.buffer.take(current_version, n_requests, n_pairs)
-
-    def peak_memory(self) -> float:
-        """Peak resident memory of this actor's process, MiB."""
-        return peak_memory_mib()
 
     def stats(self) -> BufferStats:
         return self.buffer.stats()

@@ -101,8 +101,10 @@ def connect_ray(system: SystemConfig) -> bool:
     return True
 
 
-def check_inputs(cfg: RunConfig, checkpoint: Path, preferences: str | None, steps: int, mode: str) -> None:
-    """Fail fast, with a user error, before any actor starts (their errors would arrive wrapped by Ray)."""
+def check_inputs(cfg: RunConfig, checkpoint: Path, preferences: str | None, steps: int,
+                 mode: str) -> list[tuple[str, float]]:
+    """Fail fast, with a user error, before any actor starts (their errors would arrive wrapped by Ray).
+    -> (name, weight) of the configured rewards"""
     if steps < 1 or mode not in ("sync", "async"):
         raise UserError(f"need steps >= 1 and mode sync or async, got steps={steps}, mode={mode!r}")
     if mode == "async" and cfg.h2po.max_staleness < 1:
@@ -114,7 +116,7 @@ def check_inputs(cfg: RunConfig, checkpoint: Path, preferences: str | None, step
                            f"{catalog.fingerprint})")
     if preferences:
         read_preferences(preferences, catalog)  # missing file or columns -> CatalogError now
-    build_rewards(cfg.h2po.rewards)
+    return [(reward.name, weight) for reward, weight in build_rewards(cfg.h2po.rewards)]
 
 
 def place_actors(cfg: RunConfig, checkpoint: str, preferences: str | None, system: SystemConfig) -> Actors:
@@ -170,6 +172,7 @@ class LoopOptions:
     checkpoint_every: int = 0
     step_timeout: float = 1800.0
     on_step: Callable[[int, Actors], None] | None = None  # (step index, actors), e.g. a test killing an actor
+    rewards: list[tuple[str, float]] = field(default_factory=list)  # (name, weight) of the configured rewards
 
 
 def peak_memory(actors: Actors) -> dict[str, float]:
@@ -196,13 +199,41 @@ def save_state(actors: Actors, cfg: RunConfig, state: DriverState, timeout: floa
     return write_train_state(cfg.out_dir, save_engines, ray.get(actors.buffer.state.remote()), state, cfg)
 
 
+def learn(actors: Actors, cfg: RunConfig, opts: LoopOptions, batch: LearnerBatch, lambda_off: float,
+          step: int) -> tuple[list[dict], object, float]:
+    """One learner step on the ranks' shards, then rank 0 publishes the weights and the rollout actors get them
+    (sync: waited for; async: queued behind the generation already running).
+    -> (per-rank stats, ObjectRef of the published weights, seconds spent publishing)"""
+    hint = resume_hint(cfg)
+    shards = shard_batch(batch, len(actors.learners))
+    rank_stats = gather_ranks([learner.train_step.remote(shard.rollouts, shard.pairs, lambda_off)
+                               for learner, shard in zip(actors.learners, shards, strict=True)],
+                              f"step {step + 1}", opts.step_timeout, hint)
+    sync_start = time.time()
+    state_ref, version_ref = actors.learners[0].weights.remote()
+    actors.weights = (state_ref, gather_ranks([version_ref], "publishing weights", opts.step_timeout, hint)[0])
+    push_weights(actors, wait=opts.mode == "sync")
+    return rank_stats, state_ref, time.time() - sync_start
+
+
+def checkpoint(actors: Actors, cfg: RunConfig, state: DriverState, pending: list | None, timeout: float) -> list:
+    """Write the train state after `state.step` steps. In async mode the generation in flight is collected into the
+    buffer first, so that it is saved rather than lost on a crash.  -> the calls collected (reported next step)"""
+    collected = pending or []
+    if pending is not None:
+        state.skipped += collect_rollouts(pending, actors.buffer, cfg.h2po.on_reward_error, actors)
+        state.collected_through = state.step
+    state.rollout_restarts = actors.rollout_restarts
+    print(f"train state written: {save_state(actors, cfg, state, timeout)}", flush=True)
+    return collected
+
+
 def run_loop(actors: Actors, cfg: RunConfig, opts: LoopOptions, state: DriverState,
              monitor: Monitor | None = None) -> DriverState:
     """The training loop (module docstring), from `state.step` on.  -> the state after the last step
 
     Stops early, after a complete step, when `h2po.max_minutes` is spent (the schedule keeps `opts.steps`)."""
     h2po, steps = cfg.h2po, opts.steps
-    rewards = [(reward.name, weight) for reward, weight in build_rewards(h2po.rewards)]
     pending, collected, loop_start = None, [], time.time()  # collected: calls of the batch not yet reported
 
     def over_budget() -> bool:
@@ -220,18 +251,10 @@ def run_loop(actors: Actors, cfg: RunConfig, opts: LoopOptions, state: DriverSta
         if opts.mode == "async" and step + 1 < steps and not over_budget():
             pending = launch_rollouts(actors, h2po.batch_requests, step + 1)
         lambda_off = lambda_off_at(step, steps, h2po.lambda_off_start, h2po.lambda_off_end)
-        shards = shard_batch(batch, len(actors.learners))
-        hint = resume_hint(cfg)
-        rank_stats = gather_ranks([learner.train_step.remote(shard.rollouts, shard.pairs, lambda_off)
-                                   for learner, shard in zip(actors.learners, shards, strict=True)],
-                                  f"step {step + 1}", opts.step_timeout, hint)
-        sync_start = time.time()
-        state_ref, version_ref = actors.learners[0].weights.remote()
-        actors.weights = (state_ref, gather_ranks([version_ref], "publishing weights", opts.step_timeout, hint)[0])
-        push_weights(actors, wait=opts.mode == "sync")  # async: queued behind the generation already running
-        stats = step_stats(rank_stats, batch, rewards)
+        rank_stats, state_ref, sync_seconds = learn(actors, cfg, opts, batch, lambda_off, step)
+        stats = step_stats(rank_stats, batch, opts.rewards)
         step_seconds = time.time() - start
-        stats.update({"step": step + 1, "time/rollout": rollout_seconds, "time/sync": time.time() - sync_start,
+        stats.update({"step": step + 1, "time/rollout": rollout_seconds, "time/sync": sync_seconds,
                       "time/step": step_seconds, "learner/idle_fraction": 1 - stats["time/train"] / step_seconds,
                       "lambda_off": lambda_off, "rollout/skipped_batches": state.skipped,
                       "rollout/restarts": actors.rollout_restarts})
@@ -244,11 +267,7 @@ def run_loop(actors: Actors, cfg: RunConfig, opts: LoopOptions, state: DriverSta
         actors.events.clear()
         collected, stop = [], over_budget() and state.step < steps
         if opts.checkpoint_every > 0 and (state.step % opts.checkpoint_every == 0 or state.step == steps or stop):
-            if pending is not None:  # async: the groups in flight go into the saved buffer, not lost on a crash
-                state.skipped += collect_rollouts(pending, actors.buffer, h2po.on_reward_error, actors)
-                state.collected_through, pending, collected = step + 1, None, pending
-            state.rollout_restarts = actors.rollout_restarts
-            print(f"train state written: {save_state(actors, cfg, state, opts.step_timeout)}", flush=True)
+            collected, pending = checkpoint(actors, cfg, state, pending, opts.step_timeout), None
         if opts.on_step is not None:
             opts.on_step(step, actors)
         if stop:
@@ -279,6 +298,18 @@ def restore_state(actors: Actors, cfg: RunConfig, timeout: float) -> DriverState
     return state
 
 
+def write_policy(actors: Actors, cfg: RunConfig, state: DriverState, meta: dict, with_pairs: bool) -> TrainResult:
+    """Write OUT_DIR/h2po.safetensors from rank 0 and gather what the run produced (seconds left to the caller)."""
+    out = Path(cfg.out_dir) / "h2po.safetensors"
+    meta = {"steps": state.step, **meta, "final": state.history[-1]}
+    ray.get(actors.learners[0].save_policy.remote(str(out), json.loads(json.dumps(meta))))
+    if with_pairs:
+        print(ray.get(actors.buffer.preference_report.remote()))
+    return TrainResult(ray.get(actors.weights[0]), state.version, state.history, ray.get(actors.buffer.stats.remote()),
+                       out, 0.0, ray.get([a.weight_version.remote() for a in actors.rollouts]), state.ledger,
+                       state.rollout_restarts, state.step, peak_memory(actors))
+
+
 def train(cfg: RunConfig, checkpoint: str | Path, preferences_path: str | Path | None = None, steps: int = 100,
           mode: Literal["sync", "async"] = "sync", system: SystemConfig | None = None, resume: bool = False,
           step_timeout: float = 1800.0, on_step: Callable[[int, Actors], None] | None = None) -> TrainResult:
@@ -288,13 +319,12 @@ def train(cfg: RunConfig, checkpoint: str | Path, preferences_path: str | Path |
     fails; `on_step(step, actors)`: called after every step (tests use it to kill actors)."""
     system = system or cfg.system
     checkpoint, preferences = Path(checkpoint), str(preferences_path) if preferences_path else None
-    check_inputs(cfg, checkpoint, preferences, steps, mode)
+    rewards = check_inputs(cfg, checkpoint, preferences, steps, mode)
     n_pairs = (cfg.h2po.batch_requests if system.pairs_per_step < 0 else system.pairs_per_step) if preferences else 0
-    opts = LoopOptions(steps, mode, n_pairs, cfg.h2po.checkpoint_every, step_timeout, on_step)
+    opts = LoopOptions(steps, mode, n_pairs, cfg.h2po.checkpoint_every, step_timeout, on_step, rewards)
     start, started, actors, monitor = time.time(), connect_ray(system), None, None
     try:
-        monitor = Monitor(cfg, str(checkpoint), [(r.name, w) for r, w in build_rewards(cfg.h2po.rewards)],
-                          load_catalog(cfg.data, Path(cfg.out_dir)), resume)
+        monitor = Monitor(cfg, str(checkpoint), opts.rewards, load_catalog(cfg.data, Path(cfg.out_dir)), resume)
         actors = place_actors(cfg, str(checkpoint), preferences, system)
         print(f"H2PO: {system.learners} learner ranks (ZeRO {system.zero_stage}), {system.rollout_actors} rollout "
               f"actor(s), {mode} mode, {steps} steps; actors ready in {time.time() - start:.1f}s", flush=True)
@@ -306,30 +336,16 @@ def train(cfg: RunConfig, checkpoint: str | Path, preferences_path: str | Path |
                        "learners": system.learners, "rollout_actors": system.rollout_actors,
                        "zero_stage": system.zero_stage, "rewards": [n for n, _ in monitor.rewards]}, resumed_from)
         state = run_loop(actors, cfg, opts, state, monitor)
-        out = Path(cfg.out_dir) / "h2po.safetensors"
-        meta = {"steps": state.step, "mode": mode, "from": str(checkpoint), "final": state.history[-1]}
-        ray.get(actors.learners[0].save_policy.remote(str(out), json.loads(json.dumps(meta))))
-        buffer_stats = ray.get(actors.buffer.stats.remote())
-        if preferences:
-            print(ray.get(actors.buffer.preference_report.remote()))
-        result = TrainResult(ray.get(actors.weights[0]), state.version, state.history, buffer_stats, out,
-                             time.time() - start, ray.get([a.weight_version.remote() for a in actors.rollouts]),
-                             state.ledger, state.rollout_restarts, resumed_from, peak_memory(actors))
-        print(f"H2PO done: version {result.version} in {result.seconds:.1f}s; {buffer_stats}; rollout restarts "
+        result = write_policy(actors, cfg, state, {"mode": mode, "from": str(checkpoint)}, preferences is not None)
+        result.seconds, result.resumed_from = time.time() - start, resumed_from
+        print(f"H2PO done: version {result.version} in {result.seconds:.1f}s; {result.buffer}; rollout restarts "
               f"{result.rollout_restarts}; peak memory (MiB) "
-              + ", ".join(f"{k} {v:.0f}" for k, v in result.peak_memory.items()) + f"; policy {out}")
+              + ", ".join(f"{k} {v:.0f}" for k, v in result.peak_memory.items()) + f"; policy {result.checkpoint}")
         monitor.finish("done")
         return result
     except BaseException as err:
         if monitor is not None:
-            message = f"{type(err).__name__}: {err}"
-            try:
-                monitor.log.write("event", event="failed", actor=None, step=None, message=message)
-                monitor.finish("failed", message)
-            except Exception as report_err:  # keep the run's own error in front
-                print(f"could not write the failure to the feed and report: {report_err}", flush=True)
-            finally:
-                monitor.close()
+            monitor.failed(f"{type(err).__name__}: {err}")
         raise
     finally:
         if actors is not None:

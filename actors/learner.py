@@ -19,7 +19,7 @@ import numpy as np
 import ray
 import torch
 
-from actors.workspace import frozen_copy, load_policy, peak_memory_mib
+from actors.workspace import ActorProcess, frozen_copy, load_policy
 from catalog.preferences import PreferencePair
 from h2po.config import RunConfig
 from learner.checkpoint import save_checkpoint
@@ -29,7 +29,7 @@ from rollout.generate import Rollouts
 
 
 @ray.remote
-class LearnerActor:
+class LearnerActor(ActorProcess):
     """One learner rank: policy + frozen reference + DeepSpeed engine; versioned weights."""
 
     def __init__(self, cfg: RunConfig, checkpoint: str, engine_cfg: EngineConfig) -> None:
@@ -71,10 +71,6 @@ class LearnerActor:
         out = {key: float(np.mean([h[key] for h in history])) for key in history[0]}
         out.update({"time/train": time.time() - start, "version": self.version})
         return out
-
-    def peak_memory(self) -> float:
-        """Peak resident memory of this actor's process, MiB."""
-        return peak_memory_mib()
 
     @ray.method(num_returns=2)
     def weights(self) -> tuple[dict[str, torch.Tensor], int]:

@@ -102,6 +102,17 @@ class Monitor:
             for record in self.probe.policy_records(ray.get(state_ref), step):
                 self.log.write("eval", **record)
 
+    def failed(self, message: str) -> None:
+        """A `failed` event, then `finish("failed")`; an error while reporting is printed, never raised (the run's
+        own error stays in front)."""
+        try:
+            self.log.write("event", event="failed", actor=None, step=None, message=message)
+            self.finish("failed", message)
+        except Exception as report_err:
+            print(f"could not write the failure to the feed and report: {report_err}", flush=True)
+        finally:
+            self.close()
+
     def close(self) -> None:
         """Stop the page (idempotent)."""
         if self.server is not None:

@@ -12,7 +12,7 @@ import numpy as np
 import ray
 import torch
 
-from actors.workspace import load_policy, load_weights, peak_memory_mib
+from actors.workspace import ActorProcess, load_policy, load_weights
 from catalog.dataset import training_examples
 from h2po.config import RunConfig
 from rewards.base import RewardContext
@@ -21,7 +21,7 @@ from rollout.generate import Rollouts, generate_rollouts
 
 
 @ray.remote
-class RolloutActor:
+class RolloutActor(ActorProcess):
     """Holds a versioned policy copy; `generate` returns Rollouts tagged with that version."""
 
     def __init__(self, cfg: RunConfig, checkpoint: str, seed: int) -> None:
@@ -37,10 +37,6 @@ class RolloutActor:
         load_weights(self.policy.model, state)
         self.version = version
         return version
-
-    def peak_memory(self) -> float:
-        """Peak resident memory of this actor's process, MiB."""
-        return peak_memory_mib()
 
     def weight_version(self) -> int:
         return self.version

@@ -60,6 +60,9 @@ def load_weights(model: Retriever, state: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def peak_memory_mib() -> float:
-    """Peak resident memory of this process (an actor's own footprint), in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+class ActorProcess:
+    """What every actor answers about its own process."""
+
+    def peak_memory(self) -> float:
+        """Peak resident memory of this actor's process, MiB."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
