@@ -25,6 +25,7 @@ from h2po.config import RunConfig
 from learner.checkpoint import save_checkpoint
 from learner.engine import Engine, EngineConfig, init_distributed
 from learner.h2po_step import AnchorInputs, h2po_losses
+from model.transformer import precision
 from rollout.generate import Rollouts
 
 
@@ -51,7 +52,8 @@ class LearnerActor(ActorProcess):
         """Join the process group and build the engine (all ranks must be called before any is awaited)."""
         init_distributed(rank, world_size, port, address)
         self.rank = rank
-        self.engine = Engine(self.policy.model, self.engine_cfg)
+        self.engine = Engine(self.policy.model, self.engine_cfg)  # moves the policy to this rank's GPU, if any
+        self.ref.to(self.engine.module.device)
         self.rng = np.random.default_rng([self.cfg.seed, 1 + rank])
         self.generator = torch.Generator().manual_seed(self.cfg.seed * 1009 + 1 + rank)
         return rank
@@ -63,8 +65,9 @@ class LearnerActor(ActorProcess):
         cache: dict = {}  # pi_prox and reference log-probs of this batch, filled by the first update
         history = []
         for _ in range(h2po.inner_epochs):
-            loss, stats = h2po_losses(model, self.ref, ws.data.catalog, ws.vocab, rollouts, cache, pairs,
-                                      self.anchor, h2po, lambda_off, self.rng, self.generator)
+            with precision(model, self.cfg.system.bf16):  # forward passes only; backward outside autocast
+                loss, stats = h2po_losses(model, self.ref, ws.data.catalog, ws.vocab, rollouts, cache, pairs,
+                                          self.anchor, h2po, lambda_off, self.rng, self.generator)
             stats["grad_norm"] = self.engine.step(loss)
             history.append(stats)
         self.version += 1

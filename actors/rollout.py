@@ -27,6 +27,8 @@ class RolloutActor(ActorProcess):
     def __init__(self, cfg: RunConfig, checkpoint: str, seed: int) -> None:
         self.cfg, self.seed = cfg, seed
         self.policy = load_policy(cfg, checkpoint)
+        if torch.cuda.is_available():  # Ray exposes only the GPU(s) this actor was given
+            self.policy.model.cuda()
         self.rewards = build_rewards(cfg.h2po.rewards)
         ws = self.policy.ws
         self.reward_ctx = RewardContext.from_dataset(ws.data, ws.features, self.policy.relevance)
@@ -47,9 +49,10 @@ class RolloutActor(ActorProcess):
     def generate(self, n_requests: int, seed: int) -> Rollouts:
         """G rollouts for each of n fresh training requests, drawn with (actor seed, call seed)."""
         rng = np.random.default_rng([self.seed, seed])
-        generator = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
+        model = self.policy.model
+        generator = torch.Generator(device=model.device).manual_seed(int(rng.integers(1 << 62)))
         ws, h2po = self.policy.ws, self.cfg.h2po
         examples = training_examples(ws.data, self.cfg.requests, n_requests, rng)
-        return generate_rollouts(self.policy.model, ws.data.catalog, ws.vocab, examples, h2po.group_size,
+        return generate_rollouts(model, ws.data.catalog, ws.vocab, examples, h2po.group_size,
                                  self.cfg.sampler.steps, h2po.rollout_temperature, self.rewards, self.reward_ctx,
-                                 self.version, generator)
+                                 self.version, generator, self.cfg.system.bf16)

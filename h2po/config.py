@@ -164,6 +164,8 @@ class SystemConfig:
     learner_gpus: float = option(0.0, "GPUs per learner rank.")
     pairs_per_step: int = option(-1, "Logged pairs per learner batch (the off-policy share); -1 = h2po.batch_requests.")
     grad_clip: float = option(1.0, "Gradient-norm clip of the engine.")
+    bf16: bool = option(True, "bf16 autocast of rollout and learner forward passes on GPU (fp32 weights, optimiser "
+                              "and item head); CPU runs are fp32 whatever this says.")
     ray_cpus: int = option(0, "CPUs of a local Ray instance (0 = all cores, at least what the actors ask).")
 
 

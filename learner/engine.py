@@ -9,8 +9,10 @@ Deliberate simplifications:
 - ZeRO stages 0-2 only. Stage 3 partitions parameters and gathers them in module forward hooks, but the Retriever
   reads its own parameters in methods other than `forward` (`encode`, `hidden`, `logits`), which those hooks do
   not see; stage 3 is rejected with a clear error instead of silently training on empty shards.
-- fp32 on CPU; `bf16=True` is honoured only on GPU. `state_dict()` is therefore the module's own parameters
-  (complete on every rank for stages 0-2), cast to fp32 on the CPU.
+- Weights and optimiser state are fp32 everywhere; bf16 on GPU is autocast around the forward passes
+  (`model.transformer.precision`, applied by the learner actor), not DeepSpeed's bf16 mode, which would cast the
+  module and every float input. `state_dict()` is therefore the module's own parameters (complete on every rank
+  for stages 0-2), as fp32 CPU tensors.
 - Constant learning rate (DESIGN default 1e-5), AdamW from torch (`torch_adam`: no JIT-built fused kernel).
 
 Example (inside a process where `init_distributed` has run, e.g. an `actors.learner.LearnerActor`):
@@ -38,7 +40,6 @@ class EngineConfig:
     lr: float = 1e-5  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # global gradient-norm clip (0 = none)
-    bf16: bool = False  # bf16 mixed precision (GPU only; ignored on CPU)
 
 
 def backend() -> str:
@@ -58,7 +59,7 @@ def init_distributed(rank: int, world_size: int, port: int, address: str = "127.
     deepspeed.init_distributed(dist_backend=backend(), auto_mpi_discovery=False)
 
 
-def deepspeed_config(cfg: EngineConfig, world_size: int, on_gpu: bool) -> dict:
+def deepspeed_config(cfg: EngineConfig, world_size: int) -> dict:
     """The DeepSpeed JSON config for `cfg`: one micro batch per rank (the loss is already a shard average)."""
     if cfg.zero_stage not in (0, 1, 2):
         raise ValueError(f"zero_stage must be 0, 1 or 2, got {cfg.zero_stage} (stage 3 needs every parameter "
@@ -71,7 +72,6 @@ def deepspeed_config(cfg: EngineConfig, world_size: int, on_gpu: bool) -> dict:
                                                   "torch_adam": True}},
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": bool(cfg.bf16 and on_gpu)},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -86,13 +86,12 @@ class Engine:
 
         if not dist.is_initialized():
             raise RuntimeError("Engine needs init_distributed() first (every rank, concurrently)")
-        on_gpu = torch.cuda.is_available()
-        config = deepspeed_config(cfg, dist.get_world_size(), on_gpu)
+        config = deepspeed_config(cfg, dist.get_world_size())
         trainable = [p for p in model.parameters() if p.requires_grad]
         # DeepSpeed's initial broadcast views every parameter as bytes, which fails for 0-dim parameters (the
         # Retriever's prior_scale). Broadcast those here and tag them so that DeepSpeed skips them: its broadcast
         # leaves out parameters marked `ds_optim_param` (a flag otherwise only used by its OptimizedLinear).
-        if on_gpu:
+        if torch.cuda.is_available():
             model.cuda()  # nccl broadcasts device tensors (DeepSpeed would move the model there anyway)
         scalars = [p for p in trainable if p.dim() == 0]
         for p in scalars:

@@ -39,8 +39,9 @@ class AnchorInputs:
 def rollout_log_probs(model: Retriever, catalog: Catalog, vocab: dict, rollouts: Rollouts) -> torch.Tensor:
     """Per-slot log-probs of the rollouts' lists along their trajectories under `model`.  -> (B*G, K)"""
     repeated = [e.request for e in rollouts.examples for _ in range(rollouts.group_size)]
-    batch = encode_requests(catalog, repeated, vocab)
-    return trajectory_log_probs(model, model.encode(batch), rollouts.items, rollouts.step_of)
+    batch = encode_requests(catalog, repeated, vocab).to(model.device)
+    return trajectory_log_probs(model, model.encode(batch), rollouts.items.to(model.device),
+                                rollouts.step_of.to(model.device))
 
 
 def on_policy_terms(model: Retriever, ref: Retriever, catalog: Catalog, vocab: dict, rollouts: Rollouts,
@@ -59,8 +60,9 @@ def on_policy_terms(model: Retriever, ref: Retriever, catalog: Catalog, vocab: d
         cache["prox"] = logp.detach()
     ref_logp = cache["ref"]
     mask = torch.ones_like(logp, dtype=torch.bool)
-    loss, stats = decoupled_ppo_loss(logp, cache["prox"], rollouts.behaviour_logp, rollouts.advantages, mask,
-                                     cfg.clip_low, cfg.clip_high, cfg.max_importance_weight)
+    loss, stats = decoupled_ppo_loss(logp, cache["prox"], rollouts.behaviour_logp.to(logp.device),
+                                     rollouts.advantages.to(logp.device), mask, cfg.clip_low, cfg.clip_high,
+                                     cfg.max_importance_weight)
     kl = k3_kl(logp, ref_logp).mean()
     stats["kl"] = kl.detach()
     return loss, kl, stats
@@ -69,12 +71,13 @@ def on_policy_terms(model: Retriever, ref: Retriever, catalog: Catalog, vocab: d
 def off_policy_term(model: Retriever, ref: Retriever, catalog: Catalog, vocab: dict, pairs: list,
                     cfg: H2POConfig, eps: float, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
     """DPO on VRPO ELBO estimates of logged chosen/rejected lists, noise shared by policy and reference."""
-    batch = encode_requests(catalog, [p.request for p in pairs], vocab)
-    chosen = torch.tensor([p.chosen for p in pairs], dtype=torch.long)
-    rejected = torch.tensor([p.rejected for p in pairs], dtype=torch.long)
-    weights = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
+    device = model.device
+    batch = encode_requests(catalog, [p.request for p in pairs], vocab).to(device)
+    chosen = torch.tensor([p.chosen for p in pairs], dtype=torch.long, device=device)
+    rejected = torch.tensor([p.rejected for p in pairs], dtype=torch.long, device=device)
+    weights = torch.tensor([p.weight for p in pairs], dtype=torch.float32, device=device)
     n, r, k = cfg.vrpo_samples, len(pairs), chosen.shape[1]
-    noise_c, noise_r = sample_vrpo_noise(n, r, k, eps, generator), sample_vrpo_noise(n, r, k, eps, generator)
+    noise_c, noise_r = (tuple(x.to(device) for x in sample_vrpo_noise(n, r, k, eps, generator)) for _ in range(2))
     ctx = model.encode(batch)
     policy_c, policy_r = vrpo_elbo(model, ctx, chosen, *noise_c), vrpo_elbo(model, ctx, rejected, *noise_r)
     with torch.no_grad():

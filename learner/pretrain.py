@@ -36,7 +36,8 @@ class PretrainResult:
 
 def relevance_scores(prior_matrix: torch.Tensor, seeds: torch.Tensor, seed_mask: torch.Tensor) -> np.ndarray:
     """Raw relevance of every item to a seed set: the sum of the seeds' rows of a prior matrix.  -> (B, N)"""
-    return seed_row_sum(prior_matrix, seeds, seed_mask).numpy()
+    device = prior_matrix.device
+    return seed_row_sum(prior_matrix, seeds.to(device), seed_mask.to(device)).cpu().numpy()
 
 
 def most_step(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray, relevance_matrix: torch.Tensor,
@@ -55,7 +56,8 @@ def most_step(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray
                                 cfg.redundancy, cfg.fill_weight, rng, preferred)
     t = stratified_times(len(examples), cfg.eps, generator)
     u = torch.rand(x0.shape, generator=generator)
-    return most_loss(elbo_nll(model, model.encode(batch), x0, t, u), weights)
+    x0, weights, t, u = (x.to(model.device) for x in (x0, weights, t, u))
+    return most_loss(elbo_nll(model, model.encode(batch.to(model.device)), x0, t, u), weights)
 
 
 def pretrain(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray, relevance_matrix: torch.Tensor,

@@ -14,6 +14,7 @@ Shapes: B requests, K slots, N items, D width, L tokens. A slot value of -1 mean
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -112,6 +113,11 @@ class Retriever(nn.Module):
         else:
             self.prior_matrix = None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters live; callers move request tensors here."""
+        return self.item_bias.device
+
     def item_embeddings(self) -> torch.Tensor:
         """E = LayerNorm(W_f x) + u, with id dropout on u in training.  # (N, D)"""
         u = self.item_residual
@@ -163,11 +169,12 @@ class Retriever(nn.Module):
 
     def logits(self, ctx: Context, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Item logits: hidden (B, K, D) -> (B, K, N), or selected slot outputs hidden (M, D) of requests rows (M,)
-        -> (M, N)."""
-        out = hidden @ ctx.items.T + self.item_bias
-        if ctx.prior is not None:
-            prior = ctx.prior[:, None] if rows is None else ctx.prior[rows]
-            out = out + self.prior_scale * prior
+        -> (M, N). Always fp32 (outside any bf16 autocast): log-probs feed PPO ratios and DPO margins."""
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            out = hidden.float() @ ctx.items.T.float() + self.item_bias
+            if ctx.prior is not None:
+                prior = ctx.prior[:, None] if rows is None else ctx.prior[rows]
+                out = out + self.prior_scale * prior
         return out
 
 
@@ -178,11 +185,20 @@ class Retriever(nn.Module):
         Same values as `logits(...).masked_fill(~allowed[rows], -inf)`, in fewer passes over (M, N): bias, prior
         and mask are folded into one (B, N) offset per request, gathered once, and the matmul accumulates into it.
         """
-        offset = self.item_bias.expand(allowed.shape)
-        if ctx.prior is not None:
-            offset = offset + self.prior_scale * ctx.prior
-        offset = torch.where(allowed, offset, torch.tensor(float("-inf"), device=offset.device))
-        return offset[rows].addmm_(hidden, ctx.items.T)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):  # fp32, as `logits`
+            offset = self.item_bias.expand(allowed.shape)
+            if ctx.prior is not None:
+                offset = offset + self.prior_scale * ctx.prior
+            offset = torch.where(allowed, offset, torch.tensor(float("-inf"), device=offset.device))
+            return offset[rows].addmm_(hidden.float(), ctx.items.T.float())
+
+
+def precision(model: Retriever, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the model's forward passes when it is on a GPU and `bf16` is set; fp32 otherwise.
+    Weights (and the optimiser) stay fp32; the item head and every log-softmax run in fp32."""
+    if bf16 and model.device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def allowed_items(valid: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from catalog.batch import encode_requests
 from catalog.requests import Example
 from catalog.schema import Catalog
-from model.transformer import Retriever
+from model.transformer import Retriever, precision
 from rewards.base import Reward, RewardBatch, RewardContext
 from rewards.registry import group_advantages, score_rewards
 from rollout.sampler import sample_lists
@@ -43,17 +43,22 @@ class Rollouts:
 
 def generate_rollouts(model: Retriever, catalog: Catalog, vocab: dict, examples: list[Example], group_size: int,
                       steps: int, temperature: float, rewards: list[tuple[Reward, float]], ctx: RewardContext,
-                      version: int, generator: torch.Generator | None = None) -> Rollouts:
-    """Sample G lists for each of B training requests and score them."""
+                      version: int, generator: torch.Generator | None = None, bf16: bool = False) -> Rollouts:
+    """Sample G lists for each of B training requests and score them.
+
+    The sampler runs on the model's device (`generator`, if given, must live there too), under bf16 autocast when
+    `bf16` is set and that device is a GPU; the returned tensors are on the CPU."""
     start = time.perf_counter()
     model.eval()
     repeated = [e for e in examples for _ in range(group_size)]
-    batch = encode_requests(catalog, [e.request for e in repeated], vocab)
+    batch = encode_requests(catalog, [e.request for e in repeated], vocab).to(model.device)
     k = examples[0].request.k
-    samples = sample_lists(model, batch, k, steps, temperature, generator)
-    scored = score_rewards([r for r, _ in rewards], RewardBatch([e.request for e in repeated], samples.items.numpy(),
+    with precision(model, bf16):
+        samples = sample_lists(model, batch, k, steps, temperature, generator)
+    items = samples.items.cpu()
+    scored = score_rewards([r for r, _ in rewards], RewardBatch([e.request for e in repeated], items.numpy(),
                                                 [e.targets for e in repeated]), ctx)  # (B*G, C)
     weights = np.array([w for _, w in rewards], dtype=np.float64)
     adv = group_advantages(scored.reshape(len(examples), group_size, -1), weights).reshape(-1)
-    return Rollouts(examples, samples.items, samples.step_of, samples.logp, scored,
+    return Rollouts(examples, items, samples.step_of.cpu(), samples.logp.float().cpu(), scored,
                     torch.from_numpy(adv).float(), version, time.perf_counter() - start)

@@ -26,8 +26,8 @@ def recommend(model: Retriever, catalog: Catalog, vocab: dict, requests: list[Re
     for k, members in by_k.items():
         for start in range(0, len(members), cfg.batch_size):
             chunk = members[start:start + cfg.batch_size]
-            batch = encode_requests(catalog, [requests[n] for n in chunk], vocab)
-            items = sample_lists(model, batch, k, cfg.steps, cfg.temperature, generator).items.numpy()
+            batch = encode_requests(catalog, [requests[n] for n in chunk], vocab).to(model.device)
+            items = sample_lists(model, batch, k, cfg.steps, cfg.temperature, generator).items.cpu().numpy()
             for row, n in enumerate(chunk):
                 out[n] = items[row]
     return out
