@@ -71,8 +71,8 @@ def assert_valid(rollouts: Rollouts, tiny_catalog) -> None:
 
 def test_bf16_autocast_keeps_fp32_weights_head_and_finite_gradients(inputs, tiny_catalog, tiny_vocab):
     """Under bf16 autocast the losses stay finite, gradients reach fp32 parameters, the item head's logits are
-    fp32, and the rollouts' trajectory log-probs re-scored in fp32 stay close to bf16's behaviour ones (the decoupled-PPO
-    weight pi_prox / pi_behav corrects the rest)."""
+    fp32, and the rollouts' trajectory log-probs re-scored in fp32 stay close to bf16's behaviour ones (the
+    decoupled-PPO weight pi_prox / pi_behav corrects the rest)."""
     rollouts, loss, stats = rollouts_and_loss(inputs, tiny_catalog, tiny_vocab, "cpu", bf16=True)
     assert_valid(rollouts, tiny_catalog)
     assert torch.isfinite(loss) and all(np.isfinite(v) for v in stats.values())
