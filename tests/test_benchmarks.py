@@ -1,4 +1,5 @@
-"""Tests of the benchmark scripts' own logic (not timings): the per-request reference sampler and the FLOP count.
+"""Tests of the benchmark scripts' own logic (not timings): the per-request reference sampler, the FLOP count, and
+the H2PO probe's pairing.
 
 The reference in benchmarks/sampler.py re-implements DESIGN 3.4 one request at a time; if it drifted from the
 batched sampler, the throughput comparison would compare different algorithms. Tiny models from conftest.py.
@@ -6,6 +7,8 @@ batched sampler, the throughput comparison would compare different algorithms. T
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -22,6 +25,7 @@ import sampler as bench
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 K = 8
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 
 
 def some_requests(catalog, n: int, seed: int) -> list[Request]:
@@ -70,3 +74,42 @@ def test_flops_per_list_hand_computed():
     blocks 24*3*4 + 4*9*2 + 12*4 = 408; output 4*4 + 2*2*4 = 32; head 2*2*2*10 = 80; total 520 (x S=3: 1560)."""
     assert bench.flops_per_list(2, 1, 10, 2, 1, 1.0) == 520
     assert bench.flops_per_list(2, 1, 10, 2, 3, 1.0) == 1560
+
+
+# ---------------------------------------------------------------- benchmarks/probe.py
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A tiny MOST checkpoint and logged preferences on the real data, laid out as `h2po run` leaves them."""
+    from h2po.cli import main
+
+    run = tmp_path_factory.mktemp("probe_run")
+    overrides = [f"out_dir={run}", "threads=1"]
+    assert main(["pretrain", "--config", TINY, *overrides]) == 0
+    assert main(["data", "preferences", "--out", str(run / "preferences.parquet"), "--config", TINY, *overrides]) == 0
+    return run
+
+
+def run_probe(monkeypatch, tmp_path, run: Path, *args: str) -> dict:
+    import probe
+
+    out = tmp_path / "probe.json"
+    monkeypatch.setattr(sys, "argv", ["probe.py", "--run", str(run), "--steps", "2", "--eval-every", "1",
+                                      "--threads", "1", "--out", str(out), *args])
+    probe.main()
+    return json.loads(out.read_text())
+
+
+def test_probe_differences_are_paired_against_most(tiny_run, tmp_path, monkeypatch, capsys):
+    """lr 0: the policy never moves, so every paired difference on both splits is exactly 0 (the probe scores like
+    with like). lr 1e-3, on-policy only, item residuals frozen: each step records its loss terms, the off-policy
+    term is absent, and the frozen parameters are named."""
+    still = run_probe(monkeypatch, tmp_path, tiny_run, "h2po.lr=0")
+    assert set(still["final"]) == {"val", "test"}
+    assert all(diff == [0.0, 0.0, 0.0] for split in still["final"].values() for diff in split.values())
+    assert still["history"][0]["val"] == still["final"]["val"] and len(still["history"]) == 2
+    moved = run_probe(monkeypatch, tmp_path, tiny_run, "--terms", "on", "--freeze", "item_residual", "h2po.lr=1e-3")
+    assert [h["step"] for h in moved["history"]] == [1, 2]
+    assert all(h["loss/off"] == 0.0 and math.isfinite(h["loss/on"]) and h["kl"] >= 0 for h in moved["history"])
+    assert "frozen: item_residual" in capsys.readouterr().out

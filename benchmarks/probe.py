@@ -1,0 +1,121 @@
+"""Single-process H2PO probe: what one setting does to greedy NDCG@10, paired against its MOST start.
+
+Run:  python benchmarks/probe.py --run runs/default [--steps 40] [--eval-every 20] [--terms on,off]
+      [--freeze item_residual,item_bias] [--rollout-users train|val] [--seed 0] [--out FILE] [key=value ...]
+
+No Ray and no DeepSpeed: one process draws rollouts with the current weights (synchronous, staleness 0), builds
+the H2PO loss with `learner.h2po_step.h2po_losses` (the learner's own loss) and steps torch AdamW with the same
+gradient clip as the engine. It is the cheap way to compare settings before a distributed run: every
+`--eval-every` steps it prints the paired bootstrap difference to MOST on the validation split, and at the end
+on the test split. Decide on validation; the test line is for the record.
+- `--terms`: which data the loss sees, on-policy rollouts and/or logged pairs (the MOST anchor follows
+  h2po.lambda_sft);
+- `--freeze`: parameter name prefixes left out of the update (e.g. the per-item residuals and biases);
+- `--rollout-users val`: rollouts from validation users instead of training users. This trains on the users that
+  the validation lines score, so those lines become in-sample: the measure of how far H2PO moves the greedy lists
+  of the very users it is rewarded on (a ceiling), while the test lines stay out of sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from harness import add_run_arguments, h2po_run_config, machine, set_threads, write_result
+
+from actors.workspace import frozen_copy
+from catalog.dataset import training_examples
+from catalog.preferences import read_preferences
+from evaluation.metrics import item_mask, paired_bootstrap, ranking_metrics
+from h2po import pipeline
+from learner.checkpoint import load_checkpoint
+from learner.h2po import lambda_off_at
+from learner.h2po_step import AnchorInputs, h2po_losses
+from rewards.base import RewardContext
+from rewards.registry import build_rewards
+from rollout.generate import generate_rollouts
+
+
+def scorer(ws: pipeline.Workspace, split: str, start: torch.nn.Module):
+    """-> score(model, label): prints and returns {family: [diff, low, high]} against `start` on `split`."""
+    examples = pipeline.examples(ws, split)
+    relevant = item_mask([e.targets for e in examples], ws.data.catalog.n_items)
+    family = np.array([e.family for e in examples])
+
+    def ndcg(model):
+        return ranking_metrics(pipeline.model_recommender(ws, model)(examples), relevant, [10])["ndcg@10"]
+
+    base = ndcg(start)
+
+    def score(model, label: str) -> dict:
+        after, out = ndcg(model), {}
+        for f in sorted(set(family)):
+            diff = paired_bootstrap(after[family == f], base[family == f], 1000, 0)
+            out[f] = [float(v) for v in diff]
+            print(f"{label} {split} {f}: MOST {base[family == f].mean():.4f} H2PO {after[family == f].mean():.4f} "
+                  f"diff {diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}]", flush=True)
+        return out
+    return score
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_run_arguments(parser, steps=40)
+    parser.add_argument("--eval-every", type=int, default=20, help="validation lines every this many steps")
+    parser.add_argument("--terms", default="on,off", help="comma-separated subset of on,off")
+    parser.add_argument("--freeze", default="", help="comma-separated parameter name prefixes not to train")
+    parser.add_argument("--rollout-users", choices=("train", "val"), default="train")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = all cores")
+    args = parser.parse_args()
+    terms = set(args.terms.split(","))
+    if not terms or terms - {"on", "off"}:
+        parser.error("--terms: a comma-separated subset of on,off")
+    set_threads(args.threads)
+    run = Path(args.run)
+    cfg = h2po_run_config(parser, run, run, args.overrides)
+    ws, h2po = pipeline.prepare(cfg), cfg.h2po
+    model = load_checkpoint(run / "most.safetensors", ws.data.catalog)[0]
+    reference = frozen_copy(model)
+    frozen = [n for n, p in model.named_parameters() if any(n.startswith(f) for f in args.freeze.split(",") if f)]
+    for name in frozen:
+        model.get_parameter(name).requires_grad_(False)
+    scores = {split: scorer(ws, split, reference) for split in ("val", "test")}
+    users = ws.data if args.rollout_users == "train" else dataclasses.replace(ws.data, train_users=ws.data.val_users)
+    relevance, rewards = model.prior_matrix, build_rewards(h2po.rewards)
+    reward_ctx = RewardContext.from_dataset(ws.data, ws.features, relevance)
+    anchor = AnchorInputs(ws.data, ws.unit_features, relevance, cfg.requests, cfg.most)
+    pairs = [p for b in read_preferences(run / "preferences.parquet", ws.data.catalog) for p in b.pairs] \
+        if "off" in terms else []
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=h2po.lr, weight_decay=0.0)
+    rng, generator = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
+    history, start = [], time.time()
+    for step in range(args.steps):
+        rollouts = generate_rollouts(model, ws.data.catalog, ws.vocab, training_examples(
+            users, cfg.requests, h2po.batch_requests, rng), h2po.group_size, cfg.sampler.steps,
+            h2po.rollout_temperature, rewards, reward_ctx, step, generator) if "on" in terms else None
+        batch = [pairs[(step * h2po.batch_requests + i) % len(pairs)] for i in range(h2po.batch_requests)] \
+            if pairs else None
+        cache: dict = {}
+        for _ in range(h2po.inner_epochs):
+            loss, stats = h2po_losses(model, reference, ws.data.catalog, ws.vocab, rollouts, cache, batch, anchor,
+                                      h2po, lambda_off_at(step, args.steps, h2po.lambda_off_start,
+                                                          h2po.lambda_off_end), rng, generator)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.system.grad_clip)
+            optimizer.step()
+        history.append({"step": step + 1, "seconds": time.time() - start, **stats})
+        if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            history[-1]["val"] = scores["val"](model, f"step {step + 1}")
+    final = {split: score(model, f"step {args.steps}") for split, score in scores.items()}
+    print(f"{args.steps} steps in {time.time() - start:.0f} s; frozen: {', '.join(frozen) or 'nothing'}")
+    write_result(args.out, {"machine": machine(), "args": vars(args), "final": final, "history": history})
+
+
+if __name__ == "__main__":
+    main()
