@@ -152,7 +152,7 @@ def time_method(run: Callable[[list[Request]], list[np.ndarray]], requests: list
     return best, lists
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=None, help="a MOST checkpoint (default: random-init default model)")
     parser.add_argument("--batch", type=int, default=256, help="requests per batch of the batched sampler")
@@ -164,29 +164,24 @@ def main(argv: list[str] | None = None) -> dict:
                         help="without a checkpoint: EASE prior lambda (0 = no prior); ignored with a checkpoint")
     parser.add_argument("--matmul-size", type=int, default=2048, help="size of the matmul measuring the FLOP rate")
     add_common_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def load_model(args: argparse.Namespace) -> tuple[pipeline.Workspace, torch.nn.Module]:
+    """The checkpoint's model on its config, or the default model (random weights, EASE prior unless lambda 0)."""
     if args.checkpoint:
         from learner.checkpoint import load_checkpoint, read_header
 
         ws = workspace(args, json.loads(read_header(args.checkpoint)["config"]))
-        model, _, _ = load_checkpoint(args.checkpoint, ws.data.catalog)
-    else:
-        ws = workspace(args)
-        model = pipeline.build_model(ws, fit_ease(ws, args.ease_lambda) if args.ease_lambda > 0 else None)
-    threads = set_threads(args.threads)
-    model.eval()
+        return ws, load_checkpoint(args.checkpoint, ws.data.catalog)[0]
+    ws = workspace(args)
+    return ws, pipeline.build_model(ws, fit_ease(ws, args.ease_lambda) if args.ease_lambda > 0 else None)
+
+
+def measure(model, ws: pipeline.Workspace, requests: list[Request], args: argparse.Namespace,
+            floor: float) -> tuple[list[list], list[dict], float]:
+    """Time batched and reference sampling at T=0 and T=1.  -> (table rows, records, greedy-identical share)"""
     cat, vocab = ws.data.catalog, ws.vocab
-    requests = [Request(e.request.seeds, e.request.negatives, e.request.constraints, args.k)
-                for e in pipeline.examples(ws, "val")]
-    requests = requests[: args.requests or len(requests)]
-
-    mc = model.cfg
-    context = float(np.mean([len(r.seeds) + len(r.negatives) + len(r.constraints) for r in requests]))
-    flops = flops_per_list(mc.d_model, mc.n_layers, cat.n_items, args.k, args.steps, context)
-    rate = matmul_rate(args.matmul_size)
-    floor = rate / flops  # lists/s
-
     rows, records, greedy = [], [], {}
     for temperature in (0.0, 1.0):
         sampler_cfg = SamplerConfig(steps=args.steps, temperature=temperature, batch_size=args.batch)
@@ -206,6 +201,24 @@ def main(argv: list[str] | None = None) -> dict:
                             "ms_per_list": 1000 / per_second, "vs_floor": per_second / floor, "seconds": seconds})
     rows.append(["floor", "-", floor, 1000 / floor, 1.0])
     same = float(np.mean([np.array_equal(a, b) for a, b in zip(greedy["batched"], greedy["reference"])]))
+    return rows, records, same
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    ws, model = load_model(args)
+    threads = set_threads(args.threads)
+    model.eval()
+    cat = ws.data.catalog
+    requests = [Request(e.request.seeds, e.request.negatives, e.request.constraints, args.k)
+                for e in pipeline.examples(ws, "val")]
+    requests = requests[: args.requests or len(requests)]
+    mc = model.cfg
+    context = float(np.mean([len(r.seeds) + len(r.negatives) + len(r.constraints) for r in requests]))
+    flops = flops_per_list(mc.d_model, mc.n_layers, cat.n_items, args.k, args.steps, context)
+    rate = matmul_rate(args.matmul_size)
+    floor = rate / flops  # lists/s
+    rows, records, same = measure(model, ws, requests, args, floor)
 
     info = machine()
     print(f"machine: {info['cpu_count']} CPUs, torch {info['torch']}, {threads} threads; "
