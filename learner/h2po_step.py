@@ -92,7 +92,7 @@ def h2po_losses(model: Retriever, ref: Retriever, catalog: Catalog, vocab: dict,
     """The total H2PO loss (graph attached) and its terms; either data source may be absent (ablations).
     `cache`: an empty dict per learner batch, reused across its inner epochs (`on_policy_terms`)."""
     model.eval()
-    zero = torch.zeros(())
+    zero = torch.zeros((), device=model.device)
     stats: dict = {}
     on_loss, kl = zero, zero
     if rollouts is not None:
