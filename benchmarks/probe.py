@@ -62,7 +62,8 @@ def scorer(ws: pipeline.Workspace, split: str, start: torch.nn.Module):
     return score
 
 
-def main() -> None:
+def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """-> (the parser, for usage errors later; the arguments, `terms` as a set)"""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_run_arguments(parser, steps=40)
     parser.add_argument("--eval-every", type=int, default=20, help="validation lines every this many steps")
@@ -72,9 +73,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = all cores")
     args = parser.parse_args()
-    terms = set(args.terms.split(","))
-    if not terms or terms - {"on", "off"}:
+    args.terms = set(args.terms.split(","))
+    if not args.terms or args.terms - {"on", "off"}:
         parser.error("--terms: a comma-separated subset of on,off")
+    return parser, args
+
+
+def main() -> None:
+    parser, args = parse_args()
+    terms = args.terms
     set_threads(args.threads)
     run = Path(args.run)
     cfg = h2po_run_config(parser, run, run, args.overrides)
@@ -114,7 +121,8 @@ def main() -> None:
             history[-1]["val"] = scores["val"](model, f"step {step + 1}")
     final = {split: score(model, f"step {args.steps}") for split, score in scores.items()}
     print(f"{args.steps} steps in {time.time() - start:.0f} s; frozen: {', '.join(frozen) or 'nothing'}")
-    write_result(args.out, {"machine": machine(), "args": vars(args), "final": final, "history": history})
+    write_result(args.out, {"machine": machine(), "args": {**vars(args), "terms": sorted(terms)}, "final": final,
+                            "history": history})
 
 
 if __name__ == "__main__":

@@ -38,8 +38,7 @@ class AnchorInputs:
 
 def rollout_log_probs(model: Retriever, catalog: Catalog, vocab: dict, rollouts: Rollouts) -> torch.Tensor:
     """Per-slot log-probs of the rollouts' lists along their trajectories under `model`.  -> (B*G, K)"""
-    repeated = [e.request for e in rollouts.examples for _ in range(rollouts.group_size)]
-    batch = encode_requests(catalog, repeated, vocab).to(model.device)
+    batch = encode_requests(catalog, rollouts.requests, vocab).to(model.device)
     return trajectory_log_probs(model, model.encode(batch), rollouts.items.to(model.device),
                                 rollouts.step_of.to(model.device))
 

@@ -40,6 +40,11 @@ class Rollouts:
     def group_size(self) -> int:
         return len(self.items) // max(len(self.examples), 1)
 
+    @property
+    def requests(self) -> list:
+        """The request of every row (each example's request G times, request-major)."""
+        return [e.request for e in self.examples for _ in range(self.group_size)]
+
 
 def generate_rollouts(model: Retriever, catalog: Catalog, vocab: dict, examples: list[Example], group_size: int,
                       steps: int, temperature: float, rewards: list[tuple[Reward, float]], ctx: RewardContext,

@@ -83,7 +83,7 @@ def test_bf16_autocast_keeps_fp32_weights_head_and_finite_gradients(inputs, tiny
     with torch.no_grad():
         fp32 = rollout_log_probs(model, tiny_catalog, tiny_vocab, rollouts)
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-            batch = rollouts_batch(rollouts, tiny_catalog, tiny_vocab)
+            batch = encode_requests(tiny_catalog, rollouts.requests, tiny_vocab)
             ctx = model.encode(batch)
             assert model.logits(ctx, model.hidden(ctx, rollouts.items)).dtype == torch.float32
     assert rollouts.behaviour_logp.dtype == torch.float32
@@ -95,10 +95,6 @@ def assert_bf16_close(fp32: torch.Tensor, bf16: torch.Tensor) -> None:
     pi_prox / pi_behav within [0.6, 1.65], well inside the cap of 5)."""
     gap = (fp32 - bf16).abs()
     assert gap.mean() < 0.05 and gap.max() < 0.5, (gap.mean(), gap.max())
-
-
-def rollouts_batch(rollouts: Rollouts, catalog, vocab):
-    return encode_requests(catalog, [e.request for e in rollouts.examples for _ in range(rollouts.group_size)], vocab)
 
 
 @cuda
