@@ -44,7 +44,7 @@ def scorer(ws: pipeline.Workspace, split: str, start: torch.nn.Module):
     """-> score(model, label): prints and returns {family: [diff, low, high]} against `start` on `split`."""
     examples = pipeline.examples(ws, split)
     relevant = item_mask([e.targets for e in examples], ws.data.catalog.n_items)
-    family = np.array([e.family for e in examples])
+    family, users = np.array([e.family for e in examples]), np.array([e.user for e in examples])
 
     def ndcg(model):
         return ranking_metrics(pipeline.model_recommender(ws, model)(examples), relevant, [10])["ndcg@10"]
@@ -54,9 +54,10 @@ def scorer(ws: pipeline.Workspace, split: str, start: torch.nn.Module):
     def score(model, label: str) -> dict:
         after, out = ndcg(model), {}
         for f in sorted(set(family)):
-            diff = paired_bootstrap(after[family == f], base[family == f], 1000, 0)
+            rows = family == f
+            diff = paired_bootstrap(after[rows], base[rows], 1000, 0, users[rows])
             out[f] = [float(v) for v in diff]
-            print(f"{label} {split} {f}: MOST {base[family == f].mean():.4f} H2PO {after[family == f].mean():.4f} "
+            print(f"{label} {split} {f}: MOST {base[rows].mean():.4f} H2PO {after[rows].mean():.4f} "
                   f"diff {diff[0]:+.4f} [{diff[1]:+.4f}, {diff[2]:+.4f}]", flush=True)
         return out
     return score

@@ -125,21 +125,37 @@ def list_metrics(lists: np.ndarray, examples: Sequence[Example], data: Dataset, 
     return out
 
 
-def bootstrap_ci(values: np.ndarray, n: int, seed: int, chunk: int = 200) -> tuple[float, float, float]:
-    """(mean, lo, hi): the mean of `values` (R,) and its 95% percentile bootstrap interval from `n` resamples."""
+def bootstrap_ci(values: np.ndarray, n: int, seed: int, clusters: np.ndarray | None = None,
+                 chunk: int = 200) -> tuple[float, float, float]:
+    """(mean, lo, hi): the mean of `values` (R,) and its 95% percentile bootstrap interval from `n` resamples.
+
+    `clusters` (R,) labels requests that are not independent (the same user's requests); a resample then draws
+    whole clusters with replacement and takes the mean over their requests. Without it each request is its own
+    cluster."""
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 1 or len(values) == 0:
         raise ValueError(f"bootstrap needs a non-empty 1-D array, got shape {values.shape}")
+    if clusters is None:
+        sums, counts = values, np.ones(len(values))
+    else:
+        if np.shape(clusters) != values.shape:
+            raise ValueError(f"clusters need shape {values.shape}, got {np.shape(clusters)}")
+        inverse = np.unique(clusters, return_inverse=True)[1]
+        sums, counts = np.bincount(inverse, weights=values), np.bincount(inverse).astype(np.float64)  # (C,)
     rng = np.random.default_rng(seed)
-    means = [values[rng.integers(0, len(values), size=(m, len(values)))].mean(1)  # (m,) resampled means
-             for m in np.diff(np.append(np.arange(0, n, chunk), n))]
+    means = []
+    for m in np.diff(np.append(np.arange(0, n, chunk), n)):
+        draw = rng.integers(0, len(sums), size=(m, len(sums)))  # (m, C) resampled clusters
+        means.append(sums[draw].sum(1) / counts[draw].sum(1))
     lo, hi = np.percentile(np.concatenate(means), [2.5, 97.5])
     return float(values.mean()), float(lo), float(hi)
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int, seed: int) -> tuple[float, float, float]:
-    """(d, lo, hi): mean difference a - b of two methods on the same requests, resampling requests jointly."""
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int, seed: int,
+                     clusters: np.ndarray | None = None) -> tuple[float, float, float]:
+    """(d, lo, hi): mean difference a - b of two methods on the same requests, resampling requests (or the
+    `clusters` of `bootstrap_ci`) jointly."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"paired bootstrap needs equal shapes, got {a.shape} and {b.shape}")
-    return bootstrap_ci(a - b, n, seed)
+    return bootstrap_ci(a - b, n, seed, clusters)

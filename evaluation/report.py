@@ -4,8 +4,10 @@
 of `evaluation/metrics.py` and summarises them per group: "A", "B" (families, seed sizes pooled) and "A/s=3",
 "A/s=5", ... (one seed size). Each metric gets its mean and a 95% bootstrap interval (`"ndcg@10"`,
 `"ndcg@10_ci"`); coverage is a scalar of the group's lists. Non-reference methods also get the paired
-bootstrap difference of NDCG@min(ks) to each reference (`"ndcg@10_vs_EASE"`, `"ndcg@10_vs_EASE_ci"`). All
-methods share the resample indices (same seed), so their intervals are comparable.
+bootstrap difference of NDCG@min(ks) to each reference (`"ndcg@10_vs_EASE"`, `"ndcg@10_vs_EASE_ci"`). The
+bootstrap resamples users, not requests: a family A group holds several requests of each user (one per seed
+size), which are not independent. All methods share the resample indices (same seed), so their intervals are
+comparable.
 
 Example:
     baselines = build_baselines(data, features, cfg.eval, ease_lambda)
@@ -40,12 +42,13 @@ def example_groups(examples: Sequence[Example]) -> dict[str, np.ndarray]:
     return groups
 
 
-def summarise(values: dict[str, np.ndarray], lists: np.ndarray, n_items: int, n_boot: int,
-              seed: int) -> dict[str, object]:
-    """{metric: mean, metric_ci: [lo, hi], coverage, n} for one method on one group of requests."""
+def summarise(values: dict[str, np.ndarray], lists: np.ndarray, n_items: int, n_boot: int, seed: int,
+              users: np.ndarray | None = None) -> dict[str, object]:
+    """{metric: mean, metric_ci: [lo, hi], coverage, n} for one method on one group of requests (`users` (R,):
+    the bootstrap resamples users)."""
     out: dict[str, object] = {"n": len(lists)}
     for name, per_request in values.items():
-        mean, lo, hi = bootstrap_ci(per_request, n_boot, seed)
+        mean, lo, hi = bootstrap_ci(per_request, n_boot, seed, users)
         out[name], out[f"{name}_ci"] = mean, [lo, hi]
     out["coverage"] = coverage(lists, n_items)
     return out
@@ -65,15 +68,17 @@ def evaluate_methods(methods: dict[str, Recommender], examples: Sequence[Example
     values = {name: list_metrics(lists[name], examples, data, features, cfg.ks) for name in methods}
     primary = f"ndcg@{min(cfg.ks)}"
     seed = cfg.request_seed
+    users = np.array([e.user for e in examples])
     results: dict[str, dict[str, dict[str, object]]] = {}
     for group, rows in example_groups(examples).items():
         results[group] = {}
         for name in methods:
             group_values = {metric: v[rows] for metric, v in values[name].items()}
-            summary = summarise(group_values, lists[name][rows], data.catalog.n_items, cfg.bootstrap, seed)
+            summary = summarise(group_values, lists[name][rows], data.catalog.n_items, cfg.bootstrap, seed,
+                                users[rows])
             for reference in [r for r in references if r in methods and r != name]:
                 d, lo, hi = paired_bootstrap(group_values[primary], values[reference][primary][rows],
-                                             cfg.bootstrap, seed)
+                                             cfg.bootstrap, seed, users[rows])
                 summary[f"{primary}_vs_{reference}"], summary[f"{primary}_vs_{reference}_ci"] = d, [lo, hi]
             results[group][name] = summary
     return results

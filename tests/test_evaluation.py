@@ -181,6 +181,20 @@ def test_bootstrap_ci_contains_mean_and_narrows():
     assert d == pytest.approx(0.1) and d_lo == pytest.approx(0.1) and d_hi == pytest.approx(0.1)
 
 
+def test_bootstrap_resamples_whole_clusters():
+    """Three identical requests per user: resampling users gives exactly the interval of the per-user values, and
+    the request-level interval (which treats the copies as independent) is narrower; bad cluster shapes raise."""
+    per_user = np.random.default_rng(6).normal(0.4, 0.2, 40)
+    values, users = np.repeat(per_user, 3), np.repeat(np.arange(100, 140), 3)
+    clustered = bootstrap_ci(values, 1000, seed=2, clusters=users)
+    assert clustered == pytest.approx(bootstrap_ci(per_user, 1000, seed=2))
+    _, lo, hi = bootstrap_ci(values, 1000, seed=2)
+    assert hi - lo < 0.75 * (clustered[2] - clustered[1])
+    assert paired_bootstrap(values, values - 0.1, 200, seed=3, clusters=users) == pytest.approx((0.1, 0.1, 0.1))
+    with pytest.raises(ValueError, match="clusters need shape"):
+        bootstrap_ci(values, 100, seed=0, clusters=users[:-1])
+
+
 def test_evaluate_methods_and_table():
     """Two methods on family A (seed sizes 1..) and B examples: groups per family and per seed size, CIs around
     the means, the paired difference to the reference only for the other method, and a table naming both."""
