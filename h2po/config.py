@@ -104,7 +104,7 @@ class EvalConfig:
     """Evaluation and baselines (DESIGN section 2)."""
 
     ks: list[int] = option([10, 20], "Cut-offs K of the metrics.")
-    bootstrap: int = option(1000, "Bootstrap resamples for confidence intervals.")
+    bootstrap: int = option(1000, "Bootstrap resamples for confidence intervals (users are resampled).")
     ease_lambdas: list[float] = option([300.0, 1000.0, 3000.0, 10000.0], "EASE lambda grid tuned on validation.")
     mmr_lambda: float = option(0.7, "MMR trade-off between relevance and diversity.")
     request_seed: int = option(1, "Seed drawing the validation and test requests.")
