@@ -82,7 +82,6 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
 
 def main() -> None:
     parser, args = parse_args()
-    terms = args.terms
     set_threads(args.threads)
     run = Path(args.run)
     cfg = h2po_run_config(parser, run, run, args.overrides)
@@ -98,14 +97,14 @@ def main() -> None:
     reward_ctx = RewardContext.from_dataset(ws.data, ws.features, relevance)
     anchor = AnchorInputs(ws.data, ws.unit_features, relevance, cfg.requests, cfg.most)
     pairs = [p for b in read_preferences(run / "preferences.parquet", ws.data.catalog) for p in b.pairs] \
-        if "off" in terms else []
+        if "off" in args.terms else []
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=h2po.lr, weight_decay=0.0)
     rng, generator = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
     history, start = [], time.time()
     for step in range(args.steps):
         rollouts = generate_rollouts(model, ws.data.catalog, ws.vocab, training_examples(
             users, cfg.requests, h2po.batch_requests, rng), h2po.group_size, cfg.sampler.steps,
-            h2po.rollout_temperature, rewards, reward_ctx, step, generator) if "on" in terms else None
+            h2po.rollout_temperature, rewards, reward_ctx, step, generator) if "on" in args.terms else None
         batch = [pairs[(step * h2po.batch_requests + i) % len(pairs)] for i in range(h2po.batch_requests)] \
             if pairs else None
         cache: dict = {}
@@ -122,7 +121,7 @@ def main() -> None:
             history[-1]["val"] = scores["val"](model, f"step {step + 1}")
     final = {split: score(model, f"step {args.steps}") for split, score in scores.items()}
     print(f"{args.steps} steps in {time.time() - start:.0f} s; frozen: {', '.join(frozen) or 'nothing'}")
-    write_result(args.out, {"machine": machine(), "args": {**vars(args), "terms": sorted(terms)}, "final": final,
+    write_result(args.out, {"machine": machine(), "args": {**vars(args), "terms": sorted(args.terms)}, "final": final,
                             "history": history})
 
 

@@ -43,7 +43,7 @@ def example_groups(examples: Sequence[Example]) -> dict[str, np.ndarray]:
 
 
 def summarise(values: dict[str, np.ndarray], lists: np.ndarray, n_items: int, n_boot: int, seed: int,
-              users: np.ndarray | None = None) -> dict[str, object]:
+              users: np.ndarray) -> dict[str, object]:
     """{metric: mean, metric_ci: [lo, hi], coverage, n} for one method on one group of requests (`users` (R,):
     the bootstrap resamples users)."""
     out: dict[str, object] = {"n": len(lists)}

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from catalog.batch import encode_requests
-from catalog.requests import Example
+from catalog.requests import Example, Request
 from catalog.schema import Catalog
 from model.transformer import Retriever, precision
 from rewards.base import Reward, RewardBatch, RewardContext
@@ -41,7 +41,7 @@ class Rollouts:
         return len(self.items) // max(len(self.examples), 1)
 
     @property
-    def requests(self) -> list:
+    def requests(self) -> list[Request]:
         """The request of every row (each example's request G times, request-major)."""
         return [e.request for e in self.examples for _ in range(self.group_size)]
 
