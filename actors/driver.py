@@ -128,7 +128,7 @@ def place_actors(cfg: RunConfig, checkpoint: str, preferences: str | None, syste
     buffer = ReplayBufferActor.options(num_cpus=0).remote(cfg, preferences)
     rollouts = [RolloutActor.options(num_cpus=system.rollout_cpus, num_gpus=system.rollout_gpus,
                                      max_restarts=MAX_ROLLOUT_RESTARTS)
-                .remote(with_threads(system.rollout_cpus), checkpoint, cfg.seed * 1000 + i)
+                .remote(with_threads(system.rollout_cpus), checkpoint, cfg.h2po_seed * 1000 + i)
                 for i in range(system.rollout_actors)]
     learners = [LearnerActor.options(num_cpus=system.learner_cpus, num_gpus=system.learner_gpus)
                 .remote(with_threads(system.learner_cpus), checkpoint, engine_cfg) for _ in range(system.learners)]

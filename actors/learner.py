@@ -54,8 +54,8 @@ class LearnerActor(ActorProcess):
         self.rank = rank
         self.engine = Engine(self.policy.model, self.engine_cfg)  # moves the policy to this rank's GPU, if any
         self.ref.to(self.engine.module.device)
-        self.rng = np.random.default_rng([self.cfg.seed, 1 + rank])
-        self.generator = torch.Generator().manual_seed(self.cfg.seed * 1009 + 1 + rank)
+        self.rng = np.random.default_rng([self.cfg.h2po_seed, 1 + rank])
+        self.generator = torch.Generator().manual_seed(self.cfg.h2po_seed * 1009 + 1 + rank)
         return rank
 
     def train_step(self, rollouts: Rollouts | None, pairs: list[PreferencePair], lambda_off: float) -> dict:

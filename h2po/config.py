@@ -139,6 +139,8 @@ class H2POConfig:
                                 "this process's first step (a resumed run starts a new one); 0 = no limit.")
     eval_every: int = option(20, "Validation NDCG@10 of the policy every this many steps, shown on the dashboard; "
                              "0 = never.")
+    seed: int = option(-1, "Seed of H2PO's own draws (rollout requests and sampling, learner noise); -1 = the global "
+                       "seed. Another value repeats H2PO from the same MOST checkpoint along another trajectory.")
 
 
 @dataclass
@@ -196,6 +198,11 @@ class RunConfig:
     preferences: PreferenceConfig = field(default_factory=PreferenceConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+
+    @property
+    def h2po_seed(self) -> int:
+        """The seed of the H2PO stage: h2po.seed, or the global seed when that is -1."""
+        return self.seed if self.h2po.seed < 0 else self.h2po.seed
 
 
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")

@@ -179,3 +179,13 @@ def test_every_field_is_reachable_by_override():
     """Overriding each key with its default (as JSON text) is accepted and reproduces the defaults."""
     overrides = [f"{key}={json.dumps(default)}" for key, default, _ in describe()]
     assert load_config(None, overrides) == RunConfig()
+
+
+def test_h2po_seed_falls_back_to_the_global_seed_and_leaves_most_reusable():
+    """h2po.seed = -1 follows `seed`; another value changes only H2PO's draws, so MOST's checkpoint still fits."""
+    from h2po.pipeline import MOST_KEYS
+
+    assert load_config(None, ["seed=3"]).h2po_seed == 3
+    assert load_config(None, ["seed=3", "h2po.seed=5"]).h2po_seed == 5
+    assert load_config(None, ["h2po.seed=0"]).h2po_seed == 0
+    assert "h2po" not in MOST_KEYS and "seed" in MOST_KEYS
