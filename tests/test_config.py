@@ -22,6 +22,7 @@ from h2po.config import (
     load_config,
     parse_override,
 )
+from h2po.pipeline import MOST_KEYS
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
@@ -183,8 +184,6 @@ def test_every_field_is_reachable_by_override():
 
 def test_h2po_seed_falls_back_to_the_global_seed_and_leaves_most_reusable():
     """h2po.seed = -1 follows `seed`; another value changes only H2PO's draws, so MOST's checkpoint still fits."""
-    from h2po.pipeline import MOST_KEYS
-
     assert load_config(None, ["seed=3"]).h2po_seed == 3
     assert load_config(None, ["seed=3", "h2po.seed=5"]).h2po_seed == 5
     assert load_config(None, ["h2po.seed=0"]).h2po_seed == 0
