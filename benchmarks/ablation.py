@@ -6,7 +6,8 @@ Run:  python benchmarks/ablation.py --run runs/default [--steps 40] [--variants 
 `--run DIR` is a run directory of `h2po run` (it holds most.safetensors and preferences.parquet). Each
 variant is a real distributed run (`actors.driver.train`: local Ray, DeepSpeed learner ranks, async mode) of
 `--steps` learner steps into DIR/ablation/<variant>, with the run's config plus the overrides:
-- hybrid: rollouts (h2po.batch_requests requests x h2po.group_size) and logged pairs (system.pairs_per_step);
+- hybrid: rollouts (h2po.batch_requests requests x h2po.group_size) and logged pairs (system.pairs_per_step,
+  or h2po.batch_requests when that is -1 or 0: the main job's config trains on-policy only);
 - on: rollouts only (no preference file);
 - off: logged pairs only (the hybrid's pairs per step, h2po.batch_requests=0: no rollouts).
 Afterwards MOST and every variant are evaluated on the test split (`h2po.pipeline.run_evaluation`): the
@@ -31,15 +32,21 @@ from learner.checkpoint import load_checkpoint
 VARIANTS = ("hybrid", "on", "off")
 
 
+def variant_config(cfg: RunConfig, name: str) -> RunConfig:
+    """The config of one variant from the run's config: logged pairs per step as configured, or
+    h2po.batch_requests when it has none (-1 or 0); `off` samples no rollouts; `on` reads no pairs (run_variant)."""
+    if name == "on":
+        return cfg
+    pairs = cfg.system.pairs_per_step if cfg.system.pairs_per_step > 0 else cfg.h2po.batch_requests
+    cfg = dataclasses.replace(cfg, system=dataclasses.replace(cfg.system, pairs_per_step=pairs))
+    return dataclasses.replace(cfg, h2po=dataclasses.replace(cfg.h2po, batch_requests=0)) if name == "off" else cfg
+
+
 def run_variant(cfg: RunConfig, run: Path, name: str, steps: int) -> tuple[Path, float]:
-    """Train one variant (cfg: the hybrid's settings).  -> (policy checkpoint, seconds)"""
-    if name == "off":  # the hybrid's pairs per step, no rollouts
-        pairs = cfg.h2po.batch_requests if cfg.system.pairs_per_step < 0 else cfg.system.pairs_per_step
-        cfg = dataclasses.replace(cfg, h2po=dataclasses.replace(cfg.h2po, batch_requests=0),
-                                  system=dataclasses.replace(cfg.system, pairs_per_step=pairs))
+    """Train one variant (cfg: the run's config).  -> (policy checkpoint, seconds)"""
     prefs = None if name == "on" else run / "preferences.parquet"
     start = time.time()
-    result = train(cfg, run / "most.safetensors", prefs, steps, "async")
+    result = train(variant_config(cfg, name), run / "most.safetensors", prefs, steps, "async")
     return result.checkpoint, time.time() - start
 
 

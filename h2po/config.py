@@ -139,8 +139,8 @@ class H2POConfig:
                                 "this process's first step (a resumed run starts a new one); 0 = no limit.")
     eval_every: int = option(20, "Validation NDCG@10 of the policy every this many steps, shown on the dashboard; "
                              "0 = never.")
-    seed: int = option(-1, "Seed of H2PO's own draws (rollout requests and sampling, learner noise); -1 = the global "
-                       "seed. Another value repeats H2PO from the same MOST checkpoint along another trajectory.")
+    seed: int = option(-1, "Seed of H2PO's own draws (rollout requests and sampling, learner noise); negative = the "
+                       "global seed. Another value: another trajectory from the same MOST checkpoint.")
 
 
 @dataclass
@@ -164,7 +164,8 @@ class SystemConfig:
     rollout_gpus: float = option(0.0, "GPUs per rollout actor.")
     learner_cpus: float = option(1.0, "CPUs per learner rank.")
     learner_gpus: float = option(0.0, "GPUs per learner rank.")
-    pairs_per_step: int = option(-1, "Logged pairs per learner batch (the off-policy share); -1 = h2po.batch_requests.")
+    pairs_per_step: int = option(-1, "Logged pairs per learner batch (the off-policy share); -1 = h2po.batch_requests; "
+                                 "0 = on-policy only (a preference file given is not read).")
     grad_clip: float = option(1.0, "Gradient-norm clip of the engine.")
     bf16: bool = option(True, "bf16 autocast of rollout and learner forward passes on GPU (fp32 weights, optimiser "
                               "and item head); CPU runs are fp32 whatever this says.")

@@ -113,13 +113,14 @@ def test_pretrain_writes_checkpoint_and_licence(checkpoint):
 
 @pytest.mark.slow
 def test_run_main_job(tmp_path, capsys):
-    """`h2po run` on the tiny config: MOST, logged preferences, H2PO on a local Ray instance (2 learner ranks,
-    ZeRO-2; stopped by its time budget after one step), then the table with MOST and H2PO and the report. A
-    second run with the same settings reuses the MOST checkpoint."""
+    """`h2po run` on the tiny config with the main job's on-policy-only mix: MOST, logged preferences (written, not
+    read), H2PO on a local Ray instance (2 learner ranks, ZeRO-2; stopped by its time budget after one step), then
+    the table with MOST and H2PO and the report. A second run with the same settings reuses the MOST checkpoint."""
     assert main(["run", "--config", TINY, f"out_dir={tmp_path}", "threads=1", "h2po.steps=4",
-                 "h2po.max_minutes=1e-6"]) == 0
+                 "h2po.max_minutes=1e-6", "system.pairs_per_step=0"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in (*BASELINES, "MOST", "H2PO", "NDCG@10", "dNDCG@10 vs MOST"))
+    assert f"logged pairs: {tmp_path / 'preferences.parquet'} not read (system.pairs_per_step=0" in out
     assert "stopping after step 1 of 4" in out and "dashboard: http://127.0.0.1:" in out
     for name in ("most.safetensors", "catalog/LICENSE.txt", "preferences.parquet", "h2po.safetensors",
                  "metrics.jsonl", "report.html", "train_state/driver.json"):
