@@ -133,3 +133,42 @@ def test_ablation_variants_take_pairs_although_the_main_job_has_none():
     assert variants["on"] == cfg
     explicit = load_config(default, ["system.pairs_per_step=4"])
     assert ablation.variant_config(explicit, "off").system.pairs_per_step == 4
+
+
+def test_pooled_averages_runs_then_resamples_users():
+    """Two runs' per-request differences on four requests (two users, families A and B): each group's per-run
+    means, the mean over runs (hand-computed), a between-run sd, and an interval that holds the mean. Identical
+    differences on every request of a group give a zero-width interval."""
+    import pooled
+
+    from catalog.requests import Example, Request
+
+    test = [Example(Request((i,)), (9,), user, family, 1) for i, (user, family) in
+            enumerate([(0, "A"), (1, "A"), (0, "B"), (1, "B")])]
+    diffs = {"r1": np.array([0.10, 0.30, 0.20, 0.20]), "r2": np.array([0.30, 0.10, 0.00, 0.00])}
+    out = pooled.pool(diffs, test, n_boot=200, seed=0)
+    assert out["A"]["runs"] == pytest.approx({"r1": 0.2, "r2": 0.2}) and out["A"]["mean"] == pytest.approx(0.2)
+    assert out["A"]["sd_between_runs"] == pytest.approx(0.0)
+    assert out["A"]["ci"] == pytest.approx([0.2, 0.2])  # (0.2, 0.2) on both requests after averaging the runs
+    assert out["B"]["runs"] == pytest.approx({"r1": 0.2, "r2": 0.0}) and out["B"]["mean"] == pytest.approx(0.1)
+    assert out["B"]["sd_between_runs"] == pytest.approx(math.sqrt(0.02))
+    assert out["A/s=1"]["n"] == 2 and set(out) == {"A", "A/s=1", "B", "B/s=1"}
+
+
+def test_pooled_scores_a_run_directory(tiny_run, tmp_path, monkeypatch, capsys):
+    """End to end on the tiny run: the MOST checkpoint as its own policy differs by exactly 0 on every request,
+    in both families, and a missing policy is a usage error naming it."""
+    import pooled
+
+    out = tmp_path / "pooled.json"
+    spec = f"{tiny_run}:most.safetensors"
+    monkeypatch.setattr(sys, "argv", ["pooled.py", spec, spec, "--bootstrap", "50", "--out", str(out)])
+    pooled.main()
+    result = json.loads(out.read_text())["results"]
+    assert {"A", "B"} <= set(result)
+    assert all(r["mean"] == 0.0 and r["ci"] == [0.0, 0.0] for r in result.values())
+    assert "sd over runs" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["pooled.py", f"{tiny_run}:missing.safetensors"])
+    with pytest.raises(SystemExit):
+        pooled.main()
+    assert "missing.safetensors" in capsys.readouterr().err
