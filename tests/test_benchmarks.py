@@ -137,21 +137,22 @@ def test_ablation_variants_take_pairs_although_the_main_job_has_none():
 
 def test_pooled_averages_runs_then_resamples_users():
     """Two runs' per-request differences on four requests (two users, families A and B): each group's per-run
-    means, the mean over runs (hand-computed), a between-run sd, and an interval that holds the mean. Identical
-    differences on every request of a group give a zero-width interval."""
+    means, the mean over runs and the between-run sd (hand-computed). Family A's run-averaged differences are
+    equal on both requests (a zero-width interval); family B's are 0.1 and 0.2, so its interval lies between."""
     import pooled
 
     from catalog.requests import Example, Request
 
     test = [Example(Request((i,)), (9,), user, family, 1) for i, (user, family) in
             enumerate([(0, "A"), (1, "A"), (0, "B"), (1, "B")])]
-    diffs = {"r1": np.array([0.10, 0.30, 0.20, 0.20]), "r2": np.array([0.30, 0.10, 0.00, 0.00])}
+    diffs = {"r1": np.array([0.10, 0.30, 0.20, 0.20]), "r2": np.array([0.30, 0.10, 0.00, 0.20])}
     out = pooled.pool(diffs, test, n_boot=200, seed=0)
     assert out["A"]["runs"] == pytest.approx({"r1": 0.2, "r2": 0.2}) and out["A"]["mean"] == pytest.approx(0.2)
     assert out["A"]["sd_between_runs"] == pytest.approx(0.0)
     assert out["A"]["ci"] == pytest.approx([0.2, 0.2])  # (0.2, 0.2) on both requests after averaging the runs
-    assert out["B"]["runs"] == pytest.approx({"r1": 0.2, "r2": 0.0}) and out["B"]["mean"] == pytest.approx(0.1)
-    assert out["B"]["sd_between_runs"] == pytest.approx(math.sqrt(0.02))
+    assert out["B"]["runs"] == pytest.approx({"r1": 0.2, "r2": 0.1}) and out["B"]["mean"] == pytest.approx(0.15)
+    assert out["B"]["sd_between_runs"] == pytest.approx(math.sqrt(0.005))
+    assert 0.1 <= out["B"]["ci"][0] <= 0.15 <= out["B"]["ci"][1] <= 0.2
     assert out["A/s=1"]["n"] == 2 and set(out) == {"A", "A/s=1", "B", "B/s=1"}
 
 
