@@ -318,12 +318,11 @@ def train(cfg: RunConfig, checkpoint: str | Path, preferences_path: str | Path |
     `resume`: continue from OUT_DIR/train_state; `step_timeout`: seconds a learner step may take before the run
     fails; `on_step(step, actors)`: called after every step (tests use it to kill actors)."""
     system = system or cfg.system
-    n_pairs = cfg.h2po.batch_requests if system.pairs_per_step < 0 else system.pairs_per_step
+    n_pairs = system.pairs(cfg.h2po.batch_requests) if preferences_path else 0
     if preferences_path and not n_pairs:
         print(f"logged pairs: {preferences_path} not read (system.pairs_per_step=0: on-policy only)", flush=True)
-    checkpoint, preferences = Path(checkpoint), str(preferences_path) if preferences_path and n_pairs else None
+    checkpoint, preferences = Path(checkpoint), str(preferences_path) if n_pairs else None
     rewards = check_inputs(cfg, checkpoint, preferences, steps, mode)
-    n_pairs = n_pairs if preferences else 0
     opts = LoopOptions(steps, mode, n_pairs, cfg.h2po.checkpoint_every, step_timeout, on_step, rewards)
     start, started, actors, monitor = time.time(), connect_ray(system), None, None
     try:

@@ -37,7 +37,7 @@ def variant_config(cfg: RunConfig, name: str) -> RunConfig:
     h2po.batch_requests when it has none (-1 or 0); `off` samples no rollouts; `on` reads no pairs (run_variant)."""
     if name == "on":
         return cfg
-    pairs = cfg.system.pairs_per_step if cfg.system.pairs_per_step > 0 else cfg.h2po.batch_requests
+    pairs = cfg.system.pairs(cfg.h2po.batch_requests) or cfg.h2po.batch_requests
     cfg = dataclasses.replace(cfg, system=dataclasses.replace(cfg.system, pairs_per_step=pairs))
     return dataclasses.replace(cfg, h2po=dataclasses.replace(cfg.h2po, batch_requests=0)) if name == "off" else cfg
 

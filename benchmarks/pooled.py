@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from harness import format_rows, machine, write_result
 
-from evaluation.metrics import item_mask, paired_bootstrap, ranking_metrics
+from evaluation.metrics import paired_bootstrap
 from evaluation.report import example_groups
 from h2po import pipeline
 from h2po.config import load_config
@@ -33,11 +33,9 @@ def run_differences(run: Path, policy: Path) -> tuple[np.ndarray, list]:
     base = json.loads(read_header(run / "most.safetensors")["config"])
     ws = pipeline.prepare(load_config(None, [f"out_dir={run}"], base=base))
     test = pipeline.examples(ws, "test")
-    relevant = item_mask([e.targets for e in test], ws.data.catalog.n_items)
 
     def ndcg(checkpoint: Path) -> np.ndarray:
-        lists = pipeline.model_recommender(ws, load_checkpoint(checkpoint, ws.data.catalog)[0])(test)
-        return ranking_metrics(lists, relevant, [10])["ndcg@10"]
+        return pipeline.request_ndcg(ws, test, load_checkpoint(checkpoint, ws.data.catalog)[0])
     return ndcg(policy) - ndcg(run / "most.safetensors"), test
 
 

@@ -30,7 +30,7 @@ from harness import add_run_arguments, h2po_run_config, machine, set_threads, wr
 from actors.workspace import frozen_copy
 from catalog.dataset import training_examples
 from catalog.preferences import read_preferences
-from evaluation.metrics import item_mask, paired_bootstrap, ranking_metrics
+from evaluation.metrics import paired_bootstrap
 from h2po import pipeline
 from learner.checkpoint import load_checkpoint
 from learner.h2po import lambda_off_at
@@ -43,16 +43,11 @@ from rollout.generate import generate_rollouts
 def scorer(ws: pipeline.Workspace, split: str, start: torch.nn.Module):
     """-> score(model, label): prints and returns {family: [diff, low, high]} against `start` on `split`."""
     examples = pipeline.examples(ws, split)
-    relevant = item_mask([e.targets for e in examples], ws.data.catalog.n_items)
     family, users = np.array([e.family for e in examples]), np.array([e.user for e in examples])
-
-    def ndcg(model):
-        return ranking_metrics(pipeline.model_recommender(ws, model)(examples), relevant, [10])["ndcg@10"]
-
-    base = ndcg(start)
+    base = pipeline.request_ndcg(ws, examples, start)
 
     def score(model, label: str) -> dict:
-        after, out = ndcg(model), {}
+        after, out = pipeline.request_ndcg(ws, examples, model), {}
         for f in sorted(set(family)):
             rows = family == f
             diff = paired_bootstrap(after[rows], base[rows], 1000, 0, users[rows])

@@ -171,6 +171,10 @@ class SystemConfig:
                               "and item head); CPU runs are fp32 whatever this says.")
     ray_cpus: int = option(0, "CPUs of a local Ray instance (0 = all cores, at least what the actors ask).")
 
+    def pairs(self, batch_requests: int) -> int:
+        """Logged pairs per learner batch: pairs_per_step, or batch_requests when that is negative."""
+        return batch_requests if self.pairs_per_step < 0 else self.pairs_per_step
+
 
 @dataclass
 class DashboardConfig:

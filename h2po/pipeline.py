@@ -100,11 +100,15 @@ def model_recommender(ws: Workspace, model: Retriever):
     return run
 
 
+def request_ndcg(ws: Workspace, examples: list[Example], model: Retriever) -> np.ndarray:
+    """(R,) NDCG@10 of the model's greedy list for each example."""
+    relevant = item_mask([e.targets for e in examples], ws.data.catalog.n_items)
+    return ranking_metrics(model_recommender(ws, model)(examples), relevant, [10])["ndcg@10"]
+
+
 def validation_score(ws: Workspace, val: list[Example], model: Retriever) -> float:
     """Mean NDCG@10 of greedy lists on the validation requests."""
-    lists = model_recommender(ws, model)(val)
-    relevant = item_mask([e.targets for e in val], ws.data.catalog.n_items)
-    return float(ranking_metrics(lists, relevant, [10])["ndcg@10"].mean())
+    return float(request_ndcg(ws, val, model).mean())
 
 
 def run_pretrain(ws: Workspace, ease: EASE) -> tuple[Path, PretrainResult]:
