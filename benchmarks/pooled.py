@@ -1,11 +1,12 @@
 """H2PO - MOST averaged over several H2PO runs on the same test requests: the mean effect over training runs.
 
-Run:  python benchmarks/pooled.py RUN[:POLICY] RUN[:POLICY] ... [--out FILE]
+Run:  python benchmarks/pooled.py RUN[:POLICY] RUN[:POLICY] ... [--out FILE] [--set KEY=VALUE ...]
 
 Each RUN is a run directory holding most.safetensors (its MOST start) and an H2PO policy: `h2po.safetensors`, or
 POLICY relative to RUN (`ablation/on/h2po.safetensors` for an ablation variant). Every run's MOST and policy are
-scored on the test split with the config of its MOST checkpoint (greedy lists, NDCG@10 per request, as
-`h2po.pipeline.run_evaluation` does); the runs must share the test requests (the same data split and request
+scored on the test split with the config of its MOST checkpoint and the `--set` overrides (greedy lists,
+NDCG@10 per request, as `h2po.pipeline.run_evaluation` does; `--set eval.test_draws=5` scores five requests per
+user and group); the runs must share the test requests (the same data split and request
 seed), which is checked. The per-request differences H2PO - MOST are averaged over the runs, and the mean gets
 the evaluation's paired bootstrap interval over users (a user's requests are resampled together). The interval
 covers the test users' sampling; the spread between runs is printed next to it (its standard error over the
@@ -28,10 +29,10 @@ from h2po.config import load_config
 from learner.checkpoint import load_checkpoint, read_header
 
 
-def run_differences(run: Path, policy: Path) -> tuple[np.ndarray, list]:
+def run_differences(run: Path, policy: Path, overrides: list[str] = ()) -> tuple[np.ndarray, list]:
     """(per-request NDCG@10 of the policy - of MOST, the test examples) of one run directory."""
     base = json.loads(read_header(run / "most.safetensors")["config"])
-    ws = pipeline.prepare(load_config(None, [f"out_dir={run}"], base=base))
+    ws = pipeline.prepare(load_config(None, [*overrides, f"out_dir={run}"], base=base))
     test = pipeline.examples(ws, "test")
 
     def ndcg(checkpoint: Path) -> np.ndarray:
@@ -57,6 +58,8 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN[:POLICY]", help="run directory, optionally :policy path")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (users)")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override of every run's scoring (repeatable), e.g. eval.test_draws=5")
     args = parser.parse_args()
     diffs, test = {}, None
     for spec in args.runs:
@@ -65,7 +68,7 @@ def main() -> None:
         policy = run / (policy or "h2po.safetensors")
         if not (run / "most.safetensors").is_file() or not policy.is_file():
             parser.error(f"{spec}: needs {run / 'most.safetensors'} and {policy}")
-        diffs[spec], examples = run_differences(run, policy)
+        diffs[spec], examples = run_differences(run, policy, args.set)
         if test is not None and examples != test:
             parser.error(f"{spec}: other test requests than {args.runs[0]} (another data split or request seed)")
         test = examples

@@ -142,18 +142,24 @@ def family_b(data: Dataset, user: int, s: int, k: int, min_targets: int, rng: np
     return None
 
 
-def benchmark_examples(data: Dataset, users: np.ndarray, cfg: RequestConfig, seed: int) -> list[Example]:
-    """Fixed evaluation requests: family A for every seed size, and one family B request, per user."""
+def benchmark_examples(data: Dataset, users: np.ndarray, cfg: RequestConfig, seed: int,
+                       draws: int = 1) -> list[Example]:
+    """Fixed evaluation requests per user: `draws` family A requests for every seed size and `draws` family B
+    requests, each drawn with its own seed set (a draw that repeats an earlier seed set of the user is skipped).
+    The first draw is the same whatever `draws` is."""
     out = []
     for user in users:
-        for s in cfg.seed_sizes:
-            ex = family_a(data, user, s, cfg.k, _rng(seed, int(user), s))
-            if ex is not None:
-                out.append(ex)
-        ex = family_b(data, user, cfg.family_b_seed_size, cfg.k, cfg.family_b_min_targets,
-                      _rng(seed, int(user), 1000))
-        if ex is not None:
-            out.append(ex)
+        seen = set()
+        for d in range(draws):
+            extra = (d,) if d else ()
+            drawn = [family_a(data, user, s, cfg.k, _rng(seed, int(user), s, *extra)) for s in cfg.seed_sizes]
+            drawn.append(family_b(data, user, cfg.family_b_seed_size, cfg.k, cfg.family_b_min_targets,
+                                  _rng(seed, int(user), 1000, *extra)))
+            for ex in drawn:
+                key = ex and (ex.family, ex.seed_size, frozenset(ex.request.seeds))
+                if ex is not None and key not in seen:
+                    seen.add(key)
+                    out.append(ex)
     return out
 
 

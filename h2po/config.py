@@ -108,6 +108,8 @@ class EvalConfig:
     ease_lambdas: list[float] = option([300.0, 1000.0, 3000.0, 10000.0], "EASE lambda grid tuned on validation.")
     mmr_lambda: float = option(0.7, "MMR trade-off between relevance and diversity.")
     request_seed: int = option(1, "Seed drawing the validation and test requests.")
+    test_draws: int = option(10, "Requests per test user for every family A seed size and for family B, each "
+                                 "with its own seed set (the bootstrap resamples users; validation draws one).")
 
 
 @dataclass

@@ -67,7 +67,10 @@ def prepare(cfg: RunConfig) -> Workspace:
 
 def examples(ws: Workspace, split: str) -> list[Example]:
     users = {"val": ws.data.val_users, "test": ws.data.test_users}[split]
-    return benchmark_examples(ws.data, users, ws.cfg.requests, ws.cfg.eval.request_seed)
+    draws = ws.cfg.eval.test_draws if split == "test" else 1
+    if draws < 1:
+        raise UserError(f"eval.test_draws must be >= 1, got {draws}")
+    return benchmark_examples(ws.data, users, ws.cfg.requests, ws.cfg.eval.request_seed, draws)
 
 
 def ease_lambda(ws: Workspace) -> float:

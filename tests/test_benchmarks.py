@@ -158,7 +158,8 @@ def test_pooled_averages_runs_then_resamples_users():
 
 def test_pooled_scores_a_run_directory(tiny_run, tmp_path, monkeypatch, capsys):
     """End to end on the tiny run: the MOST checkpoint as its own policy differs by exactly 0 on every request,
-    in both families, and a missing policy is a usage error naming it."""
+    in both families, also with `--set eval.test_draws=2` (more requests); a missing policy is a usage error
+    naming it."""
     import pooled
 
     out = tmp_path / "pooled.json"
@@ -169,6 +170,12 @@ def test_pooled_scores_a_run_directory(tiny_run, tmp_path, monkeypatch, capsys):
     assert {"A", "B"} <= set(result)
     assert all(r["mean"] == 0.0 and r["ci"] == [0.0, 0.0] for r in result.values())
     assert "sd over runs" in capsys.readouterr().out
+    # --set reaches the scoring: two draws per test user give more requests, still paired exactly
+    monkeypatch.setattr(sys, "argv", ["pooled.py", spec, "--bootstrap", "50", "--out", str(out),
+                                      "--set", "eval.test_draws=2"])
+    pooled.main()
+    drawn = json.loads(out.read_text())["results"]
+    assert drawn["A"]["n"] > result["A"]["n"] and drawn["A"]["mean"] == 0.0
     monkeypatch.setattr(sys, "argv", ["pooled.py", f"{tiny_run}:missing.safetensors"])
     with pytest.raises(SystemExit):
         pooled.main()

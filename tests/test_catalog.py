@@ -184,6 +184,21 @@ def test_benchmark_examples_deterministic(dataset):
     assert first != benchmark_examples(dataset, users, RequestConfig(), seed=2)
 
 
+def test_benchmark_examples_draws(dataset):
+    users = dataset.test_users[:30]
+    one = benchmark_examples(dataset, users, RequestConfig(), seed=1)
+    three = benchmark_examples(dataset, users, RequestConfig(), seed=1, draws=3)
+    assert len(one) < len(three) <= 3 * len(one)
+    for user in users:
+        exs = [ex for ex in three if ex.user == user]
+        first = [ex for ex in one if ex.user == user]
+        assert exs[:len(first)] == first, "the first draw is not the one-draw request set"
+        keys = [(ex.family, ex.seed_size, frozenset(ex.request.seeds)) for ex in exs]
+        assert len(keys) == len(set(keys)), "a user got the same seed set twice"
+        for s in RequestConfig().seed_sizes:
+            assert sum(ex.family == "A" and ex.seed_size == s for ex in exs) <= 3
+
+
 # ---------------------------------------------------------------- Parquet I/O and its errors
 
 def test_write_read_round_trip(tmp_path):
