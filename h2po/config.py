@@ -118,7 +118,7 @@ class H2POConfig:
 
     group_size: int = option(8, "Rollouts G per request.")
     batch_requests: int = option(16, "Requests per on-policy learner batch (B; B * G rollouts).")
-    lr: float = option(1e-4, "Learning rate (chosen on validation with benchmarks/probe.py; README, H2PO).")
+    lr: float = option(1e-4, "Learning rate (chosen on validation with benchmarks/probe.py; docs/results.md).")
     inner_epochs: int = option(2, "Passes over each learner batch.")
     clip_low: float = option(0.2, "PPO ratio clip: lower bound 1 - clip_low.")
     clip_high: float = option(0.28, "PPO ratio clip: upper bound 1 + clip_high.")
