@@ -155,9 +155,9 @@ def benchmark_examples(data: Dataset, users: np.ndarray, cfg: RequestConfig, see
             drawn = [family_a(data, user, s, cfg.k, _rng(seed, int(user), s, *extra)) for s in cfg.seed_sizes]
             drawn.append(family_b(data, user, cfg.family_b_seed_size, cfg.k, cfg.family_b_min_targets,
                                   _rng(seed, int(user), 1000, *extra)))
-            for ex in drawn:
-                key = ex and (ex.family, ex.seed_size, frozenset(ex.request.seeds))
-                if ex is not None and key not in seen:
+            for ex in filter(None, drawn):
+                key = (ex.family, ex.seed_size, frozenset(ex.request.seeds))
+                if key not in seen:
                     seen.add(key)
                     out.append(ex)
     return out

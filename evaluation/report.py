@@ -5,8 +5,8 @@ of `evaluation/metrics.py` and summarises them per group: "A", "B" (families, se
 "A/s=5", ... (one seed size). Each metric gets its mean and a 95% bootstrap interval (`"ndcg@10"`,
 `"ndcg@10_ci"`); coverage is a scalar of the group's lists. Non-reference methods also get the paired
 bootstrap difference of NDCG@min(ks) to each reference (`"ndcg@10_vs_EASE"`, `"ndcg@10_vs_EASE_ci"`). The
-bootstrap resamples users, not requests: a family A group holds several requests of each user (one per seed
-size), which are not independent. All methods share the resample indices (same seed), so their intervals are
+bootstrap resamples users, not requests: a group holds several requests of each user (one per seed size and
+test draw), which are not independent. All methods share the resample indices (same seed), so their intervals are
 comparable.
 
 Example:
