@@ -133,8 +133,18 @@ def run_pretrain(ws: Workspace, ease: EASE) -> tuple[Path, PretrainResult]:
     return path, result
 
 
-# the config sections a MOST checkpoint depends on (sampler: validation lists; eval: the tuned EASE prior's lambdas)
+# the config sections a MOST checkpoint depends on (sampler: validation lists; eval: the tuned EASE prior's lambdas
+# and the validation requests), less the keys that only score the test split
 MOST_KEYS = ("seed", "data", "requests", "model", "most", "sampler", "eval")
+TEST_ONLY_KEYS = {"eval": ("test_draws",)}
+
+
+def most_settings(config: dict) -> dict:
+    """The part of a config dict (`config_to_dict`) that a MOST checkpoint made with it depends on."""
+    out = {key: config.get(key) for key in MOST_KEYS}
+    for section, keys in TEST_ONLY_KEYS.items():
+        out[section] = {k: v for k, v in (out[section] or {}).items() if k not in keys}
+    return out
 
 
 def reusable_most(ws: Workspace) -> Path | None:
@@ -143,8 +153,7 @@ def reusable_most(ws: Workspace) -> Path | None:
     if not (path.is_file() and (ws.out_dir / "pretrain.json").is_file()):
         return None
     header = read_header(path)
-    made_with, wanted = json.loads(header["config"]), config_to_dict(ws.cfg)
-    same = all(made_with.get(key) == wanted[key] for key in MOST_KEYS)
+    same = most_settings(json.loads(header["config"])) == most_settings(config_to_dict(ws.cfg))
     return path if same and header["catalog"] == ws.data.catalog.fingerprint else None
 
 

@@ -22,7 +22,7 @@ from h2po.config import (
     load_config,
     parse_override,
 )
-from h2po.pipeline import MOST_KEYS
+from h2po.pipeline import MOST_KEYS, most_settings
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
@@ -188,3 +188,12 @@ def test_h2po_seed_falls_back_to_the_global_seed_and_leaves_most_reusable():
     assert load_config(None, ["seed=3", "h2po.seed=5"]).h2po_seed == 5
     assert load_config(None, ["h2po.seed=0"]).h2po_seed == 0
     assert "h2po" not in MOST_KEYS and "seed" in MOST_KEYS
+
+
+def test_most_settings_leave_out_what_only_scores_the_test_split():
+    """A MOST checkpoint stays reusable when only eval.test_draws (or an H2PO key) changes, not when a setting it
+    was trained or validated with does."""
+    base = most_settings(config_to_dict(load_config(None, [])))
+    assert most_settings(config_to_dict(load_config(None, ["eval.test_draws=3", "h2po.lr=1e-3"]))) == base
+    for override in ("eval.ease_lambdas=[3000.0]", "eval.request_seed=2", "most.lr=3e-4", "seed=1"):
+        assert most_settings(config_to_dict(load_config(None, [override]))) != base, override
