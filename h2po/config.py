@@ -111,6 +111,10 @@ class EvalConfig:
     test_draws: int = option(10, "Requests per test user for every family A seed size and for family B, each "
                                  "with its own seed set (the bootstrap resamples users; validation draws one).")
 
+    def __post_init__(self):
+        if self.test_draws < 1:  # checked when the config is read, not after training
+            raise ConfigError(f"eval.test_draws must be >= 1, got {self.test_draws}")
+
 
 @dataclass
 class H2POConfig:

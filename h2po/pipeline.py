@@ -68,8 +68,6 @@ def prepare(cfg: RunConfig) -> Workspace:
 def examples(ws: Workspace, split: str) -> list[Example]:
     users = {"val": ws.data.val_users, "test": ws.data.test_users}[split]
     draws = ws.cfg.eval.test_draws if split == "test" else 1
-    if draws < 1:
-        raise UserError(f"eval.test_draws must be >= 1, got {draws}")
     return benchmark_examples(ws.data, users, ws.cfg.requests, ws.cfg.eval.request_seed, draws)
 
 
@@ -134,16 +132,15 @@ def run_pretrain(ws: Workspace, ease: EASE) -> tuple[Path, PretrainResult]:
 
 
 # the config sections a MOST checkpoint depends on (sampler: validation lists; eval: the tuned EASE prior's lambdas
-# and the validation requests), less the keys that only score the test split
+# and the validation requests)
 MOST_KEYS = ("seed", "data", "requests", "model", "most", "sampler", "eval")
-TEST_ONLY_KEYS = {"eval": ("test_draws",)}
 
 
 def most_settings(config: dict) -> dict:
-    """The part of a config dict (`config_to_dict`) that a MOST checkpoint made with it depends on."""
+    """The part of a config dict (`config_to_dict`) that a MOST checkpoint made with it depends on: MOST_KEYS,
+    less eval.test_draws (it only scores the test split)."""
     out = {key: config.get(key) for key in MOST_KEYS}
-    for section, keys in TEST_ONLY_KEYS.items():
-        out[section] = {k: v for k, v in (out[section] or {}).items() if k not in keys}
+    out["eval"] = {k: v for k, v in (out["eval"] or {}).items() if k != "test_draws"}
     return out
 
 

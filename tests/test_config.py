@@ -197,3 +197,8 @@ def test_most_settings_leave_out_what_only_scores_the_test_split():
     assert most_settings(config_to_dict(load_config(None, ["eval.test_draws=3", "h2po.lr=1e-3"]))) == base
     for override in ("eval.ease_lambdas=[3000.0]", "eval.request_seed=2", "most.lr=3e-4", "seed=1"):
         assert most_settings(config_to_dict(load_config(None, [override]))) != base, override
+
+
+def test_test_draws_below_one_is_refused_when_the_config_is_read():
+    with pytest.raises(ConfigError, match="eval.test_draws must be >= 1"):
+        load_config(None, ["eval.test_draws=0"])
