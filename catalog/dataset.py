@@ -16,25 +16,51 @@ from pathlib import Path
 
 import numpy as np
 
-from catalog.movielens import import_movielens, locate
+from catalog import movielens, movietweetings
 from catalog.requests import Example, Exclude, Recency, Request, valid_mask
 from catalog.schema import Catalog, CatalogError, read_catalog
-from h2po.config import DataConfig, RequestConfig
+from h2po.config import ConfigError, DataConfig, RequestConfig
 
 FACET_FIELD = "genre"
 NO_GENRE = "(no genres listed)"
 
 
+FORMATS = {  # data.format -> (locate(explicit) -> directory, import(source, out), licence summary)
+    "movielens": (movielens.locate, movielens.import_movielens,
+                  "MovieLens ml-latest-small terms (GroupLens: research use, redistribution under the same terms)"),
+    "movietweetings": (movietweetings.locate, movietweetings.import_movietweetings,
+                       "MovieTweetings: MIT licence, Copyright (c) 2013 Simon Dooms"),
+}
+
+
+def locate_source(cfg: DataConfig) -> Path:
+    """The directory of data.format's files: data.source, else (MovieLens) data.movielens, else found."""
+    if cfg.movielens and cfg.format != "movielens":
+        raise ConfigError(f"data.movielens is set but data.format is {cfg.format!r}: give the directory as data.source")
+    if cfg.movielens and cfg.source and Path(cfg.movielens) != Path(cfg.source):
+        raise ConfigError(f"data.movielens ({cfg.movielens[:80]}) and data.source ({cfg.source[:80]}) disagree: "
+                          "give one")
+    return FORMATS[cfg.format][0](cfg.source or cfg.movielens)
+
+
+def license_note(cfg: DataConfig) -> str:
+    """What results say about the data's licence (the full text is catalog/LICENSE.txt)."""
+    if cfg.catalog:
+        return f"the catalog's own terms: see {Path(cfg.catalog) / 'LICENSE.txt'}"
+    return f"{FORMATS[cfg.format][2]}: see catalog/LICENSE.txt in the run directory"
+
+
 def load_catalog(cfg: DataConfig, workdir: Path) -> Catalog:
-    """The configured catalog: a Parquet directory, or MovieLens imported into `workdir/catalog`."""
+    """The configured catalog: a Parquet directory, or data.format's files imported into `workdir/catalog`."""
     if cfg.catalog:
         return read_catalog(cfg.catalog)
     target = Path(workdir) / "catalog"
-    source = locate(cfg.movielens)
+    source = locate_source(cfg)
     stamp = target / "SOURCE"
-    if not (stamp.is_file() and stamp.read_text() == str(source.resolve())):
-        import_movielens(source, target)
-        stamp.write_text(str(source.resolve()))
+    origin = str(source.resolve()) if cfg.format == "movielens" else f"{cfg.format}:{source.resolve()}"
+    if not (stamp.is_file() and stamp.read_text() == origin):
+        FORMATS[cfg.format][1](source, target)
+        stamp.write_text(origin)
     return read_catalog(target)
 
 
@@ -172,14 +198,39 @@ def training_example(data: Dataset, user: int, cfg: RequestConfig, rng: np.rando
 
 
 def training_examples(data: Dataset, cfg: RequestConfig, n: int, rng: np.random.Generator) -> list[Example]:
-    """`n` fresh training requests from training users (new seed subsets every call: augmentation)."""
+    """`n` fresh training requests from training users (new seed subsets every call: augmentation). A drawn user
+    whose positives allow no request of the drawn family is skipped; when 1000 + 100 n draws do not give n requests
+    (e.g. no training user has a positive at data.positive_threshold), a CatalogError says why, not an endless loop."""
     out: list[Example] = []
     users = data.train_users
-    while len(out) < n:
+    draws = 1000 + 100 * n
+    for _ in range(draws):
+        if len(out) >= n:
+            break
         ex = training_example(data, int(users[rng.integers(len(users))]), cfg, rng)
         if ex is not None:
             out.append(ex)
+    if len(out) < n:
+        raise CatalogError(_shortfall(data, cfg, len(out), n, draws))
     return out
+
+
+def _shortfall(data: Dataset, cfg: RequestConfig, got: int, n: int, draws: int) -> str:
+    """Why training users gave only `got` of `n` requests in `draws` draws (the error of training_examples)."""
+    counts = np.array([len(data.user_positives(user)) for user in data.train_users])
+    threshold = f"data.positive_threshold={data.cfg.positive_threshold:g}"
+    if not counts.any():
+        weights = data.catalog.interactions.weights
+        largest = f"{weights.max():g}" if len(weights) else "none"
+        return f"{data.catalog.name}: no training user has a positive at {threshold} (the largest weight is {largest})"
+    family_a_need, family_b_need = min(cfg.seed_sizes), cfg.family_b_seed_size + cfg.family_b_min_targets - 1
+    need = family_a_need if cfg.family_b_share <= 0 else family_b_need if cfg.family_b_share >= 1 \
+        else min(family_a_need, family_b_need)
+    if counts.max() <= need:
+        return (f"{data.catalog.name}: no training user has more than {need} positives at {threshold} (the most is "
+                f"{counts.max()}); a request needs a seed set (requests.seed_sizes, family_b_seed_size) and targets")
+    return (f"{data.catalog.name}: only {got} of {n} training requests in {draws} draws: too few training users have "
+            f"positives enough for requests.seed_sizes={cfg.seed_sizes} at {threshold}")
 
 
 def stable_hash(text: str) -> int:

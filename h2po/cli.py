@@ -64,8 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="data_command", required=True)
     dl = dsub.add_parser("download", help="fetch MovieLens ml-latest-small and verify its checksums")
     dl.add_argument("--dest", help="directory to install into (default: the user cache directory)")
-    im = dsub.add_parser("import", help="convert MovieLens CSVs into the project's Parquet schema")
-    im.add_argument("--source", default="", help="ml-latest-small directory (default: located automatically)")
+    im = dsub.add_parser("import", help="convert MovieLens CSVs or MovieTweetings .dat files into the project's "
+                         "Parquet schema")
+    im.add_argument("--format", choices=["movielens", "movietweetings"], default="movielens", help="source format")
+    im.add_argument("--source", default="", help="ml-latest-small or MovieTweetings directory (default: located "
+                    "automatically, e.g. ../shared/data/<dataset>)")
     im.add_argument("--out", required=True, help="output directory for items/interactions Parquet")
     pf = dsub.add_parser("preferences", help="logged preference pairs from the configured behaviour policy")
     pf.add_argument("--out", required=True, help="output Parquet file (schema: catalog/preferences.py)")
@@ -157,7 +160,7 @@ def _ensure_data(cfg) -> None:
     from catalog import movielens
     from catalog.schema import CatalogError
 
-    if cfg.data.catalog or cfg.data.movielens:
+    if cfg.data.catalog or cfg.data.movielens or cfg.data.source or cfg.data.format != "movielens":
         return
     try:
         movielens.locate()
@@ -273,6 +276,7 @@ def cmd_train(args) -> None:
 
 def cmd_data(args) -> int:
     from catalog import movielens
+    from catalog.dataset import FORMATS
 
     if args.data_command == "preferences":
         return cmd_preferences(args)
@@ -280,7 +284,8 @@ def cmd_data(args) -> int:
         path = movielens.download(Path(args.dest) if args.dest else None)
         print(f"MovieLens {movielens.DATASET} verified in {path}")
     else:
-        out = movielens.import_movielens(movielens.locate(args.source), Path(args.out))
+        locate, import_files, _ = FORMATS[args.format]
+        out = import_files(locate(args.source), Path(args.out))
         print(f"catalog written to {out} (items.parquet, interactions.parquet, LICENSE.txt)")
     return 0
 

@@ -2,46 +2,57 @@
 
 Every default lives in a dataclass field below, with its help text in the field's metadata (it doubles as
 `h2po config --help`). A YAML file may name a `base:` file it overrides; `key=value` overrides from the command
-line address any field by its dotted path (`most.lr=3e-4`). Unknown keys and values of the wrong type raise
-`ConfigError` naming the key.
+line address any field by its dotted path (`most.lr=3e-4`). Unknown keys, values of the wrong type and numbers
+outside a field's range (declared with the field: `option(..., low=, high=)`) raise `ConfigError` naming the key, the
+value and the range; `_check_relations` adds the few rules that join two fields. h2po/config_yaml.py reads the
+text (size, alias and nesting bounds).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from h2po.config_check import check_limits, check_value, range_help
+from h2po.config_yaml import ConfigError, clip, merge, parse_override, read_yaml, show
 
-from h2po.errors import UserError
+MAX_K = 64  # = catalog.requests.MAX_K and MAX_SEEDS (this leaf package cannot import catalog/; a test ties them)
+MAX_SEEDS = 32
+SEED_MAX = 2**32 - 1
+MAX_STEPS = 10**7
+MAX_BATCH = 65536
+MAX_MINUTES = 525600.0  # a year
 
 
-class ConfigError(UserError):
-    """A configuration file or override is invalid; the message names the key."""
-
-
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a one-line help text."""
+def option(default: Any, help: str, *, low: float | None = None, above: float | None = None,
+           high: float | None = None, below: float | None = None, length: tuple[int, int] | None = None) -> Any:
+    """A dataclass field with a default, a one-line help text and, for a number (or each number of a list), its
+    range: low <= x (or above < x) and x <= high (or x < below); `length` = (fewest, most) entries of a list.
+    Floats are finite whatever the range; `check_limits` enforces it all when a config is read."""
+    limits = {"low": low, "above": above, "high": high, "below": below, "length": length}
+    metadata = {"help": help, **{name: value for name, value in limits.items() if value is not None}}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class DataConfig:
     """Where the catalog comes from and how it is split."""
 
-    catalog: str = option("", "Directory with items.parquet + interactions.parquet; empty = import MovieLens.")
-    movielens: str = option("", "ml-latest-small CSV directory; empty = $H2PO_MOVIELENS, ../shared/data, cache.")
+    catalog: str = option("", "Directory with items.parquet + interactions.parquet; empty = import data.format.")
+    format: Literal["movielens", "movietweetings"] = option("movielens", "Dataset format imported when no catalog "
+                                                            "is given: ml-latest-small CSVs or MovieTweetings .dat.")
+    source: str = option("", "Directory of data.format's files; empty = $H2PO_MOVIELENS / $H2PO_MOVIETWEETINGS, "
+                             "../shared/data/<dataset>, (MovieLens) the cache.")
+    movielens: str = option("", "ml-latest-small CSV directory (older spelling of data.source for format movielens).")
     positive_threshold: float = option(4.0, "An interaction with weight >= this is a positive.")
-    split_seed: int = option(0, "Seed of the 60/20/20 train/validation/test user split.")
-    tag_buckets: int = option(64, "Hashed tag buckets in the item feature vector.")
-    cf_dim: int = option(64, "Collaborative-factor dimensions (truncated SVD of training positives).")
+    split_seed: int = option(0, "Seed of the 60/20/20 train/validation/test user split.", low=0, high=SEED_MAX)
+    tag_buckets: int = option(64, "Hashed tag buckets in the item feature vector.", low=1, high=4096)
+    cf_dim: int = option(64, "Collaborative-factor dimensions (truncated SVD of training positives).", low=0, high=1024)
     min_year_field: str = option("year", "Name used for the year in constraints (Recency).")
 
 
@@ -49,35 +60,41 @@ class DataConfig:
 class RequestConfig:
     """How seed-set requests are drawn from a user's positives (DESIGN section 2)."""
 
-    seed_sizes: list[int] = option([3, 5, 10], "Seed-set sizes s of family A.")
-    family_b_seed_size: int = option(3, "Seed-set size of family B (seeds share a genre and decade).")
-    family_b_min_targets: int = option(2, "Family B requests need at least this many targets.")
-    family_b_share: float = option(0.4, "Share of family B requests among training requests.")
-    k: int = option(20, "Output length k (up to 64).")
+    seed_sizes: list[int] = option([3, 5, 10], "Seed-set sizes s of family A.", low=1, high=MAX_SEEDS, length=(1, 16))
+    family_b_seed_size: int = option(3, "Seed-set size of family B (seeds share a genre and decade).",
+                                     low=1, high=MAX_SEEDS)
+    family_b_min_targets: int = option(2, "Family B requests need at least this many targets.", low=1, high=1000)
+    family_b_share: float = option(0.4, "Share of family B requests among training requests.", low=0.0, high=1.0)
+    k: int = option(20, "Output length k (up to model.max_k).", low=1, high=MAX_K)
 
 
 @dataclass
 class ModelConfig:
     """The masked-diffusion transformer over k list slots (DESIGN section 3)."""
 
-    d_model: int = option(128, "Width D.")
-    n_layers: int = option(3, "Transformer blocks.")
-    n_heads: int = option(4, "Attention heads.")
-    dropout: float = option(0.1, "Dropout inside blocks.")
-    id_dropout: float = option(0.1, "Probability of zeroing an item's learned id residual u_i in training.")
-    max_k: int = option(64, "Largest k the rank-position table supports.")
+    d_model: int = option(128, "Width D.", low=1, high=8192)
+    n_layers: int = option(3, "Transformer blocks.", low=1, high=64)
+    n_heads: int = option(4, "Attention heads.", low=1, high=256)
+    dropout: float = option(0.1, "Dropout inside blocks.", low=0.0, below=1.0)
+    id_dropout: float = option(0.1, "Probability of zeroing an item's learned id residual u_i in training.",
+                               low=0.0, high=1.0)
+    max_k: int = option(64, "Largest k the rank-position table supports.", low=1, high=MAX_K)
     time_input: bool = option(False, "Condition blocks on the diffusion time t (not needed for absorbing diffusion).")
-    prior: Literal["none", "ease"] = option("ease", "Strong prior whose scores the item head adds to (residual).")
-    prior_lambda: float = option(0.0, "EASE lambda of the prior; 0 = the value tuned on validation.")
+    prior: Literal["none", "ease", "ease+intent"] = option("ease", "Strong prior whose scores the item head adds "
+                                                           "to (residual); +intent adds the seeds' shared values.")
+    intent_init: float = option(3.0, "Initial learned weight of each intent part (attribute field, decade) in the "
+                                     "prior, in units of the standardised EASE score (prior=ease+intent).",
+                                low=-100.0, high=100.0)
+    prior_lambda: float = option(0.0, "EASE lambda of the prior; 0 = the value tuned on validation.", low=0.0, high=1e9)
 
 
 @dataclass
 class SamplerConfig:
     """Low-confidence-remasking sampler (DESIGN section 3.4)."""
 
-    steps: int = option(10, "Denoising steps S.")
-    temperature: float = option(0.0, "Gumbel temperature T: 0 = greedy (serving), 1 = rollouts.")
-    batch_size: int = option(256, "Requests per sampler batch.")
+    steps: int = option(10, "Denoising steps S.", low=1, high=MAX_K)
+    temperature: float = option(0.0, "Gumbel temperature T: 0 = greedy (serving), 1 = rollouts.", low=0.0, high=100.0)
+    batch_size: int = option(256, "Requests per sampler batch.", low=1, high=MAX_BATCH)
 
 
 @dataclass
@@ -85,68 +102,75 @@ class MostConfig:
     """MOST pretraining (DESIGN section 4)."""
 
     order: Literal["metric", "relevance", "random"] = option("metric", "Target order: MOST, relevance-only, random.")
-    batch_size: int = option(64, "Requests per step.")
-    lr: float = option(1e-3, "AdamW learning rate.")
-    weight_decay: float = option(0.01, "AdamW weight decay.")
-    warmup_steps: int = option(50, "Linear learning-rate warm-up.")
-    max_steps: int = option(3000, "Upper bound on optimiser steps.")
-    max_minutes: float = option(12.0, "Wall-clock budget for training.")
-    eval_every: int = option(100, "Validate every this many steps; the best checkpoint is kept.")
-    val_requests: int = option(256, "Validation requests scored at each validation (a fixed subset).")
-    patience: int = option(6, "Stop after this many validations without improvement.")
-    fill_weight: float = option(0.3, "Loss weight of teacher items that fill targets up to k.")
-    redundancy: float = option(0.1, "MMR redundancy penalty when ordering targets.")
-    eps: float = option(1e-3, "Smallest diffusion time t.")
+    batch_size: int = option(64, "Requests per step.", low=1, high=MAX_BATCH)
+    lr: float = option(1e-3, "AdamW learning rate.", low=0.0, high=1.0)
+    weight_decay: float = option(0.01, "AdamW weight decay.", low=0.0, high=10.0)
+    warmup_steps: int = option(50, "Linear learning-rate warm-up.", low=0, high=MAX_STEPS)
+    max_steps: int = option(3000, "Upper bound on optimiser steps.", low=1, high=MAX_STEPS)
+    max_minutes: float = option(12.0, "Wall-clock budget for training.", above=0.0, high=MAX_MINUTES)
+    eval_every: int = option(100, "Validate every this many steps; the best checkpoint is kept.", low=1, high=MAX_STEPS)
+    val_requests: int = option(256, "Validation requests scored at each validation (a fixed subset).",
+                               low=1, high=10**6)
+    patience: int = option(6, "Stop after this many validations without improvement.", low=1, high=MAX_STEPS)
+    fill_weight: float = option(0.3, "Loss weight of teacher items that fill targets up to k.", low=0.0, high=1.0)
+    redundancy: float = option(0.1, "MMR redundancy penalty when ordering targets.", low=0.0, high=10.0)
+    eps: float = option(1e-3, "Smallest diffusion time t.", above=0.0, below=1.0)
 
 
 @dataclass
 class EvalConfig:
     """Evaluation and baselines (DESIGN section 2)."""
 
-    ks: list[int] = option([10, 20], "Cut-offs K of the metrics.")
-    bootstrap: int = option(1000, "Bootstrap resamples for confidence intervals (users are resampled).")
-    ease_lambdas: list[float] = option([300.0, 1000.0, 3000.0, 10000.0], "EASE lambda grid tuned on validation.")
-    mmr_lambda: float = option(0.7, "MMR trade-off between relevance and diversity.")
-    request_seed: int = option(1, "Seed drawing the validation and test requests.")
+    ks: list[int] = option([10, 20], "Cut-offs K of the metrics.", low=1, high=MAX_K, length=(1, 8))
+    bootstrap: int = option(1000, "Bootstrap resamples for confidence intervals (users are resampled).",
+                            low=1, high=10**6)
+    ease_lambdas: list[float] = option([300.0, 1000.0, 3000.0, 10000.0], "EASE lambda grid tuned on validation.",
+                                       above=0.0, high=1e9, length=(1, 64))
+    mmr_lambda: float = option(0.7, "MMR trade-off between relevance and diversity.", low=0.0, high=1.0)
+    request_seed: int = option(1, "Seed drawing the validation and test requests.", low=0, high=SEED_MAX)
     test_draws: int = option(10, "Requests per test user for every family A seed size and for family B, each "
-                                 "with its own seed set (the bootstrap resamples users; validation draws one).")
-
-    def __post_init__(self):
-        if self.test_draws < 1:  # checked when the config is read, not after training
-            raise ConfigError(f"eval.test_draws must be >= 1, got {self.test_draws}")
+                                 "with its own seed set (the bootstrap resamples users; validation draws one).",
+                             low=1, high=1000)
 
 
 @dataclass
 class H2POConfig:
     """H2PO fine-tuning (DESIGN section 5)."""
 
-    group_size: int = option(8, "Rollouts G per request.")
-    batch_requests: int = option(16, "Requests per on-policy learner batch (B; B * G rollouts).")
-    lr: float = option(1e-4, "Learning rate (chosen on validation with benchmarks/probe.py; docs/results.md).")
-    inner_epochs: int = option(2, "Passes over each learner batch.")
-    clip_low: float = option(0.2, "PPO ratio clip: lower bound 1 - clip_low.")
-    clip_high: float = option(0.28, "PPO ratio clip: upper bound 1 + clip_high.")
-    max_importance_weight: float = option(5.0, "Slots whose pi_prox / pi_behav exceeds this are dropped.")
-    max_staleness: int = option(4, "Rollouts older than this many weight versions are discarded.")
-    kl_beta: float = option(0.04, "Weight of the k3 KL to the reference policy.")
-    dpo_beta: float = option(0.1, "DPO temperature beta on ELBO differences.")
-    vrpo_samples: int = option(8, "Timesteps (one mask each) per ELBO estimate, shared by policy and reference.")
-    lambda_off_start: float = option(1.0, "Weight of the off-policy DPO term at the first step.")
-    lambda_off_end: float = option(0.3, "Weight of the off-policy DPO term at the last step (linear decay).")
-    lambda_sft: float = option(0.1, "Weight of the MOST anchor.")
-    rollout_temperature: float = option(1.0, "Sampler temperature of rollouts.")
+    group_size: int = option(8, "Rollouts G per request.", low=2, high=1024)
+    batch_requests: int = option(16, "Requests per on-policy learner batch (B; B * G rollouts).", low=1, high=MAX_BATCH)
+    lr: float = option(1e-4, "Learning rate (chosen on validation with benchmarks/probe.py; docs/results.md).",
+                       low=0.0, high=1.0)
+    inner_epochs: int = option(2, "Passes over each learner batch.", low=1, high=100)
+    clip_low: float = option(0.2, "PPO ratio clip: lower bound 1 - clip_low.", low=0.0, below=1.0)
+    clip_high: float = option(0.28, "PPO ratio clip: upper bound 1 + clip_high.", low=0.0, high=10.0)
+    max_importance_weight: float = option(5.0, "Slots whose pi_prox / pi_behav exceeds this are dropped.",
+                                          low=1.0, high=1e6)
+    max_staleness: int = option(4, "Rollouts older than this many weight versions are discarded.", low=0, high=1000)
+    kl_beta: float = option(0.04, "Weight of the k3 KL to the reference policy.", low=0.0, high=100.0)
+    dpo_beta: float = option(0.1, "DPO temperature beta on ELBO differences.", above=0.0, high=100.0)
+    vrpo_samples: int = option(8, "Timesteps (one mask each) per ELBO estimate, shared by policy and reference.",
+                               low=1, high=1024)
+    lambda_off_start: float = option(1.0, "Weight of the off-policy DPO term at the first step.", low=0.0, high=100.0)
+    lambda_off_end: float = option(0.3, "Weight of the off-policy DPO term at the last step (linear decay).",
+                                   low=0.0, high=100.0)
+    lambda_sft: float = option(0.1, "Weight of the MOST anchor.", low=0.0, high=100.0)
+    rollout_temperature: float = option(1.0, "Sampler temperature of rollouts.", above=0.0, high=100.0)
     rewards: list[dict] = option([{"name": "ndcg", "weight": 1.0}],
-                                 "Rewards: {name: built-in or dotted path, weight, args: {...}}.")
+                                 "Rewards: {name: built-in or dotted path, weight, args: {...}}.", length=(1, 32))
     on_reward_error: Literal["stop", "skip"] = option("stop", "A failing reward stops the run, or skips the batch.")
     checkpoint_every: int = option(50, "Write OUT_DIR/train_state (resumable: h2po train --resume) every this many "
-                                   "learner steps and at the end; 0 = never.")
-    steps: int = option(60, "Learner steps: of `h2po run`, and of `h2po train` unless --steps is given.")
+                                   "learner steps and at the end; 0 = never.", low=0, high=MAX_STEPS)
+    steps: int = option(60, "Learner steps: of `h2po run`, and of `h2po train` unless --steps is given.",
+                        low=0, high=MAX_STEPS)
     max_minutes: float = option(0.0, "Stop after the first learner step that ends past this budget, counted from "
-                                "this process's first step (a resumed run starts a new one); 0 = no limit.")
+                                "this process's first step (a resumed run starts a new one); 0 = no limit.",
+                                low=0.0, high=MAX_MINUTES)
     eval_every: int = option(20, "Validation NDCG@10 of the policy every this many steps, shown on the dashboard; "
-                             "0 = never.")
-    seed: int = option(-1, "Seed of H2PO's own draws (rollout requests and sampling, learner noise); negative = the "
-                       "global seed. Another value: another trajectory from the same MOST checkpoint.")
+                             "0 = never.", low=0, high=MAX_STEPS)
+    seed: int = option(-1, "Seed of H2PO's own draws (rollout requests and sampling, learner noise); -1 = the "
+                       "global seed. Another value: another trajectory from the same MOST checkpoint.",
+                       low=-1, high=SEED_MAX)
 
 
 @dataclass
@@ -154,28 +178,29 @@ class PreferenceConfig:
     """Logged preference pairs produced from a behaviour policy (DESIGN section 5)."""
 
     behaviour: Literal["ease", "centroid-knn"] = option("ease", "Behaviour policy producing the logged lists.")
-    noise: float = option(1.0, "Gumbel noise temperature on the policy's standardised scores.")
-    pairs_per_user: int = option(8, "Preference pairs drawn per training user.")
-    seed: int = option(0, "Seed of the request and noise draws.")
+    noise: float = option(1.0, "Gumbel noise temperature on the policy's standardised scores.", above=0.0, high=100.0)
+    pairs_per_user: int = option(8, "Preference pairs drawn per training user.", low=1, high=10_000)
+    seed: int = option(0, "Seed of the request and noise draws.", low=0, high=SEED_MAX)
 
 
 @dataclass
 class SystemConfig:
     """Placement and engine options of a distributed H2PO run (DESIGN section 7)."""
 
-    learners: int = option(2, "Data-parallel learner ranks (Ray actors, one DeepSpeed engine each).")
-    zero_stage: int = option(2, "DeepSpeed ZeRO stage (0-2).")
-    rollout_actors: int = option(1, "Rollout actors; a batch's requests are split over them.")
-    rollout_cpus: float = option(1.0, "CPUs per rollout actor.")
-    rollout_gpus: float = option(0.0, "GPUs per rollout actor.")
-    learner_cpus: float = option(1.0, "CPUs per learner rank.")
-    learner_gpus: float = option(0.0, "GPUs per learner rank.")
+    learners: int = option(2, "Data-parallel learner ranks (Ray actors, one DeepSpeed engine each).", low=1, high=1024)
+    zero_stage: int = option(2, "DeepSpeed ZeRO stage (0-2).", low=0, high=2)
+    rollout_actors: int = option(1, "Rollout actors; a batch's requests are split over them.", low=1, high=1024)
+    rollout_cpus: float = option(1.0, "CPUs per rollout actor.", low=0.0, high=1024.0)
+    rollout_gpus: float = option(0.0, "GPUs per rollout actor.", low=0.0, high=64.0)
+    learner_cpus: float = option(1.0, "CPUs per learner rank.", low=0.0, high=1024.0)
+    learner_gpus: float = option(0.0, "GPUs per learner rank.", low=0.0, high=64.0)
     pairs_per_step: int = option(-1, "Logged pairs per learner batch (the off-policy share); -1 = h2po.batch_requests; "
-                                 "0 = on-policy only (a preference file given is not read).")
-    grad_clip: float = option(1.0, "Gradient-norm clip of the engine.")
+                                 "0 = on-policy only (a preference file given is not read).", low=-1, high=MAX_BATCH)
+    grad_clip: float = option(1.0, "Gradient-norm clip of the engine.", low=0.0, high=1e6)
     bf16: bool = option(True, "bf16 autocast of rollout and learner forward passes on GPU (fp32 weights, optimiser "
                               "and item head); CPU runs are fp32 whatever this says.")
-    ray_cpus: int = option(0, "CPUs of a local Ray instance (0 = all cores, at least what the actors ask).")
+    ray_cpus: int = option(0, "CPUs of a local Ray instance (0 = all cores, at least what the actors ask).",
+                           low=0, high=4096)
 
     def pairs(self, batch_requests: int) -> int:
         """Logged pairs per learner batch: pairs_per_step, or batch_requests when that is negative."""
@@ -188,7 +213,7 @@ class DashboardConfig:
 
     enabled: bool = option(True, "Serve the live page while `h2po train` / `h2po run` trains.")
     host: str = option("127.0.0.1", "Address the page binds to; another host only when asked for (e.g. 0.0.0.0).")
-    port: int = option(0, "Port of the page; 0 = a free port (the URL is printed at start).")
+    port: int = option(0, "Port of the page; 0 = a free port (the URL is printed at start).", low=0, high=65535)
     report: bool = option(True, "Write OUT_DIR/report.html (self-contained, offline) at the end of the run.")
 
 
@@ -197,8 +222,8 @@ class RunConfig:
     """The whole run: every component's sub-config."""
 
     out_dir: str = option("runs/default", "Run directory (checkpoints, results, copied licence).")
-    seed: int = option(0, "Global random seed.")
-    threads: int = option(0, "Torch CPU threads; 0 = all cores.")
+    seed: int = option(0, "Global random seed.", low=0, high=SEED_MAX)
+    threads: int = option(0, "Torch CPU threads; 0 = all cores.", low=0, high=1024)
     data: DataConfig = field(default_factory=DataConfig)
     requests: RequestConfig = field(default_factory=RequestConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -216,111 +241,48 @@ class RunConfig:
         return self.seed if self.h2po.seed < 0 else self.h2po.seed
 
 
-_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def _check_value(value: Any, annotation: Any, key: str) -> Any:
-    """Return `value` converted to `annotation`, or raise ConfigError naming `key`."""
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        if value not in typing.get_args(annotation):
-            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(annotation))}")
-        return value
-    if origin in (types.UnionType, typing.Union):
-        for arg in typing.get_args(annotation):
-            if arg is type(None) and value is None:
-                return None
-            try:
-                return _check_value(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} does not fit {annotation}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(annotation)
-        return [_check_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if annotation is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return value
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
-        return float(value)  # PyYAML reads `3e-4` (no dot) as a string
-    if annotation in (int, float, str, bool) and (type(value) is not annotation):
-        raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
-    return value
-
-
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys."""
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and values outside their fields' ranges."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {show(values)}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(str(name) for name in values if name not in fields)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s} (known: {', '.join(sorted(names))})")
+        raise ConfigError(f"unknown config key {prefix}{clip(unknown[0], 60)} (known: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, f"{prefix}{name}.")
         else:
-            kwargs[name] = _check_value(value, hint, f"{prefix}{name}")
+            kwargs[name] = check_limits(check_value(value, hint, f"{prefix}{name}"), fields[name].metadata,
+                                        f"{prefix}{name}")
     return cls(**kwargs)
 
 
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """Read a YAML config, following `base:` links (relative to the file)."""
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    if path.resolve() in seen:
-        raise ConfigError(f"config base cycle through {path}")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    base = values.pop("base", None)
-    if base is None:
-        return values
-    return _merge(_read_yaml(path.parent / base, (*seen, path.resolve())), values)
-
-
-def parse_override(text: str) -> dict:
-    """`a.b=3` -> {"a": {"b": 3}}; the value is parsed as YAML (so `x=[1,2]` gives a list)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form key=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    out: dict = {}
-    node = out
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
+def _check_relations(cfg: RunConfig) -> RunConfig:
+    """The rules that join two fields (each field's own range is checked by `_build`)."""
+    model, h2po = cfg.model, cfg.h2po
+    if model.d_model % model.n_heads:
+        raise ConfigError(f"model.n_heads = {model.n_heads} does not divide model.d_model = {model.d_model}")
+    if cfg.requests.k > model.max_k:
+        raise ConfigError(f"requests.k = {cfg.requests.k} is above model.max_k = {model.max_k} (the rank-position "
+                          "table's size)")
+    if h2po.lambda_off_end > h2po.lambda_off_start:
+        raise ConfigError(f"h2po.lambda_off_end = {h2po.lambda_off_end!r} is above h2po.lambda_off_start = "
+                          f"{h2po.lambda_off_start!r} (lambda_off decays linearly from start to end)")
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
     """Load a RunConfig: `base` values (e.g. a checkpoint's config), then a YAML file, then `key=value` overrides."""
-    values = _merge(base or {}, _read_yaml(Path(path)) if path else {})
+    if base is not None and not isinstance(base, dict):
+        raise ConfigError(f"base config: expected a mapping, got {show(base)}")
+    values = merge(base or {}, read_yaml(Path(path)) if path else {})
     for text in overrides:
-        values = _merge(values, parse_override(text))
-    return _build(RunConfig, values, "")
+        values = merge(values, parse_override(text))
+    return _check_relations(_build(RunConfig, values, ""))
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -330,7 +292,7 @@ def config_to_dict(cfg: Any) -> dict:
 
 def config_from_dict(values: dict) -> RunConfig:
     """Inverse of config_to_dict (validated like a file)."""
-    return _build(RunConfig, values, "")
+    return _check_relations(_build(RunConfig, values, ""))
 
 
 def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
@@ -342,5 +304,5 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, Any, st
             rows += describe(hints[f.name], f"{prefix}{f.name}.")
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((f"{prefix}{f.name}", default, f.metadata.get("help", "")))
+            rows.append((f"{prefix}{f.name}", default, f.metadata.get("help", "") + range_help(f.metadata)))
     return rows

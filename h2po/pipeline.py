@@ -22,15 +22,16 @@ import torch
 
 from catalog.batch import constraint_vocab
 from catalog.behaviour import generate_preferences
-from catalog.dataset import Dataset, benchmark_examples, load_catalog
+from catalog.dataset import Dataset, benchmark_examples, license_note, load_catalog
 from catalog.features import item_features
+from catalog.intent import IntentIndex
 from catalog.preferences import ValidationReport, read_preferences, write_preferences
 from catalog.requests import Example
 from catalog.schema import atomic_write
 from evaluation.baselines import EASE, CentroidKNN, build_baselines, tune_ease
 from evaluation.metrics import item_mask, ranking_metrics
 from evaluation.report import evaluate_methods, format_table
-from h2po.config import RunConfig, config_to_dict
+from h2po.config import RunConfig, config_from_dict, config_to_dict
 from h2po.errors import UserError
 from learner.checkpoint import read_header, save_checkpoint
 from learner.pretrain import PretrainResult, pretrain
@@ -90,8 +91,10 @@ def ease_lambda(ws: Workspace) -> float:
 
 
 def build_model(ws: Workspace, ease: EASE | None) -> Retriever:
-    prior = ease.B.half() if ease is not None and ws.cfg.model.prior == "ease" else None
-    return Retriever(ws.cfg.model, torch.from_numpy(ws.features), len(ws.vocab), prior)
+    prior = ease.B.half() if ease is not None and ws.cfg.model.prior in ("ease", "ease+intent") else None
+    intent = IntentIndex(ws.data.catalog) if ws.cfg.model.prior == "ease+intent" else None
+    return Retriever(ws.cfg.model, torch.from_numpy(ws.features), len(ws.vocab), prior,
+                     *((torch.from_numpy(intent.values), torch.from_numpy(intent.parts)) if intent else ()))
 
 
 def model_recommender(ws: Workspace, model: Retriever):
@@ -150,7 +153,8 @@ def reusable_most(ws: Workspace) -> Path | None:
     if not (path.is_file() and (ws.out_dir / "pretrain.json").is_file()):
         return None
     header = read_header(path)
-    same = most_settings(json.loads(header["config"])) == most_settings(config_to_dict(ws.cfg))
+    made = config_to_dict(config_from_dict(json.loads(header["config"])))  # keys added since take their defaults
+    same = most_settings(made) == most_settings(config_to_dict(ws.cfg))
     return path if same and header["catalog"] == ws.data.catalog.fingerprint else None
 
 
@@ -193,7 +197,8 @@ def run_evaluation(ws: Workspace, models: dict[str, Retriever], ease_lam: float,
                           "users": {"train": len(ws.data.train_users), "val": len(ws.data.val_users),
                                     "test": len(ws.data.test_users)},
                           "test_requests": len(test), "ease_lambda": ease_lam,
-                          "license": "MovieLens terms: see catalog/LICENSE.txt in the run directory"},
+                          "format": ws.cfg.data.format if not ws.cfg.data.catalog else "parquet",
+                          "license": license_note(ws.cfg.data)},
               "seconds": time.time() - start}
     if out is not None:
         write_json(out, report)
