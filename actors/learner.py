@@ -11,6 +11,7 @@ noise from their own seeds.
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from pathlib import Path
@@ -18,15 +19,38 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
+from safetensors.torch import load_file, save_file
 
 from actors.workspace import ActorProcess, frozen_copy, load_policy
 from catalog.preferences import PreferencePair
+from catalog.schema import atomic_write
 from h2po.config import RunConfig
+from h2po.errors import UserError
 from learner.checkpoint import save_checkpoint
 from learner.engine import Engine, EngineConfig, init_distributed
 from learner.h2po_step import AnchorInputs, h2po_losses
 from model.transformer import precision
 from rollout.generate import Rollouts
+
+
+def save_rng(path: Path, rng: np.random.Generator, generator: torch.Generator) -> None:
+    """A rank's RNG streams as safetensors, no pickle: torch's generator state (a uint8 tensor) as the tensor,
+    numpy's bit-generator state (a dict of ints and strings) as JSON in the header."""
+    atomic_write(Path(path), lambda p: save_file({"torch": generator.get_state()}, str(p),
+                                                 metadata={"numpy": json.dumps(rng.bit_generator.state)}))
+
+
+def load_rng(path: Path, rng: np.random.Generator, generator: torch.Generator) -> None:
+    """Restore the streams `save_rng` wrote (nothing in the file is executed); UserError if it is malformed."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = json.loads((f.metadata() or {})["numpy"])
+        rng.bit_generator.state = state
+        generator.set_state(load_file(str(path))["torch"])
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise UserError(f"{path}: not an RNG state written by h2po ({type(err).__name__}: {err})"[:500]) from None
 
 
 @ray.remote
@@ -89,15 +113,12 @@ class LearnerActor(ActorProcess):
     def save_checkpoint(self, directory: str) -> None:
         """DeepSpeed checkpoint of model + optimiser + version, plus this rank's RNG states (every rank calls it)."""
         self.engine.save_checkpoint(directory, {"version": self.version})
-        torch.save({"numpy": self.rng.bit_generator.state, "torch": self.generator.get_state()},
-                   Path(directory) / f"rng_rank{self.rank}.pt")
+        save_rng(Path(directory) / f"rng_rank{self.rank}.safetensors", self.rng, self.generator)
 
     def load_checkpoint(self, directory: str) -> int:
         """Restore the latest DeepSpeed checkpoint and RNG states (every rank).  -> the restored weight version."""
         self.version = int(self.engine.load_checkpoint(directory)["version"])
-        rng_file = Path(directory) / f"rng_rank{self.rank}.pt"
+        rng_file = Path(directory) / f"rng_rank{self.rank}.safetensors"
         if rng_file.exists():  # checkpoints of `save_checkpoint`; bare DeepSpeed ones keep the current streams
-            states = torch.load(rng_file, weights_only=False)
-            self.rng.bit_generator.state = states["numpy"]
-            self.generator.set_state(states["torch"])
+            load_rng(rng_file, self.rng, self.generator)  # (an old pickled rng_rank<r>.pt is never opened)
         return self.version

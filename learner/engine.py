@@ -14,6 +14,10 @@ Deliberate simplifications:
   module and every float input. `state_dict()` is therefore the module's own parameters (complete on every rank
   for stages 0-2), as fp32 CPU tensors.
 - Constant learning rate (DESIGN default 1e-5), AdamW from torch (`torch_adam`: no JIT-built fused kernel).
+- DeepSpeed's checkpoint files are loaded as tensors only: its checkpoint engine's `load` (every file of a
+  checkpoint goes through it) is replaced by `torch.load(weights_only=True)` that allows, besides tensors and
+  plain containers, the three plain DeepSpeed types its ZeRO optimiser state holds (`TENSOR_ONLY_GLOBALS`). A
+  file holding anything else (a crafted pickle) is refused with a UserError, never executed.
 
 Example (inside a process where `init_distributed` has run, e.g. an `actors.learner.LearnerActor`):
     init_distributed(rank=0, world_size=1, port=29500)
@@ -25,11 +29,14 @@ Example (inside a process where `init_distributed` has run, e.g. an `actors.lear
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from h2po.errors import UserError
 
 
 @dataclass
@@ -77,6 +84,31 @@ def deepspeed_config(cfg: EngineConfig, world_size: int) -> dict:
     }
 
 
+def tensor_only_globals() -> list:
+    """The non-tensor types DeepSpeed's ZeRO 0-2 checkpoints hold (plain records: a loss-scale holder, the ZeRO
+    stage enum, a fragment's (start, numel) address). Allowed in `torch.load(weights_only=True)`, they are
+    rebuilt from their fields, with no code from the file."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_tensors_only(path: str, map_location=None):
+    """`torch.load` of one DeepSpeed checkpoint file with weights_only=True (module docstring); UserError when
+    the file holds anything beyond tensors, plain containers and `tensor_only_globals()`."""
+    with torch.serialization.safe_globals(tensor_only_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            lines = [line for line in str(err).splitlines() if "WeightsUnpickler error" in line]
+            first = (lines[0].split("WeightsUnpickler error:")[-1].split(" was not an allowed")[0].strip()
+                     if lines else str(err)[:200])
+            raise UserError(f"{path}: not loaded: DeepSpeed checkpoint files are read as tensors only, and this one "
+                            f"holds other objects ({first})") from None
+
+
 class Engine:
     """A DeepSpeed engine around `model`: `step(loss)`, full fp32 `state_dict()`, `load`, and checkpoints."""
 
@@ -102,6 +134,12 @@ class Engine:
         finally:
             for p in scalars:
                 del p.ds_optim_param
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+        if not isinstance(self.engine.checkpoint_engine, TorchCheckpointEngine):
+            raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(self.engine.checkpoint_engine)}: "
+                               "its loads could not be restricted to tensors")
+        self.engine.checkpoint_engine.load = load_tensors_only  # module docstring: no pickled code is executed
         self.steps = 0
 
     @property
