@@ -104,9 +104,10 @@ def test_override_values_are_converted():
 
 
 def test_exponent_float_in_yaml(tmp_path):
-    path = write(tmp_path / "run.yaml", "most:\n  lr: 1e-5\n  eps: -2.5E-3\n")
+    path = write(tmp_path / "run.yaml", "most:\n  lr: 1e-5\n  eps: 2.5E-3\ndata:\n  positive_threshold: -2.5E-3\n")
     cfg = load_config(path)
-    assert cfg.most.lr == pytest.approx(1e-5) and cfg.most.eps == pytest.approx(-2.5e-3)
+    assert cfg.most.lr == pytest.approx(1e-5) and cfg.most.eps == pytest.approx(2.5e-3)
+    assert cfg.data.positive_threshold == pytest.approx(-2.5e-3)
 
 
 def test_override_without_equals_raises():
@@ -200,5 +201,5 @@ def test_most_settings_leave_out_what_only_scores_the_test_split():
 
 
 def test_test_draws_below_one_is_refused_when_the_config_is_read():
-    with pytest.raises(ConfigError, match="eval.test_draws must be >= 1"):
+    with pytest.raises(ConfigError, match=r"eval\.test_draws = 0 is outside its range \[1, 1000\]"):
         load_config(None, ["eval.test_draws=0"])
