@@ -18,12 +18,21 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 
-from catalog.schema import INTERACTIONS_SCHEMA, ITEMS_SCHEMA, CatalogError, write_catalog
+from catalog.schema import (
+    INTERACTIONS_SCHEMA,
+    ITEMS_SCHEMA,
+    CatalogError,
+    check_interactions,
+    check_items,
+    write_catalog,
+)
+from h2po.errors import quoted
 
 DATASET = "ml-latest-small"
 URL = "https://files.grouplens.org/datasets/movielens/ml-latest-small.zip"
@@ -131,64 +140,110 @@ def _read_with_progress(response, total: int, progress: bool) -> bytes:
     return b"".join(chunks)
 
 
-def _rows(path: Path, columns: tuple[str, ...]):
-    """CSV rows as dicts, checking the header (the files have CRLF endings; csv handles them)."""
+def _rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row) of a CSV file, checking the header, that each record is one whole line (a quote left open
+    swallows the lines after it) and has as many fields as the header (a cut line has fewer). The files have CRLF
+    endings; csv handles them. Any problem is a one-line CatalogError naming the file and the line."""
+    line = 1
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or any(c not in reader.fieldnames for c in columns):
-                raise CatalogError(f"{path}: expected columns {', '.join(columns)}, found {reader.fieldnames}")
-            yield from enumerate(reader, start=2)
+            reader = csv.reader(f, strict=True)
+            header = next(reader, None)
+            if header is None or any(c not in header for c in columns):
+                raise CatalogError(f"{path}: expected columns {', '.join(columns)}, found {quoted(header)}")
+            for record in reader:
+                line, end = line + 1, reader.line_num
+                if end != line:
+                    raise CatalogError(f"{path}:{line}: a quoted field runs on to line {end} (a quote left open?)")
+                if not record:
+                    continue
+                if len(record) != len(header):
+                    raise CatalogError(f"{path}:{line}: {len(record)} fields where the header names {len(header)} "
+                                       f"(a truncated or malformed line?): {quoted(','.join(record))}")
+                yield line, dict(zip(header, record))
+    except csv.Error as err:  # strict: a quote open at the end of the file, a stray quote, a NUL, a huge field
+        raise CatalogError(f"{path}:{line + 1}: {str(err)[:120]} (a quote left open?)") from None
     except UnicodeDecodeError as err:
         raise CatalogError(f"{path}: not UTF-8 text ({err})") from None
 
 
 def import_movielens(source: Path, out: Path) -> Path:
-    """Convert the CSVs in `source` into items/interactions Parquet + LICENSE.txt in `out`."""
+    """Convert the CSVs in `source` into items/interactions Parquet + LICENSE.txt in `out`.
+
+    Every row is checked before anything is written (`catalog.schema.check_items` / `check_interactions`, with the
+    CSV line numbers); a bad row is a one-line CatalogError naming the file, the line and the value."""
     source = Path(source)
-    tags: dict[int, set[str]] = defaultdict(set)
-    for line, row in _rows(source / "tags.csv", ("movieId", "tag")):
-        tag = (row["tag"] or "").strip().lower()
-        if tag:
-            tags[_int(row["movieId"], source / "tags.csv", line)].add(tag)
-    users, items, weights, stamps = [], [], [], []
-    for line, row in _rows(source / "ratings.csv", ("userId", "movieId", "rating", "timestamp")):
-        path = source / "ratings.csv"
-        users.append(_int(row["userId"], path, line))
-        items.append(_int(row["movieId"], path, line))
-        try:
-            weights.append(float(row["rating"]))
-        except ValueError:
-            raise CatalogError(f"{path}:{line}: rating {row['rating']!r} is not a number") from None
-        stamps.append(_int(row["timestamp"], path, line))
-    counts: dict[int, int] = defaultdict(int)
-    for item in items:
-        counts[item] += 1
-    ids, titles, attrs, years = [], [], [], []
-    for line, row in _rows(source / "movies.csv", ("movieId", "title", "genres")):
-        movie = _int(row["movieId"], source / "movies.csv", line)
-        title = row["title"].strip()
-        match = re.search(r"\((\d{4})\)\s*$", title)
-        genres = [g for g in row["genres"].split("|") if g]
-        ids.append(movie)
-        titles.append(title)
-        attrs.append([("genre", genres), ("tag", sorted(tags.get(movie, ())))])
-        years.append(int(match.group(1)) if match else None)
-    known = set(ids)
-    unknown = sorted({i for i in items if i not in known})
-    if unknown:
-        raise CatalogError(f"{source / 'ratings.csv'}: {len(unknown)} ratings name movies missing from movies.csv")
-    columns = {"item_id": ids, "title": titles, "attributes": attrs, "year": years,
-               "popularity": [counts.get(i, 0) for i in ids]}
-    items_table = pa.table({k: pa.array(v, type=ITEMS_SCHEMA.field(k).type) for k, v in columns.items()})
-    inter_table = pa.table({"user_id": users, "item_id": items, "weight": weights, "timestamp": stamps},
-                           schema=INTERACTIONS_SCHEMA)
-    write_catalog(Path(out), items_table, inter_table, (source / "README.txt").read_text(encoding="utf-8"))
+    try:
+        license_text = (source / "README.txt").read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CatalogError(f"{source / 'README.txt'}: not UTF-8 text ({err})") from None
+    tags = _read_tags(source / "tags.csv")
+    ratings, rating_lines = _read_ratings(source / "ratings.csv")
+    counts = Counter(ratings["item_id"])
+    items, movie_lines = _read_movies(source / "movies.csv", tags)
+    items["popularity"] = [counts.get(i, 0) for i in items["item_id"]]
+    items_table = pa.table({k: pa.array(v, type=ITEMS_SCHEMA.field(k).type) for k, v in items.items()})
+    inter_table = pa.table(ratings, schema=INTERACTIONS_SCHEMA)
+    ids = check_items(items_table, str(source / "movies.csv"), movie_lines, {"item_id": "movieId"})
+    check_interactions(inter_table, ids, str(source / "ratings.csv"), rating_lines, RATING_NAMES)
+    write_catalog(Path(out), items_table, inter_table, license_text)
     return Path(out)
 
 
-def _int(text: str, path: Path, line: int) -> int:
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        raise CatalogError(f"{path}:{line}: {text!r} is not an integer") from None
+RATING_NAMES = {"user_id": "userId", "item_id": "movieId", "weight": "rating"}
+RATING_SCALE = (0.5, 5.0)  # ml-latest-small: half stars
+
+
+def _read_tags(path: Path) -> dict[int, set[str]]:
+    tags: dict[int, set[str]] = defaultdict(set)
+    for line, row in _rows(path, ("movieId", "tag")):
+        tag = row["tag"].strip().lower()
+        if tag:
+            tags[_int(row["movieId"], path, line, "movieId")].add(tag)
+    return tags
+
+
+def _read_ratings(path: Path) -> tuple[dict[str, list], list[int]]:
+    """The interaction columns of ratings.csv and the line of each row."""
+    columns: dict[str, list] = {"user_id": [], "item_id": [], "weight": [], "timestamp": []}
+    lines = []
+    for line, row in _rows(path, ("userId", "movieId", "rating", "timestamp")):
+        columns["user_id"].append(_int(row["userId"], path, line, "userId"))
+        columns["item_id"].append(_int(row["movieId"], path, line, "movieId"))
+        columns["weight"].append(_rating(row["rating"], path, line))
+        columns["timestamp"].append(_int(row["timestamp"], path, line, "timestamp"))
+        lines.append(line)
+    return columns, lines
+
+
+def _read_movies(path: Path, tags: dict[int, set[str]]) -> tuple[dict[str, list], list[int]]:
+    """The item columns of movies.csv (less popularity) and the line of each row; the year comes from the title."""
+    columns: dict[str, list] = {"item_id": [], "title": [], "attributes": [], "year": []}
+    lines = []
+    for line, row in _rows(path, ("movieId", "title", "genres")):
+        movie = _int(row["movieId"], path, line, "movieId")
+        title = row["title"].strip()
+        match = re.search(r"\(([0-9]{4})\)\s*$", title)
+        genres = [g for g in row["genres"].split("|") if g]
+        columns["item_id"].append(movie)
+        columns["title"].append(title)
+        columns["attributes"].append([("genre", genres), ("tag", sorted(tags.get(movie, ())))])
+        columns["year"].append(int(match.group(1)) if match else None)
+        lines.append(line)
+    return columns, lines
+
+
+def _int(text: str, path: Path, line: int, name: str) -> int:
+    """A non-negative 64-bit integer written in ASCII digits."""
+    if not re.fullmatch(r"[0-9]{1,18}", text.strip()):
+        raise CatalogError(f"{path}:{line}: {name} {quoted(text)} is not an integer in 0..{10 ** 18 - 1}")
+    return int(text)
+
+
+def _rating(text: str, path: Path, line: int) -> float:
+    """A rating on the MovieLens scale, written as a plain ASCII decimal number."""
+    low, high = RATING_SCALE
+    value = float(text) if re.fullmatch(r"[0-9]{1,3}(\.[0-9]{0,6})?", text.strip()) else None
+    if value is None or not low <= value <= high:
+        raise CatalogError(f"{path}:{line}: rating {quoted(text)} is not a number in {low}..{high}")
+    return value

@@ -19,9 +19,10 @@ writing this table (extra columns are ignored; integer and float widths are cast
 e.g. constraints = `[{"type": "exclude", "field": "genre", "value": "Horror"}, {"type": "recency", "min_year": 1990}]`
 
 `read_preferences` streams the file in record batches and checks every row; a row failing a check is counted
-under the first failing reason, checked in this order: `null_value`; `bad_constraints` (not JSON, not a list);
-`unknown_id` (any id not in the catalog); `bad_constraints` (unknown type, field or value, or too few items left
-for k) or `bad_request` (empty or duplicate seeds, k outside 1..64); `wrong_k`; `duplicate` (inside chosen or
+under the first failing reason, checked in this order: `null_value`; `bad_constraints` (over
+MAX_CONSTRAINTS_CHARS, not JSON, not a list); `unknown_id` (any id not in the catalog); `bad_constraints` (unknown
+type, field or value, a value out of range, or too few items left for k) or `bad_request` (empty or duplicate seeds,
+too many seeds or negatives, k outside 1..64); `wrong_k`; `duplicate` (inside chosen or
 rejected); `seed_in_list` (a seed or negative listed); `constraint_violation` (a hard constraint broken);
 `bad_weight`. Bad rows are never yielded; after iterating, `reader.report.summary()` says how many rows failed
 for what, with example row numbers (0-based).
@@ -50,6 +51,7 @@ import pyarrow.parquet as pq
 
 from catalog.requests import Request, request_from_json, valid_mask
 from catalog.schema import Catalog, CatalogError, atomic_write
+from h2po.errors import quoted
 
 PREFERENCES_SCHEMA = pa.schema([
     ("user_id", pa.int64()), ("seeds", pa.list_(pa.int64())), ("negatives", pa.list_(pa.int64())),
@@ -59,6 +61,7 @@ PREFERENCES_SCHEMA = pa.schema([
 REASONS = ("null_value", "bad_constraints", "unknown_id", "bad_request", "wrong_k", "duplicate", "seed_in_list",
            "constraint_violation", "bad_weight")
 ITEM_COLUMNS = ("seeds", "negatives", "chosen", "rejected")
+MAX_CONSTRAINTS_CHARS = 10_000  # a constraints JSON text; longer is a bad_constraints row, never parsed
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,7 @@ class PreferenceReader:
         """Each pass re-reads the file and starts a fresh `report`."""
         self.report = ValidationReport()
         batches = pq.ParquetFile(self.path).iter_batches(batch_size=self.batch_rows, columns=PREFERENCES_SCHEMA.names)
-        for batch in batches:
+        for batch in _readable(batches, self.path):
             pairs, rows = [], []
             for offset, row in enumerate(self._typed(batch).to_pylist()):
                 number = self.report.rows + offset
@@ -162,7 +165,8 @@ class PreferenceReader:
             try:
                 columns.append(batch.column(target.name).cast(target.type))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-                raise CatalogError(f"{self.path}: column {target.name} is not {target.type} ({err})") from None
+                raise CatalogError(f"{self.path}: column {target.name} is not {target.type} "
+                                   f"({quoted(str(err), 160)})") from None
         return pa.RecordBatch.from_arrays(columns, schema=PREFERENCES_SCHEMA)
 
     def check_row(self, row: dict) -> PreferencePair | tuple[str, str]:
@@ -171,12 +175,15 @@ class PreferenceReader:
                     None)
         if null is not None:
             return "null_value", f"{null} is null or holds a null"
+        if len(row["constraints"]) > MAX_CONSTRAINTS_CHARS:
+            return "bad_constraints", f"constraints has {len(row['constraints'])} characters; at most " \
+                f"{MAX_CONSTRAINTS_CHARS}: {quoted(row['constraints'])}"
         try:
             constraints = json.loads(row["constraints"])
-        except json.JSONDecodeError as err:
-            return "bad_constraints", f"constraints is not JSON ({err})"
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, a 5000-digit number, deep nesting
+            return "bad_constraints", f"constraints is not JSON ({quoted(str(err), 120)})"
         if not isinstance(constraints, list):
-            return "bad_constraints", f"constraints must be a JSON list, got {row['constraints']!r}"
+            return "bad_constraints", f"constraints must be a JSON list, got {quoted(row['constraints'])}"
         unknown = next((i for n in ITEM_COLUMNS for i in row[n] if i not in self.index), None)
         if unknown is not None:
             return "unknown_id", f"unknown item id {unknown}"
@@ -221,9 +228,21 @@ class PreferenceReader:
         return None
 
 
+def _readable(batches: Iterator[pa.RecordBatch], path: Path) -> Iterator[pa.RecordBatch]:
+    """The record batches; a damaged page (bad page header, bad compression) is a CatalogError naming the file."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as err:
+            raise CatalogError(f"{path}: a damaged Parquet page ({quoted(str(err), 120)})") from None
+        yield batch
+
+
 def read_preferences(path: str | Path, catalog: Catalog, batch_rows: int = 1024) -> PreferenceReader:
     """A validating streaming reader: iterate it for PreferenceBatch objects, then read `.report`.
 
     Raises CatalogError at once for a missing or unreadable file or a missing column (named), and while iterating
-    for a column of the wrong type; bad rows are counted in `.report`, never yielded."""
+    for a column of the wrong type or a damaged page; bad rows are counted in `.report`, never yielded."""
     return PreferenceReader(path, catalog, batch_rows)

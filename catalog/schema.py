@@ -8,6 +8,11 @@
     user_id: int64 (the user or collection), item_id: int64 (must exist in items), weight: float32 (a rating,
     or 1.0 for implicit feedback), timestamp: int64 (seconds).
 
+`check_items` and `check_interactions` are the one place rows are checked (ids unique and >= 0, years in
+YEAR_RANGE or null, popularity >= 0, titles at most MAX_TITLE_CHARS, weights finite in 0..MAX_WEIGHT, every
+interaction naming a known item, no nulls where a value is needed): `write_catalog` runs them before it writes,
+`read_catalog` after it reads, and an importer may run them first with its source's line numbers.
+
 Inside the code items are addressed by their row index 0..N-1 ("item index"); `item_id` is the external id.
 A `LICENSE.txt` beside the tables carries the source data's licence.
 """
@@ -15,18 +20,18 @@ A `LICENSE.txt` beside the tables carries the source data's licence.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from h2po.errors import UserError
+from catalog.output import atomic_write  # noqa: F401  (re-exported: the writer of every catalog file)
+from h2po.errors import UserError, quoted
 
 ITEMS_SCHEMA = pa.schema([
     ("item_id", pa.int64()),
@@ -41,6 +46,9 @@ INTERACTIONS_SCHEMA = pa.schema([
     ("weight", pa.float32()),
     ("timestamp", pa.int64()),
 ])
+YEAR_RANGE = (1800, 2100)  # a known release year; null when unknown
+MAX_TITLE_CHARS = 1000
+MAX_WEIGHT = 1e6  # a rating, a count or 1.0; beyond this float32 sums lose the small ones
 
 
 class CatalogError(UserError):
@@ -138,27 +146,19 @@ def _strip_year(title: str) -> str:
     return re.sub(r"\s*\(\d{4}\)\s*$", "", title)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` and move the result into `path` only when it succeeded."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_catalog(directory: Path, items: pa.Table, interactions: pa.Table, license_text: str) -> None:
-    """Write the two tables and the licence atomically (each file appears whole or not at all)."""
+    """Check the two tables (`check_items`, `check_interactions`: nothing is written when a check fails), then
+    write them and the licence atomically (each file appears whole or not at all)."""
     directory = Path(directory)
+    try:
+        items, interactions = items.cast(ITEMS_SCHEMA), interactions.cast(INTERACTIONS_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise CatalogError(f"{directory}: a column has the wrong type ({quoted(str(err), 200)})") from None
+    ids = check_items(items, str(directory / "items.parquet"))
+    check_interactions(interactions, ids, str(directory / "interactions.parquet"))
     atomic_write(directory / "LICENSE.txt", lambda p: p.write_text(license_text))
-    atomic_write(directory / "items.parquet", lambda p: pq.write_table(items.cast(ITEMS_SCHEMA), p))
-    atomic_write(directory / "interactions.parquet",
-                 lambda p: pq.write_table(interactions.cast(INTERACTIONS_SCHEMA), p))
+    atomic_write(directory / "items.parquet", lambda p: pq.write_table(items, p))
+    atomic_write(directory / "interactions.parquet", lambda p: pq.write_table(interactions, p))
 
 
 def _read_table(path: Path, schema: pa.Schema) -> pa.Table:
@@ -178,11 +178,12 @@ def _read_table(path: Path, schema: pa.Schema) -> pa.Table:
 
 
 def read_catalog(directory: str | Path) -> Catalog:
-    """Load a catalog directory in the project's schema, checking that every interaction names a known item."""
+    """Load a catalog directory in the project's schema; its rows must pass `check_items` and `check_interactions`."""
     directory = Path(directory)
     items = _read_table(directory / "items.parquet", ITEMS_SCHEMA)
     inter = _read_table(directory / "interactions.parquet", INTERACTIONS_SCHEMA)
-    item_ids = items.column("item_id").to_numpy()
+    item_ids = check_items(items, str(directory / "items.parquet"))
+    idx = check_interactions(inter, item_ids, str(directory / "interactions.parquet"))
     fields: dict[str, list[tuple[str, ...]]] = {}
     rows = items.column("attributes").to_pylist()
     names = sorted({k for row in rows if row for k, _ in row})
@@ -190,21 +191,86 @@ def read_catalog(directory: str | Path) -> Catalog:
         fields[name] = [tuple(dict(row or []).get(name) or ()) for row in rows]
     years = items.column("year").fill_null(0).to_numpy().astype(np.int32)
     lic = directory / "LICENSE.txt"
-    catalog = Catalog(item_ids=item_ids.astype(np.int64), titles=items.column("title").fill_null("").to_pylist(),
-                      attributes=fields, years=years, popularity=items.column("popularity").to_numpy(),
-                      interactions=Interactions(np.empty(0, np.int64), np.empty(0, np.int64),
-                                                np.empty(0, np.float32), np.empty(0, np.int64)),
-                      name=directory.name, license_text=lic.read_text() if lic.is_file() else "")
-    if len(item_ids) == 0 or item_ids.min() < 0:
-        raise CatalogError(f"{directory / 'items.parquet'}: needs at least one item and non-negative item_id values")
-    ids = inter.column("item_id").to_numpy()
+    return Catalog(item_ids=item_ids, titles=items.column("title").fill_null("").to_pylist(),
+                   attributes=fields, years=years, popularity=items.column("popularity").to_numpy(),
+                   interactions=Interactions(inter.column("user_id").to_numpy(), idx,
+                                             inter.column("weight").to_numpy(), inter.column("timestamp").to_numpy()),
+                   name=directory.name, license_text=lic.read_text() if lic.is_file() else "")
+
+
+def _at(where: str, lines: Sequence[int] | None, row: int) -> str:
+    """Where a row came from: `file:LINE` when the source's line numbers are known, else `file: row I` (0-based)."""
+    return f"{where}:{lines[row]}" if lines is not None else f"{where}: row {row}"
+
+
+def _refuse_first(bad: np.ndarray, where: str, lines: Sequence[int] | None, describe) -> None:
+    """Raise CatalogError for the first True of `bad` (R,), with `describe(row)` saying what is wrong."""
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise CatalogError(f"{_at(where, lines, row)}: {describe(row)}")
+
+
+def _refuse_nulls(table: pa.Table, columns: tuple[str, ...], where: str, lines: Sequence[int] | None,
+                  names: dict[str, str]) -> None:
+    for column in columns:
+        nulls = table.column(column).is_null().to_numpy(zero_copy_only=False)
+        _refuse_first(nulls, where, lines, lambda row: f"{names.get(column, column)} is null")
+
+
+def check_items(items: pa.Table, where: str, lines: Sequence[int] | None = None,
+                names: dict[str, str] | None = None) -> np.ndarray:
+    """Refuse an items table (ITEMS_SCHEMA types) with no rows, a null, negative or repeated item_id, a null or
+    negative popularity, a year outside YEAR_RANGE (null = unknown is fine) or a title over MAX_TITLE_CHARS.
+    -> item ids (N,) int64.
+
+    Errors are one line naming `where` and the row (`lines`: the source's line number of each row), the value
+    (bounded) and the rule; `names` maps a column to the source's name for it (e.g. item_id -> movieId)."""
+    names = names or {}
+    if items.num_rows == 0:
+        raise CatalogError(f"{where}: no items (at least one is needed)")
+    _refuse_nulls(items, ("item_id", "popularity"), where, lines, names)
+    ids = items.column("item_id").to_numpy().astype(np.int64)
+    id_name = names.get("item_id", "item_id")
+    _refuse_first(ids < 0, where, lines, lambda row: f"{id_name} {ids[row]} is negative")
+    order = np.argsort(ids, kind="stable")
+    repeat = np.zeros(len(ids), bool)
+    repeat[order[1:][ids[order][1:] == ids[order][:-1]]] = True  # every occurrence after an id's first
+    first_of = {int(ids[row]): row for row in reversed(range(len(ids)))} if repeat.any() else {}
+    shown_row = (lambda r: f"line {lines[r]}") if lines is not None else (lambda r: f"row {r}")
+    _refuse_first(repeat, where, lines, lambda row: f"{id_name} {ids[row]} repeats {shown_row(first_of[ids[row]])}")
+    popularity = items.column("popularity").to_numpy()
+    _refuse_first(popularity < 0, where, lines, lambda row: f"popularity {popularity[row]} is negative")
+    low, high = YEAR_RANGE
+    years = items.column("year").fill_null(low).to_numpy()
+    _refuse_first((years < low) | (years > high), where, lines,
+                  lambda row: f"year {years[row]} is outside {low}..{high} (null when unknown)")
+    titles = items.column("title")
+    lengths = pc.utf8_length(titles).fill_null(0).to_numpy(zero_copy_only=False)
+    _refuse_first(lengths > MAX_TITLE_CHARS, where, lines, lambda row: f"title {quoted(titles[row].as_py())} is "
+                  f"longer than {MAX_TITLE_CHARS} characters")
+    return ids
+
+
+def check_interactions(interactions: pa.Table, item_ids: np.ndarray, where: str, lines: Sequence[int] | None = None,
+                       names: dict[str, str] | None = None) -> np.ndarray:
+    """Refuse an interactions table (INTERACTIONS_SCHEMA types) with a null value, a negative user_id, a weight
+    that is not a finite number in 0..MAX_WEIGHT, or an item_id not among `item_ids` (N,).
+    -> the item index of every row (R,) int64. Errors as in `check_items`."""
+    names = names or {}
+    _refuse_nulls(interactions, tuple(INTERACTIONS_SCHEMA.names), where, lines, names)
+    users = interactions.column("user_id").to_numpy()
+    _refuse_first(users < 0, where, lines, lambda row: f"{names.get('user_id', 'user_id')} {users[row]} is negative")
+    weights = interactions.column("weight").to_numpy()
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.isfinite(weights) & (weights >= 0) & (weights <= MAX_WEIGHT))
+    _refuse_first(bad, where, lines, lambda row: f"{names.get('weight', 'weight')} {weights[row]:g} is not a finite "
+                  f"number in 0..{MAX_WEIGHT:g}")
+    ids = interactions.column("item_id").to_numpy()
     order = np.argsort(item_ids, kind="stable")  # searchsorted, not a dense id table: ids may be huge
     pos = np.clip(np.searchsorted(item_ids[order], ids), 0, len(item_ids) - 1)
     idx = np.where(item_ids[order][pos] == ids, order[pos], -1)
-    if (idx < 0).any():
-        bad = ids[idx < 0][:5].tolist()
-        path = directory / "interactions.parquet"
-        raise CatalogError(f"{path}: {(idx < 0).sum()} rows name unknown items, e.g. {bad}")
-    catalog.interactions = Interactions(inter.column("user_id").to_numpy(), idx,
-                                        inter.column("weight").to_numpy(), inter.column("timestamp").to_numpy())
-    return catalog
+    unknown = idx < 0
+    examples = ids[unknown][:5].tolist()
+    _refuse_first(unknown, where, lines, lambda row: f"{names.get('item_id', 'item_id')} {ids[row]} is not among "
+                  f"the items ({int(unknown.sum())} of {len(ids)} rows name unknown items, e.g. {examples})")
+    return idx.astype(np.int64)

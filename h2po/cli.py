@@ -10,15 +10,19 @@ import sys
 import time
 from pathlib import Path
 
-from catalog.requests import Exclude, Prefer, Recency, Request, Require, check_request, resolve_items
+from catalog.output import check_output, check_output_dir
+from catalog.requests import Exclude, Prefer, Recency, Request, Require, request_from_refs
 from h2po.config import describe, load_config
-from h2po.errors import UserError
+from h2po.errors import UserError, quoted
 
 RUN_HELP = """Run the main job on the embedded default: import the data, tune EASE, pretrain with MOST (or reuse
 OUT_DIR/most.safetensors made with the same settings), generate logged preferences, fine-tune with H2PO on a
 local Ray instance, or the cluster RAY_ADDRESS names (h2po.steps learner steps, within h2po.max_minutes; the
 dashboard URL is printed), evaluate baselines, MOST and H2PO on the test split, and print the comparison table.
 h2po.steps=0 skips H2PO."""
+# what `run`, `pretrain` and `train` write into OUT_DIR: each must be absent or a regular file before work starts
+RUN_FILES = ("ease.json", "most.safetensors", "pretrain.json", "preferences.parquet", "h2po.safetensors",
+             "metrics.jsonl", "report.html", "results.json")
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _field_value(text: str, flag: str) -> tuple[str, str]:
     if "=" not in text:
-        raise UserError(f"{flag} {text!r}: expected FIELD=VALUE")
+        raise UserError(f"{flag} {quoted(text)}: expected FIELD=VALUE")
     field, value = text.split("=", 1)
     return field.strip(), value.strip()
 
@@ -100,7 +104,7 @@ def _constraints(args) -> tuple:
             try:
                 weight = float(raw)
             except ValueError:
-                raise UserError(f"--prefer {text!r}: weight {raw!r} is not a number") from None
+                raise UserError(f"--prefer {quoted(text)}: weight {quoted(raw)} is not a number") from None
         out.append(Prefer(field, value, weight))
     if args.min_year is not None or args.half_life is not None:
         out.append(Recency(min_year=args.min_year, half_life=args.half_life))
@@ -114,6 +118,7 @@ def cmd_run(args, pretrain_only: bool = False) -> None:
 
     start = time.time()
     cfg = load_config(args.config, args.overrides)
+    check_output_dir(cfg.out_dir, RUN_FILES, "out_dir")
     _ensure_data(cfg)
     ws = pipeline.prepare(cfg)
     lam = pipeline.ease_lambda(ws)
@@ -173,6 +178,7 @@ def cmd_eval(args) -> None:
     from h2po import pipeline
     from learner.checkpoint import load_checkpoint, read_header
 
+    check_output(args.out, "--out")  # before the minutes of scoring, not after
     base = json.loads(read_header(Path(args.checkpoint))["config"])
     cfg = load_config(args.config, args.overrides, base=base)
     ws = pipeline.prepare(cfg)
@@ -202,10 +208,10 @@ def cmd_retrieve(args) -> int:
         raise UserError("give either --seeds or --requests")
     if args.requests:
         return _retrieve_batch(args)
+    constraints = _constraints(args)
     catalog, model, cfg, vocab = _load_for_retrieval(args.checkpoint)
-    request = Request(tuple(resolve_items(catalog, args.seeds)), tuple(resolve_items(catalog, args.negatives)),
-                      _constraints(args), cfg.requests.k if args.k is None else args.k)
-    check_request(catalog, request)
+    request = request_from_refs(catalog, args.seeds, args.negatives, constraints,
+                                cfg.requests.k if args.k is None else args.k, cfg.model.max_k)
     items = recommend(model, catalog, vocab, [request], cfg.sampler)[0]
     rows = [{"rank": r + 1, "item_id": int(catalog.item_ids[i]), "title": catalog.titles[i]}
             for r, i in enumerate(items)]
@@ -218,7 +224,7 @@ def cmd_retrieve(args) -> int:
 
 
 def _retrieve_batch(args) -> int:
-    from catalog.requests import request_from_json
+    from catalog.requests import parse_request_line, request_lines
     from catalog.schema import CatalogError, atomic_write
     from rollout.retrieve import recommend
 
@@ -226,18 +232,20 @@ def _retrieve_batch(args) -> int:
         raise UserError("--requests needs --out FILE for the results")
     source = Path(args.requests)
     if not source.is_file():
-        raise UserError(f"requests file not found: {source}")
+        raise UserError(f"requests file not found: {quoted(str(source), 200)}")
+    check_output(args.out, "--out")
     catalog, model, cfg, vocab = _load_for_retrieval(args.checkpoint)
     results: list[dict] = []
     good: list[tuple[int, Request]] = []
-    for line_no, line in enumerate(source.read_text().splitlines(), start=1):
-        if not line.strip():
-            results.append({"line": line_no, "error": "empty line"})
-            continue
+    for line_no, line, problem in request_lines(source):
+        if problem is None and not line.strip():
+            problem = "empty line"
         try:
-            good.append((len(results), request_from_json(catalog, json.loads(line), cfg.requests.k)))
+            if problem:
+                raise CatalogError(problem)
+            good.append((len(results), parse_request_line(catalog, line, cfg.requests.k, cfg.model.max_k)))
             results.append({})
-        except (json.JSONDecodeError, CatalogError) as err:
+        except CatalogError as err:
             results.append({"line": line_no, "error": f"{err}"})
     lists = recommend(model, catalog, vocab, [r for _, r in good], cfg.sampler)
     for (slot, _), items in zip(good, lists):
@@ -255,6 +263,7 @@ def cmd_preferences(args) -> int:
     """Generate logged preference pairs on the training users, write them, and re-read them with the validator."""
     from h2po import pipeline
 
+    check_output(args.out, "--out")
     cfg = load_config(args.config, args.overrides)
     _ensure_data(cfg)
     return 1 if pipeline.make_preferences(pipeline.prepare(cfg), Path(args.out)).bad else 0
@@ -267,6 +276,7 @@ def cmd_train(args) -> None:
 
     base = json.loads(read_header(Path(args.checkpoint))["config"])
     cfg = load_config(args.config, args.overrides, base=base)  # placement: system.learners=2 system.zero_stage=2 ...
+    check_output_dir(cfg.out_dir, RUN_FILES, "out_dir")
     try:
         steps = cfg.h2po.steps if args.steps is None else args.steps
         train(cfg, args.checkpoint, args.preferences, steps, args.mode, resume=args.resume)
@@ -285,6 +295,7 @@ def cmd_data(args) -> int:
         print(f"MovieLens {movielens.DATASET} verified in {path}")
     else:
         locate, import_files, _ = FORMATS[args.format]
+        check_output_dir(args.out, ("items.parquet", "interactions.parquet", "LICENSE.txt"), "--out")
         out = import_files(locate(args.source), Path(args.out))
         print(f"catalog written to {out} (items.parquet, interactions.parquet, LICENSE.txt)")
     return 0

@@ -20,6 +20,7 @@ import pytest
 import ray
 import torch
 from safetensors.torch import load_file
+from test_security import Payload
 
 from catalog.behaviour import generate_preferences
 from catalog.dataset import Dataset
@@ -251,7 +252,10 @@ def test_actors_publish_weights_and_checkpoint(run_dir, cluster):
     ckpt = str(run_dir / "deepspeed")
     ray.get([a.save_checkpoint.remote(ckpt) for a in actors.learners])
     ray.get([a.train_step.remote(s.rollouts, s.pairs, 1.0) for a, s in zip(actors.learners, shards)])
+    marker = run_dir / "rng_marker"  # a pickle planted where the old format kept rank 0's RNG state: never opened
+    torch.save(Payload(marker), Path(ckpt) / "rng_rank0.pt")
     assert ray.get([a.load_checkpoint.remote(ckpt) for a in actors.learners]) == [1, 1]
+    assert not marker.exists(), "a learner rank executed a pickle planted in its checkpoint directory"
     restored, version = ray.get(actors.learners[1].weights.remote())
     assert version == 1 and all(torch.equal(restored[k], v) for k, v in ray.get(state_ref).items())
     for actor in [*actors.learners, *actors.rollouts, actors.buffer]:

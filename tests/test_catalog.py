@@ -243,15 +243,18 @@ def test_read_wrong_column_type(tmp_path):
 
 def test_read_unknown_item_in_interactions(tmp_path):
     items, inter = tiny_tables(item_ids=(1, 2, 3), inter_items=(1, 99, 2, -4, 4))
-    write_catalog(tmp_path, items, inter, "")
-    with pytest.raises(CatalogError, match=r"interactions\.parquet: 3 rows name unknown items, e.g. \[99, -4, 4\]"):
+    pq.write_table(items, tmp_path / "items.parquet")  # write_catalog would refuse these tables
+    pq.write_table(inter, tmp_path / "interactions.parquet")
+    with pytest.raises(CatalogError, match=r"interactions\.parquet: row 1: item_id 99 is not among the items \(3 of 5 "
+                       r"rows name unknown items, e.g. \[99, -4, 4\]\)"):
         read_catalog(tmp_path)
 
 
 def test_read_duplicate_item_ids(tmp_path):
     items, inter = tiny_tables(item_ids=(1, 2, 1), inter_items=(1,))
-    write_catalog(tmp_path, items, inter, "")
-    with pytest.raises(CatalogError, match="duplicate item_id"):
+    pq.write_table(items, tmp_path / "items.parquet")
+    pq.write_table(inter, tmp_path / "interactions.parquet")
+    with pytest.raises(CatalogError, match=r"items\.parquet: row 2: item_id 1 repeats row 0"):
         read_catalog(tmp_path)
 
 
