@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from h2po.config_check import check_limits, check_value, range_help
-from h2po.config_yaml import ConfigError, clip, merge, parse_override, read_yaml, show
+from h2po.config_yaml import ConfigError, key_text, merge, parse_override, read_yaml, show
 
 MAX_K = 64  # = catalog.requests.MAX_K and MAX_SEEDS (this leaf package cannot import catalog/; a test ties them)
 MAX_SEEDS = 32
@@ -49,7 +49,7 @@ class DataConfig:
     source: str = option("", "Directory of data.format's files; empty = $H2PO_MOVIELENS / $H2PO_MOVIETWEETINGS, "
                              "../shared/data/<dataset>, (MovieLens) the cache.")
     movielens: str = option("", "ml-latest-small CSV directory (older spelling of data.source for format movielens).")
-    positive_threshold: float = option(4.0, "An interaction with weight >= this is a positive.")
+    positive_threshold: float = option(4.0, "An interaction with weight >= this is a positive.", low=-1e9, high=1e9)
     split_seed: int = option(0, "Seed of the 60/20/20 train/validation/test user split.", low=0, high=SEED_MAX)
     tag_buckets: int = option(64, "Hashed tag buckets in the item feature vector.", low=1, high=4096)
     cf_dim: int = option(64, "Collaborative-factor dimensions (truncated SVD of training positives).", low=0, high=1024)
@@ -249,7 +249,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(str(name) for name in values if name not in fields)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{clip(unknown[0], 60)} (known: {', '.join(sorted(fields))})")
+        raise ConfigError(f"unknown config key {key_text(prefix + unknown[0])} (known: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]

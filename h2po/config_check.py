@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from h2po.config_yaml import MAX_DEPTH, ConfigError, clip, show
+from h2po.config_yaml import MAX_DEPTH, ConfigError, key_text, show
 
 MAX_TEXT = 4096  # a string value (paths, host names)
 
@@ -25,9 +25,7 @@ def _number(x: float) -> str:
 
 
 def range_text(meta: typing.Mapping[str, Any]) -> str:
-    """A field's range in interval notation, e.g. `[0, 1)`; `any finite number` when it has no bounds."""
-    if not any(name in meta for name in ("low", "above", "high", "below")):
-        return "(any finite number)"
+    """A field's range in interval notation, e.g. `[0, 1)`."""
     left = f"[{_number(meta['low'])}" if "low" in meta else f"({_number(meta['above'])}" if "above" in meta \
         else "(-inf"
     right = f"{_number(meta['high'])}]" if "high" in meta else f"{_number(meta['below'])})" if "below" in meta \
@@ -55,7 +53,7 @@ def _check_plain(value: Any, key: str, depth: int = 0) -> Any:
         for name, item in value.items():
             if not isinstance(name, str):
                 raise ConfigError(f"{key}: key {show(name)} is not a string")
-            _check_plain(item, f"{key}.{clip(name, 40)}", depth + 1)
+            _check_plain(item, f"{key}.{key_text(name)}", depth + 1)
     elif isinstance(value, list):
         for i, item in enumerate(value):
             _check_plain(item, f"{key}[{i}]", depth + 1)

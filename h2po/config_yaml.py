@@ -41,6 +41,11 @@ def show(value: Any, limit: int = 60) -> str:
     return clip(text, limit)
 
 
+def key_text(key: str) -> str:
+    """A key typed by the user, for an error line: as it is when it is plain printable text, else its bounded repr."""
+    return clip(key) if key and key.isprintable() and key == key.strip() else show(key)
+
+
 class BoundedLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses aliases and collections nested deeper than MAX_DEPTH (module docstring)."""
 
@@ -140,7 +145,7 @@ def parse_override(text: str) -> dict:
     try:
         value = parse_yaml(raw) if raw != "" else ""
     except ConfigError as err:
-        raise ConfigError(f"override {clip(key, 60)}: {err}") from None
+        raise ConfigError(f"override {key_text(key)}: {err}") from None
     except (yaml.YAMLError, ValueError):
         value = raw
     out: dict = {}
