@@ -5,7 +5,10 @@ every open slot draws a candidate (Gumbel-max at temperature T; T = 0 is greedy)
 same item the more confident keeps it; the most confident open slots are committed, ceil(open / steps left) of
 them, so all k are filled after S steps (a step that loses slots to collisions commits fewer, and the loop runs
 on until every slot is filled). Validity therefore holds by construction: no duplicates, no seeds or negatives,
-no hard-constraint violators. The trajectory (step of each slot, its item, and the behaviour log-prob under the
+no hard-constraint violators, whatever the scores are: logits pass through `finite_logits` before any argmax,
+Gumbel draw or log-sum-exp, so a NaN or infinity that reached the model (a non-finite soft weight that bypassed
+the request edge, an overflow) can change which allowed item is drawn but never let a disallowed one through.
+The trajectory (step of each slot, its item, and the behaviour log-prob under the
 model's T = 1 distribution given the state before the step) is returned for H2PO's trajectory likelihood.
 """
 
@@ -28,6 +31,16 @@ class Samples:
     logp: torch.Tensor  # (B, K) float: behaviour log-prob of each committed item
 
 
+LOGIT_BOUND = 1e4  # far beyond any logit a trained model gives; keeps logits / T and the log-sum-exp finite
+
+
+def finite_logits(logits: torch.Tensor, allowed: torch.Tensor, bound: float = LOGIT_BOUND) -> torch.Tensor:
+    """(M, N) scores, in place: allowed items finite (NaN -> -bound, the rest clipped to +-bound), every other item
+    -inf, so an argmax always picks an allowed item. Values inside the bound are unchanged (a sound model's
+    distribution is untouched)."""
+    return logits.nan_to_num_(nan=-bound).clamp_(-bound, bound).masked_fill_(~allowed, float("-inf"))
+
+
 def resolve_collisions(candidate: torch.Tensor, confidence: torch.Tensor, open_: torch.Tensor) -> torch.Tensor:
     """(B, K) bool: open slots that keep their candidate (the most confident per item; ties go to the lower slot)."""
     same = (candidate[:, :, None] == candidate[:, None, :]) & open_[:, None, :]  # (B, K, K)
@@ -44,6 +57,8 @@ def sample_lists(model: Retriever, batch: RequestBatch, k: int, steps: int, temp
     """Generate B lists of k distinct valid items in about `steps` forward passes."""
     b = len(batch)
     device = batch.valid.device
+    if (batch.valid.sum(1) < k).any():
+        raise ValueError(f"a request allows fewer than k={k} items (check_request refuses such requests)")
     ctx = model.encode(batch)
     slots = torch.full((b, k), MASK, dtype=torch.long, device=device)
     step_of = torch.full((b, k), -1, dtype=torch.long, device=device)
@@ -54,11 +69,13 @@ def sample_lists(model: Retriever, batch: RequestBatch, k: int, steps: int, temp
         open_ = slots == MASK
         rows, cols = open_.nonzero(as_tuple=True)  # only open slots need logits
         hidden = model.hidden(ctx, slots)[rows, cols]  # (M, D)
-        logits = model.allowed_logits(ctx, hidden, rows, allowed)  # (M, N)
+        allowed_rows = allowed[rows]  # (M, N)
+        logits = finite_logits(model.allowed_logits(ctx, hidden, rows, allowed), allowed_rows)  # (M, N)
         if temperature > 0:
             noise = torch.rand(logits.shape, generator=generator, device=device).clamp_(1e-10, 1.0)
             noise.log_().neg_().log_().neg_()  # Gumbel(0, 1), in place
-            pick = noise.add_(logits, alpha=1.0 / temperature).argmax(-1)
+            scores = noise.add_(logits, alpha=1.0 / temperature)  # logits / T may overflow for a tiny T: re-bound
+            pick = finite_logits(scores, allowed_rows, torch.finfo(scores.dtype).max).argmax(-1)
             top = logits.gather(1, pick[:, None]).squeeze(1)
         else:
             top, pick = logits.max(-1)

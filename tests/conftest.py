@@ -5,17 +5,22 @@ when i % 3 == 0), years 1950 + (7 i mod 70) spanning 1950-2019, five users with 
 `tiny_model` / `tiny_prior_model`: Retriever(d_model=32, n_layers=2, n_heads=2), eval mode, every parameter
 perturbed with seeded noise so the adaLN-Zero gates are non-zero and outputs depend on the request; the prior
 variant carries a random (N, N) float16 prior matrix.
+`tiny_checkpoint`: the tiny catalog written as Parquet and an untrained `tiny_model` saved as a checkpoint beside it
+(DIR/catalog, DIR/most.safetensors), so the CLI's retrieve/eval paths run in a second without pretraining.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from catalog.batch import constraint_vocab
 from catalog.schema import Catalog, Interactions
-from h2po.config import ModelConfig
+from h2po.config import DataConfig, ModelConfig, RunConfig
 from model.transformer import Retriever
 
 N_ITEMS = 50
@@ -45,12 +50,15 @@ def randomise(model: torch.nn.Module, seed: int, scale: float = 0.2) -> torch.nn
     return model.eval()
 
 
+TINY_MODEL_CONFIG = ModelConfig(d_model=32, n_layers=2, n_heads=2, dropout=0.0, id_dropout=0.0, prior="none")
+
+
 def make_tiny_model(catalog: Catalog, prior: bool = False, seed: int = 0) -> Retriever:
     """A randomised 2-layer D=32 Retriever in eval mode (with a random float16 prior matrix when `prior`)."""
     generator = torch.Generator().manual_seed(1000 + seed)
     features = torch.randn(catalog.n_items, N_FEATURES, generator=generator)
     prior_matrix = torch.rand(catalog.n_items, catalog.n_items, generator=generator).half() if prior else None
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, dropout=0.0, id_dropout=0.0, prior="none")
+    cfg = TINY_MODEL_CONFIG
     with torch.random.fork_rng(devices=[]):  # seed the constructor's own init without touching the global RNG
         torch.manual_seed(seed)
         model = Retriever(cfg, features, n_values=len(constraint_vocab(catalog)), prior_matrix=prior_matrix)
@@ -84,3 +92,32 @@ def tiny_prior_model(tiny_catalog) -> Retriever:
 @pytest.fixture(scope="session")
 def tiny_vocab(tiny_catalog) -> dict[tuple[str, str], int]:
     return constraint_vocab(tiny_catalog)
+
+
+def write_tiny_checkpoint(directory: Path) -> Path:
+    """The tiny catalog as Parquet in DIR/catalog and an untrained tiny model in DIR/most.safetensors (its path)."""
+    from catalog.schema import write_catalog
+    from learner.checkpoint import save_checkpoint
+
+    catalog = make_tiny_catalog()
+    rows = [[(name, list(values[i])) for name, values in catalog.attributes.items()] for i in range(N_ITEMS)]
+    items = pa.table({"item_id": pa.array(catalog.item_ids, pa.int64()), "title": catalog.titles,
+                      "attributes": pa.array(rows, pa.map_(pa.string(), pa.list_(pa.string()))),
+                      "year": pa.array(catalog.years, pa.int32()),
+                      "popularity": pa.array(catalog.popularity, pa.int64())})
+    inter = catalog.interactions
+    interactions = pa.table({"user_id": pa.array(inter.users, pa.int64()),
+                             "item_id": pa.array(catalog.item_ids[inter.items], pa.int64()),
+                             "weight": pa.array(inter.weights, pa.float32()),
+                             "timestamp": pa.array(inter.timestamps, pa.int64())})
+    write_catalog(directory / "catalog", items, interactions, "synthetic test data")
+    cfg = RunConfig(out_dir=str(directory), threads=1, data=DataConfig(catalog=str(directory / "catalog")),
+                    model=TINY_MODEL_CONFIG)
+    path = directory / "most.safetensors"
+    save_checkpoint(path, make_tiny_model(catalog), cfg, catalog, {"step": 0})
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"))
