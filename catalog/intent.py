@@ -3,7 +3,9 @@
 A practitioner facing "these three movies" reads the intent straight off the seeds: if all of them are comedies
 from the 1990s, more 1990s comedies are a good bet. `IntentIndex.scores` is that reading, for every attribute field
 of the catalog (not only MovieLens genres) plus the decade: for each request, the number of shared values an item
-matches. The intent rival in `evaluation/` adds it to a scorer as a soft boost, and the model may use it as a prior.
+matches. The intent rival in `evaluation/` adds it to a scorer as a soft boost, and the model uses it as part of
+its prior (`model.prior=ease+intent`). Both go through the same two torch functions, `shared_values` and
+`intent_counts`, on the same (N, V) multi-hot, so the rival and the model read the same intent.
 
 Example:
     intent = IntentIndex(catalog)
@@ -15,12 +17,37 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from catalog.schema import Catalog
 
+DECADE = "decade"
+
+
+def shared_values(values: torch.Tensor, seeds: torch.Tensor, seed_mask: torch.Tensor) -> torch.Tensor:
+    """(B, V) bool: the values that every seed of a request has (a request without seeds shares none).
+
+    values (N, V) multi-hot (any dtype, non-zero = has); seeds, seed_mask (B, S) padded."""
+    has = (values[seeds] != 0) | ~seed_mask[..., None]  # (B, S, V): padding has every value
+    return has.all(1) & seed_mask.any(1, keepdim=True)
+
+
+def intent_counts(values: torch.Tensor, shared: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, N) float32: sum over the request's shared values v of weights[v] * values[i, v] (weights (V,), default 1:
+    the number of shared values item i has). values (N, V), shared (B, V) bool.
+
+    Only the columns some request shares enter the product (a seed set shares a few values of thousands), so the
+    cost is B x N x (shared columns), not B x N x V."""
+    cols = shared.any(0).nonzero().squeeze(1)  # (C,)
+    mine = shared[:, cols].float() if weights is None else shared[:, cols].float() * weights[cols]
+    return mine @ values[:, cols].float().T
+
 
 class IntentIndex:
-    """Items' attribute values and decade as one (N, V) multi-hot, to find what a seed set shares."""
+    """Items' attribute values and decade as one (N, V) multi-hot, to find what a seed set shares.
+
+    `parts` (V,) names each column's part by its index in `part_names` (the attribute fields, then "decade"), so a
+    scorer may weigh the parts apart."""
 
     def __init__(self, catalog: Catalog, fields: Sequence[str] | None = None, decade: bool = True) -> None:
         names = sorted(catalog.attributes) if fields is None else list(fields)
@@ -29,16 +56,24 @@ class IntentIndex:
             decades = np.where(catalog.years > 0, catalog.years // 10 * 10, -1)
             known = np.unique(decades[decades > 0])
             columns.append(decades[:, None] == known[None, :])  # unknown years match no decade
+            names.append(DECADE)
+        self.part_names = names
+        self.parts = np.concatenate([np.full(c.shape[1], p, np.int64) for p, c in enumerate(columns)]) if columns \
+            else np.zeros(0, np.int64)  # (V,)
         self.values = np.concatenate(columns, axis=1).astype(np.float32) if columns \
             else np.zeros((catalog.n_items, 0), np.float32)  # (N, V)
 
     def shared(self, seeds: Sequence[Sequence[int]]) -> np.ndarray:
         """(R, V) bool: the values that every seed of each request has."""
-        out = np.zeros((len(seeds), self.values.shape[1]), dtype=bool)
+        width = max((len(s) for s in seeds), default=0)
+        padded = torch.zeros((len(seeds), width), dtype=torch.long)
+        mask = torch.zeros((len(seeds), width), dtype=torch.bool)
         for r, ids in enumerate(seeds):
-            out[r] = self.values[list(ids)].all(axis=0)
-        return out
+            padded[r, :len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
+            mask[r, :len(ids)] = True
+        return shared_values(torch.from_numpy(self.values), padded, mask).numpy()
 
     def scores(self, seeds: Sequence[Sequence[int]]) -> np.ndarray:
         """(R, N) float32: how many of the request's shared values each item has."""
-        return self.shared(seeds).astype(np.float32) @ self.values.T
+        values = torch.from_numpy(self.values)
+        return intent_counts(values, torch.from_numpy(self.shared(seeds))).numpy()

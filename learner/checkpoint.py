@@ -53,7 +53,8 @@ def load_checkpoint(path: Path, catalog: Catalog) -> tuple[Retriever, RunConfig,
     cfg = config_from_dict(json.loads(header["config"]))
     tensors = load_file(str(path))
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    model = Retriever(cfg.model, state["features"], len(constraint_vocab(catalog)), state.get("prior_matrix"))
+    model = Retriever(cfg.model, state["features"], len(constraint_vocab(catalog)), state.get("prior_matrix"),
+                      state.get("intent_values"), state.get("intent_parts"))
     model.load_state_dict(state)
     model.eval()
     return model, cfg, json.loads(header["meta"])

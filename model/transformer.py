@@ -6,8 +6,11 @@ learned rank position plus either [MASK] or the embedding of the committed item.
 with adaLN-Zero (Peebles & Xie, arXiv:2212.09748) on a pooled request vector; absorbing-state diffusion needs
 no time input (RADD, arXiv:2406.03736), which stays an option. Items are atomic ids with a tied, factorised
 embedding E_i = LayerNorm(W_f x_i) + u_i (u_i starts at zero), used for seeds, committed slots and the head:
-logit_k(i) = <W_o h_k, E_i> + b_i (+ prior_scale * prior_i when a prior is configured: the model then scores a
-residual over a strong prior such as EASE). The softmax is exact over all N items.
+logit_k(i) = <W_o h_k, E_i> + b_i (+ prior_i when a prior is configured: the model then scores a residual over a
+strong prior). The prior is prior_scale * (EASE's scores of the seeds, standardised over the valid items) and, with
+`model.prior=ease+intent`, + sum_v intent_scale[part(v)] * [all seeds have value v] * [item i has v]: the intent read
+off the seeds (catalog/intent.py; one learned scale per attribute field and one for the decade). The softmax is exact
+over all N items.
 
 Shapes: B requests, K slots, N items, D width, L tokens. A slot value of -1 means [MASK].
 """
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from catalog.batch import CONSTRAINT_KINDS, RequestBatch
+from catalog.intent import intent_counts, shared_values
 from h2po.config import ModelConfig
 
 MASK = -1
@@ -75,7 +79,7 @@ class Context:
     tokens: torch.Tensor  # (B, L0, D) constraint + negative + seed tokens
     keep: torch.Tensor  # (B, L0) bool
     cond: torch.Tensor  # (B, D) pooled request vector
-    prior: torch.Tensor | None  # (B, N) standardised prior scores
+    prior: torch.Tensor | None  # (B, N) prior logits: scaled standardised EASE scores (+ scaled intent counts)
     valid: torch.Tensor  # (B, N) bool
 
 
@@ -83,7 +87,8 @@ class Retriever(nn.Module):
     """Seed-set-conditioned masked-diffusion transformer with a tied item head."""
 
     def __init__(self, cfg: ModelConfig, features: torch.Tensor, n_values: int,
-                 prior_matrix: torch.Tensor | None = None):
+                 prior_matrix: torch.Tensor | None = None, intent_values: torch.Tensor | None = None,
+                 intent_parts: torch.Tensor | None = None):
         super().__init__()
         n, f = features.shape
         d = cfg.d_model
@@ -112,6 +117,13 @@ class Retriever(nn.Module):
             self.prior_scale = nn.Parameter(torch.tensor(1.0))
         else:
             self.prior_matrix = None
+        if intent_values is not None:  # catalog.intent.IntentIndex's multi-hot and the part of each column
+            self.register_buffer("intent_values", intent_values.bool())  # (N, V)
+            self.register_buffer("intent_parts", intent_parts.long())  # (V,)
+            parts = int(intent_parts.max()) + 1 if intent_parts.numel() else 0
+            self.intent_scale = nn.Parameter(torch.full((parts,), float(cfg.intent_init)))  # (P,)
+        else:
+            self.intent_values = None
 
     @property
     def device(self) -> torch.device:
@@ -126,15 +138,26 @@ class Retriever(nn.Module):
         return self.feature_norm(self.feature_proj(self.features)) + u
 
     def prior_scores(self, batch: RequestBatch) -> torch.Tensor | None:
-        """(B, N) prior scores of the seed set, standardised per request over its valid items."""
-        if self.prior_matrix is None:
+        """(B, N) prior logits of the seed set: prior_scale * EASE's scores standardised per request over its valid
+        items, + the intent counts weighted by intent_scale per part when the model has an intent prior."""
+        if self.prior_matrix is None and self.intent_values is None:
             return None
-        raw = seed_row_sum(self.prior_matrix, batch.seeds, batch.seed_mask)  # (B, N)
-        valid = batch.valid.float()
-        count = valid.sum(1, keepdim=True).clamp_min(1)
-        mean = (raw * valid).sum(1, keepdim=True) / count
-        std = (((raw - mean) ** 2 * valid).sum(1, keepdim=True) / count).sqrt().clamp_min(1e-6)
-        return (raw - mean) / std
+        with torch.autocast(device_type=batch.valid.device.type, enabled=False):  # fp32, as the logits
+            return self._prior_scores(batch)
+
+    def _prior_scores(self, batch: RequestBatch) -> torch.Tensor:
+        prior = torch.zeros(batch.valid.shape, device=batch.valid.device)
+        if self.prior_matrix is not None:
+            raw = seed_row_sum(self.prior_matrix, batch.seeds, batch.seed_mask)  # (B, N)
+            valid = batch.valid.float()
+            count = valid.sum(1, keepdim=True).clamp_min(1)
+            mean = (raw * valid).sum(1, keepdim=True) / count
+            std = (((raw - mean) ** 2 * valid).sum(1, keepdim=True) / count).sqrt().clamp_min(1e-6)
+            prior = self.prior_scale * ((raw - mean) / std)
+        if self.intent_values is not None:
+            shared = shared_values(self.intent_values, batch.seeds, batch.seed_mask)  # (B, V)
+            prior = prior + intent_counts(self.intent_values, shared, self.intent_scale[self.intent_parts])
+        return prior
 
     def encode(self, batch: RequestBatch) -> Context:
         """Embed the request part of the sequence once per batch."""
@@ -173,8 +196,7 @@ class Retriever(nn.Module):
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             out = hidden.float() @ ctx.items.T.float() + self.item_bias
             if ctx.prior is not None:
-                prior = ctx.prior[:, None] if rows is None else ctx.prior[rows]
-                out = out + self.prior_scale * prior
+                out = out + (ctx.prior[:, None] if rows is None else ctx.prior[rows])
         return out
 
 
@@ -188,7 +210,7 @@ class Retriever(nn.Module):
         with torch.autocast(device_type=hidden.device.type, enabled=False):  # fp32, as `logits`
             offset = self.item_bias.expand(allowed.shape)
             if ctx.prior is not None:
-                offset = offset + self.prior_scale * ctx.prior
+                offset = offset + ctx.prior
             offset = torch.where(allowed, offset, torch.tensor(float("-inf"), device=offset.device))
             return offset[rows].addmm_(hidden.float(), ctx.items.T.float())
 
