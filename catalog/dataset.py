@@ -90,6 +90,8 @@ class Dataset:
             raise CatalogError(f"{catalog.name}: at least 5 users are needed for a 60/20/20 split")
         perm = np.random.default_rng(cfg.split_seed).permutation(all_users)
         a, b = int(0.6 * len(perm)), int(0.8 * len(perm))
+        if not any(int(user) in positives for user in perm[:a]):  # nothing to learn from: say so now, not later
+            raise CatalogError(_no_positives(catalog, cfg))
         return cls(catalog, positives, np.sort(perm[:a]), np.sort(perm[a:b]), np.sort(perm[b:]), cfg)
 
     def user_positives(self, user: int) -> np.ndarray:
@@ -215,14 +217,20 @@ def training_examples(data: Dataset, cfg: RequestConfig, n: int, rng: np.random.
     return out
 
 
+def _no_positives(catalog: Catalog, cfg: DataConfig) -> str:
+    """The error when no training user has a positive (a threshold above every weight)."""
+    weights = catalog.interactions.weights
+    largest = f"{weights.max():g}" if len(weights) else "none"
+    return (f"{catalog.name}: no training user has a positive at data.positive_threshold={cfg.positive_threshold:g} "
+            f"(the largest interaction weight is {largest})")
+
+
 def _shortfall(data: Dataset, cfg: RequestConfig, got: int, n: int, draws: int) -> str:
     """Why training users gave only `got` of `n` requests in `draws` draws (the error of training_examples)."""
     counts = np.array([len(data.user_positives(user)) for user in data.train_users])
     threshold = f"data.positive_threshold={data.cfg.positive_threshold:g}"
     if not counts.any():
-        weights = data.catalog.interactions.weights
-        largest = f"{weights.max():g}" if len(weights) else "none"
-        return f"{data.catalog.name}: no training user has a positive at {threshold} (the largest weight is {largest})"
+        return _no_positives(data.catalog, data.cfg)
     family_a_need, family_b_need = min(cfg.seed_sizes), cfg.family_b_seed_size + cfg.family_b_min_targets - 1
     need = family_a_need if cfg.family_b_share <= 0 else family_b_need if cfg.family_b_share >= 1 \
         else min(family_a_need, family_b_need)

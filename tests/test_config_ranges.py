@@ -3,8 +3,9 @@
 Every numeric field has a declared range (`option(..., low=, high=)`) and every value outside it, non-finite or
 huge is refused with one line naming the dotted key, the value and the range; a few cross-field rules
 (n_heads divides d_model, k <= max_k, lambda_off decays); YAML aliases, deep nesting and oversized files or
-overrides are refused before anything expands; `training_examples` stops with a CatalogError when no training
-user can give a request (e.g. `data.positive_threshold=100`) instead of looping forever.
+overrides are refused before anything expands; a positive threshold above every weight is refused when the dataset
+is built, and `training_examples` stops with a CatalogError when no training user can give a request instead of
+looping forever.
 Run: `python -m pytest tests/test_config_ranges.py -q`.
 """
 
@@ -214,14 +215,26 @@ def test_malformed_files_give_one_line(tmp_path, text, message):
     assert message in str(info.value) and "\n" not in str(info.value) and len(str(info.value)) < 300
 
 
-@pytest.mark.parametrize("data_cfg, request_cfg, reason", [
-    (DataConfig(positive_threshold=100.0), RequestConfig(), "no training user has a positive"),
-    (DataConfig(), RequestConfig(seed_sizes=[10], family_b_share=0.0), "no training user has more than 10"),
+def test_a_threshold_above_every_weight_is_refused_when_the_dataset_is_built(tiny_catalog):
+    """Every interaction of the tiny catalog has weight 4: at data.positive_threshold=100 no user has a positive, and
+    nothing could be trained (before, pretraining drew requests forever or failed deep inside EASE tuning)."""
+    with pytest.raises(CatalogError, match=r"^tiny50: no training user has a positive at "
+                                           r"data\.positive_threshold=100 \(the largest interaction weight is 4\)$"):
+        Dataset.build(tiny_catalog, DataConfig(positive_threshold=100.0))
+
+
+@pytest.mark.parametrize("positives, request_cfg, reason", [
+    ({}, RequestConfig(), "no training user has a positive at data.positive_threshold=4"),
+    (None, RequestConfig(seed_sizes=[10], family_b_share=0.0), "no training user has more than 10 positives"),
+    (None, RequestConfig(seed_sizes=[10], family_b_share=1.0, family_b_seed_size=5, family_b_min_targets=3),
+     "no training user has more than 7 positives"),
 ])
-def test_training_examples_stop_when_no_user_can_give_a_request(tiny_catalog, data_cfg, request_cfg, reason):
-    """The tiny catalog's users have six positives each (weight 4): at threshold 100 none, and a seed set of 10
-    plus a target needs 11. Before, `training_examples` drew users forever."""
-    data = Dataset.build(tiny_catalog, data_cfg)
+def test_training_examples_stop_when_no_user_can_give_a_request(tiny_catalog, positives, request_cfg, reason):
+    """The tiny catalog's users have six positives each: a seed set of 10 plus a target needs 11, family B 5 seeds
+    and 3 targets needs 8, and a dataset without positives gives nothing. Before, `training_examples` drew forever."""
+    data = Dataset.build(tiny_catalog, DataConfig())
+    if positives is not None:
+        data = dataclasses.replace(data, positives=positives)
     start = time.perf_counter()
     with pytest.raises(CatalogError, match=reason) as info:
         training_examples(data, request_cfg, 4, np.random.default_rng(0))
