@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--run", required=True, help="run directory holding metrics.jsonl (a training run's OUT_DIR)")
     db.add_argument("--host", default="127.0.0.1", help="address to bind; another than loopback only when asked")
     db.add_argument("--port", type=int, default=0, help="port to bind (0 = a free port; the URL is printed)")
+    db.add_argument("--token", default=None, help="token every request must carry (default: $H2PO_DASHBOARD_TOKEN; "
+                    "beyond loopback a generated one, printed in the URL)")
     db.add_argument("--report", action="store_true", help="write OUT_DIR/report.html (self-contained) and exit")
     sub.add_parser("config", help="list every config key with its default and meaning")
     return parser
@@ -314,7 +316,7 @@ def cmd_dashboard(args) -> None:
     from dashboard.server import serve
 
     try:
-        serve(args.run, args.host, args.port)
+        serve(args.run, args.host, args.port, args.token)
     except OSError as err:
         raise UserError(f"cannot serve on {args.host}:{args.port}: {err.strerror or err}") from err
 

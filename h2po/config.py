@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from h2po.config_check import check_limits, check_value, range_help
-from h2po.config_yaml import ConfigError, key_text, merge, parse_override, read_yaml, show
+from h2po.config_yaml import ConfigError, key_text, merge, parse_override, read_yaml
+from h2po.errors import quoted
 
 MAX_K = 64  # = catalog.requests.MAX_K and MAX_SEEDS (this leaf package cannot import catalog/; a test ties them)
 MAX_SEEDS = 32
@@ -244,7 +245,7 @@ class RunConfig:
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     """Build dataclass `cls` from a nested dict, rejecting unknown keys and values outside their fields' ranges."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {show(values)}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {quoted(values)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(str(name) for name in values if name not in fields)
@@ -278,7 +279,7 @@ def _check_relations(cfg: RunConfig) -> RunConfig:
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
     """Load a RunConfig: `base` values (e.g. a checkpoint's config), then a YAML file, then `key=value` overrides."""
     if base is not None and not isinstance(base, dict):
-        raise ConfigError(f"base config: expected a mapping, got {show(base)}")
+        raise ConfigError(f"base config: expected a mapping, got {quoted(base)}")
     values = merge(base or {}, read_yaml(Path(path)) if path else {})
     for text in overrides:
         values = merge(values, parse_override(text))

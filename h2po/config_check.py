@@ -15,7 +15,8 @@ import types
 import typing
 from typing import Any, Literal
 
-from h2po.config_yaml import MAX_DEPTH, ConfigError, key_text, show
+from h2po.config_yaml import MAX_DEPTH, ConfigError, key_text
+from h2po.errors import quoted
 
 MAX_TEXT = 4096  # a string value (paths, host names)
 
@@ -40,7 +41,7 @@ def _check_text(value: str, key: str) -> str:
     if len(value) > MAX_TEXT:
         raise ConfigError(f"{key}: text of {len(value)} characters; at most {MAX_TEXT}")
     if "\0" in value:
-        raise ConfigError(f"{key}: text with a NUL character ({show(value)})")
+        raise ConfigError(f"{key}: text with a NUL character ({quoted(value)})")
     return value
 
 
@@ -52,7 +53,7 @@ def _check_plain(value: Any, key: str, depth: int = 0) -> Any:
     if isinstance(value, dict):
         for name, item in value.items():
             if not isinstance(name, str):
-                raise ConfigError(f"{key}: key {show(name)} is not a string")
+                raise ConfigError(f"{key}: key {quoted(name)} is not a string")
             _check_plain(item, f"{key}.{key_text(name)}", depth + 1)
     elif isinstance(value, list):
         for i, item in enumerate(value):
@@ -60,9 +61,9 @@ def _check_plain(value: Any, key: str, depth: int = 0) -> Any:
     elif isinstance(value, str):
         _check_text(value, key)
     elif isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key} = {show(value)} is not a finite number")
+        raise ConfigError(f"{key} = {quoted(value)} is not a finite number")
     elif not (value is None or isinstance(value, (bool, int, float))):
-        raise ConfigError(f"{key}: expected plain data (text, numbers, lists, mappings), got {show(value)}")
+        raise ConfigError(f"{key}: expected plain data (text, numbers, lists, mappings), got {quoted(value)}")
     return value
 
 
@@ -73,7 +74,7 @@ def _to_float(value: Any, key: str) -> Any:
     try:
         return float(value)
     except OverflowError:  # an int beyond float's range
-        raise ConfigError(f"{key} = {show(value)} is too large for a number") from None
+        raise ConfigError(f"{key} = {quoted(value)} is too large for a number") from None
 
 
 def check_value(value: Any, annotation: Any, key: str) -> Any:
@@ -81,7 +82,7 @@ def check_value(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin is Literal:
         if value not in typing.get_args(annotation):
-            raise ConfigError(f"{key}: {show(value)} is not one of {list(typing.get_args(annotation))}")
+            raise ConfigError(f"{key}: {quoted(value)} is not one of {list(typing.get_args(annotation))}")
         return value
     if origin in (types.UnionType, typing.Union):
         for arg in typing.get_args(annotation):
@@ -91,20 +92,20 @@ def check_value(value: Any, annotation: Any, key: str) -> Any:
                 return check_value(value, arg, key)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}: {show(value)} does not fit {annotation}")
+        raise ConfigError(f"{key}: {quoted(value)} does not fit {annotation}")
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {show(value)}")
+            raise ConfigError(f"{key}: expected a list, got {quoted(value)}")
         (item,) = typing.get_args(annotation)
         return [check_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if annotation is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {show(value)}")
+            raise ConfigError(f"{key}: expected a mapping, got {quoted(value)}")
         return _check_plain(value, key)
     if annotation is float and (isinstance(value, (int, str)) and not isinstance(value, bool)):
         value = _to_float(value, key)
     if annotation in (int, float, str, bool) and (type(value) is not annotation):
-        raise ConfigError(f"{key}: expected {annotation.__name__}, got {show(value)}")
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {quoted(value)}")
     return _check_text(value, key) if annotation is str else value
 
 
@@ -124,7 +125,7 @@ def check_limits(value: Any, meta: typing.Mapping[str, Any], key: str) -> Any:
     for i, x in enumerate(value if isinstance(value, list) else [value]):
         if isinstance(x, (int, float)) and not isinstance(x, bool) and not _in_range(x, meta):
             where = f"{key}[{i}]" if isinstance(value, list) else key
-            raise ConfigError(f"{where} = {show(x)} is outside its range {range_text(meta)}")
+            raise ConfigError(f"{where} = {quoted(x)} is outside its range {range_text(meta)}")
     return value
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from h2po.errors import UserError
+from h2po.errors import UserError, quoted
 
 MAX_CONFIG_BYTES = 1 << 20  # one config file; more is refused before it is parsed
 MAX_OVERRIDE_CHARS = 10_000  # one `key=value` override
@@ -32,18 +32,9 @@ def clip(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def show(value: Any, limit: int = 60) -> str:
-    """A bounded one-line repr of `value` for error messages."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int too long for str() (over 4300 digits)
-        text = f"<an integer of {value.bit_length()} bits>"
-    return clip(text, limit)
-
-
 def key_text(key: str) -> str:
     """A key typed by the user, for an error line: as it is when it is plain printable text, else its bounded repr."""
-    return clip(key) if key and key.isprintable() and key == key.strip() else show(key)
+    return clip(key) if key and key.isprintable() and key == key.strip() else quoted(key)
 
 
 class BoundedLoader(yaml.SafeLoader):
@@ -130,7 +121,7 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if base is None:
         return values
     if not isinstance(base, str) or not base:
-        raise ConfigError(f"{where}: base: expected a file name, got {show(base)}")
+        raise ConfigError(f"{where}: base: expected a file name, got {quoted(base)}")
     return merge(read_yaml(path.parent / base, (*seen, path.resolve())), values)
 
 

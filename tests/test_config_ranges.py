@@ -75,7 +75,7 @@ def refused(overrides: list[str]) -> str:
     ("data.positive_threshold=.inf", "data.positive_threshold = inf is outside its range [-1e+09, 1e+09]"),
     ("seed=-1", "seed = -1 is outside its range [0, 4294967295]"),
     ("seed=" + "9" * 40, "seed = " + "9" * 40 + " is outside its range [0, 4294967295]"),
-    ("model.prior_lambda=" + "1" * 400, "model.prior_lambda = " + "1" * 50),  # too large for a float
+    ("model.prior_lambda=" + "1" * 400, "model.prior_lambda = <1326-bit integer> is too large for a number"),
     ("requests.seed_sizes=[3, 0]", f"requests.seed_sizes[1] = 0 is outside its range [1, {MAX_SEEDS}]"),
     ("requests.seed_sizes=[]", "requests.seed_sizes has 0 entries; allowed 1 to 16"),
     ("eval.ks=[10, 65]", f"eval.ks[1] = 65 is outside its range [1, {MAX_K}]"),
