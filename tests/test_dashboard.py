@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from dashboard.panels import build_panels
 from dashboard.report import write_report
 from dashboard.server import start_dashboard
 from h2po.cli import main
+from h2po.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -185,6 +187,96 @@ def test_server_serves_page_assets_and_changes(tmp_path):
     assert not handle.thread.is_alive()
 
 
+TOKEN = "test-token-0123456789abcdef"
+
+
+def get(url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of a GET, errors included."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def test_loopback_needs_no_token_and_pages_carry_security_headers(tmp_path):
+    """The default (127.0.0.1, no token) serves without one; every response, 404s too, has a CSP that allows
+    scripts from the server only, and nosniff."""
+    write_feed(tmp_path, steps=1)
+    handle = start_dashboard(tmp_path)
+    try:
+        assert "token" not in handle.url
+        for path, status in (("", 200), ("api/state", 200), ("static/page.js", 200), ("report.html", 404),
+                             ("static/nothing", 404)):
+            code, headers, _ = get(handle.url + path)
+            assert code == status, path
+            policy = headers["Content-Security-Policy"]
+            assert "default-src 'none'" in policy and "script-src 'self';" in policy, path
+            assert "'unsafe-eval'" not in policy and "frame-ancestors 'none'" in policy, path
+            assert headers["X-Content-Type-Options"] == "nosniff", path
+    finally:
+        handle.stop()
+
+
+def test_beyond_loopback_a_token_is_required_and_printed(tmp_path, capsys, monkeypatch):
+    """0.0.0.0: a generated token in the printed URL (this machine's address, not localhost) and a one-line warning;
+    401 without the token or with a wrong one; 200 with ?token= (which sets a cookie), the cookie, or a bearer."""
+    monkeypatch.delenv("H2PO_DASHBOARD_TOKEN", raising=False)
+    write_feed(tmp_path, steps=1)
+    handle = start_dashboard(tmp_path, host="0.0.0.0")
+    try:
+        url, _, token = handle.url.partition("?token=")
+        assert len(token) >= 30 and not url.startswith("http://localhost")
+        warning = capsys.readouterr().err.strip()
+        assert "\n" not in warning and "beyond loopback" in warning and "0.0.0.0" in warning
+        local = f"http://127.0.0.1:{url.rsplit(':', 1)[1]}"  # the test reaches it over loopback
+        for path in ("", "api/state", "plotly.min.js", "static/page.js", "report.html"):
+            assert get(local + path)[0] == 401, path
+        assert get(local + "?token=" + token[:-1] + "x")[0] == 401
+        assert get(local + "api/state", {"Authorization": "Bearer wrong-token-0123456789"})[0] == 401
+        code, headers, body = get(local + "?token=" + token)
+        assert code == 200 and b'id="chart-rewards"' in body and "HttpOnly" in headers["Set-Cookie"]
+        cookie = headers["Set-Cookie"].split(";")[0]
+        assert get(local + "api/state", {"Cookie": cookie})[0] == 200
+        assert get(local + "api/state", {"Authorization": f"Bearer {token}"})[0] == 200
+    finally:
+        handle.stop()
+
+
+def test_token_from_the_environment_and_a_malformed_one(tmp_path, monkeypatch):
+    write_feed(tmp_path, steps=1)
+    monkeypatch.setenv("H2PO_DASHBOARD_TOKEN", TOKEN)
+    handle = start_dashboard(tmp_path)  # loopback, but a token was asked for: it is required
+    try:
+        assert handle.url.endswith(f"?token={TOKEN}") and get(handle.url.split("?")[0])[0] == 401
+        assert get(handle.url)[0] == 200
+    finally:
+        handle.stop()
+    with pytest.raises(UserError, match="16..200 URL-safe characters"):
+        start_dashboard(tmp_path, token="short")
+
+
+def test_report_symlinked_out_of_the_run_directory_is_refused(tmp_path):
+    """report.html linking to a file outside the run directory: 403, its content not sent; a real report is served
+    with a CSP naming its inline scripts by hash (no 'unsafe-inline' scripts)."""
+    run = tmp_path / "run"
+    write_feed(run, steps=1)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the page")
+    (run / "report.html").symlink_to(secret)
+    handle = start_dashboard(run)
+    try:
+        code, _, body = get(handle.url + "report.html")
+        assert code == 403 and b"not for the page" not in body
+        (run / "report.html").unlink()
+        write_report(run)
+        code, headers, body = get(handle.url + "report.html")
+        policy = headers["Content-Security-Policy"]
+        assert code == 200 and policy.count("'sha256-") == 2 and "script-src 'self'" not in policy
+    finally:
+        handle.stop()
+
+
 def test_cli_dashboard_needs_a_feed_and_writes_the_report(tmp_path, capsys):
     assert main(["dashboard", "--run", str(tmp_path)]) == 2
     assert "has no metrics.jsonl" in capsys.readouterr().err
@@ -244,10 +336,13 @@ def browser():
                 f"--user-data-dir={profile}", "--window-size=1400,2300"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": CSP_LISTENER_JS})
     yield driver
     driver.quit()
 
 
+CSP_LISTENER_JS = """window.__cspViolations = []; document.addEventListener('securitypolicyviolation',
+    e => window.__cspViolations.push(e.violatedDirective + ' ' + e.blockedURI));"""  # runs before the page's scripts
 EMPTY_CHARTS_JS = """return [...document.querySelectorAll('.chart')].filter(div => !(div.data || []).some(
     trace => Array.from(trace.y || []).some(y => y !== null))).map(div => div.id);"""
 
@@ -265,13 +360,17 @@ def text_of(driver, element_id: str) -> str:
 @pytest.mark.slow
 def test_page_shows_markup_from_data_as_text(tmp_path, browser):
     """A `<script>` catalog title and an `<img onerror>` error message are shown literally on the live page and in
-    the report, and neither runs (window.__pwned stays undefined); a reward name with <b> is legend text."""
+    the report, and neither runs (window.__pwned stays undefined); a reward name with <b> is legend text. The live
+    page needs a token here (given once in the URL, then the cookie), and the page, the served report and the report
+    file draw every chart under their Content-Security-Policy without a single violation."""
     write_feed(tmp_path)
-    handle = start_dashboard(tmp_path)
+    handle = start_dashboard(tmp_path, token=TOKEN)
     try:
-        for url in (handle.url, write_report(tmp_path).as_uri()):
+        report = write_report(tmp_path)
+        for url in (handle.url, handle.url.split("?")[0] + "report.html", report.as_uri()):
             browser.get(url)
             wait_for(browser, lambda d: not d.execute_script(EMPTY_CHARTS_JS), 30, f"charts drawn on {url}")
+            assert browser.execute_script("return window.__cspViolations;") == [], url
             seeds = browser.execute_script(
                 "return [...document.querySelectorAll('#sample-seeds li')].map(li => li.textContent);")
             assert seeds == [SCRIPT_TITLE, "Alien (1979)"], url
