@@ -130,11 +130,9 @@ def check_limits(value: Any, meta: typing.Mapping[str, Any], key: str) -> Any:
 
 
 def range_help(meta: typing.Mapping[str, Any]) -> str:
-    """What `h2po config` adds to a field's help: its range (and list length)."""
-    if not any(name in meta for name in ("low", "above", "high", "below", "length")):
-        return ""
-    ranged = "" if "length" in meta and not {"low", "above", "high", "below"} & set(meta) else range_text(meta)
-    length = f"{meta['length'][0]} to {meta['length'][1]} entries" if "length" in meta else ""
-    if ranged and length:
-        return f" Range {ranged} each, {length}."
-    return f" Range {ranged}." if ranged else f" {length[0].upper()}{length[1:]}."
+    """What `h2po config` adds to a field's help: its range (of each entry of a list) and a list's length."""
+    bounded = any(name in meta for name in ("low", "above", "high", "below"))
+    parts = [f"Range {range_text(meta)}" + (" each" if "length" in meta else "")] if bounded else []
+    if "length" in meta:
+        parts.append(f"{meta['length'][0]} to {meta['length'][1]} entries")
+    return f" {', '.join(parts)}." if parts else ""
