@@ -88,6 +88,8 @@ def _id(text: str, what: str, where: str) -> int:
 
 def _rating(text: str, where: str) -> float:
     try:
+        if not text.isascii():  # float() would read other scripts' digits
+            raise ValueError
         value = float(text)
     except ValueError:
         raise CatalogError(f"{where}: rating {_quote(text)} is not a number (expected 0-10)") from None
