@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 ARGS ?=
+# `make run CONFIG=configs/movietweetings.yaml`: the main job on the second dataset
+CONFIG ?= configs/default.yaml
 
 .PHONY: run test bench clean
 
@@ -13,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/h2po run --config configs/default.yaml $(ARGS)
+	$(VENV)/bin/h2po run --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(ARGS)
