@@ -87,7 +87,8 @@ def merge(base: dict, top: dict) -> dict:
 def _read_text(path: Path) -> str:
     try:
         if not path.is_file():
-            raise ConfigError(f"config file not found: {clip(str(path), 200)}")
+            raise ConfigError(f"{clip(str(path), 200)}: not a regular file" if path.exists() else
+                              f"config file not found: {clip(str(path), 200)}")
         with path.open("rb") as handle:
             data = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as err:

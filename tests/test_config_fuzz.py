@@ -37,7 +37,7 @@ values = st.recursive(scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4),
     st.dictionaries(st.one_of(st.text(max_size=8), st.sampled_from(["name", "weight", "args"])), inner, max_size=4),
 ), max_leaves=12)
-FAST = settings(max_examples=200, deadline=timedelta(milliseconds=1000),
+FAST = settings(max_examples=200, deadline=timedelta(milliseconds=2000),
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 

@@ -190,6 +190,8 @@ def test_size_and_depth_limits(tmp_path):
     long = "out_dir=" + "x" * MAX_OVERRIDE_CHARS
     message = refused([long])
     assert message.startswith(f"override 'out_dir=xxx") and f"longer than {MAX_OVERRIDE_CHARS}" in message
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(tmp_path)  # a directory (a FIFO or a device alike) is not read
     deep = tmp_path / "deep.yaml"
     deep.write_text("h2po:\n  rewards: " + "[" * 5000 + "]" * 5000 + "\n")
     with pytest.raises(ConfigError, match="deep.yaml: nested deeper than 32 levels"):
