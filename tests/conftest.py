@@ -5,12 +5,15 @@ when i % 3 == 0), years 1950 + (7 i mod 70) spanning 1950-2019, five users with 
 `tiny_model` / `tiny_prior_model`: Retriever(d_model=32, n_layers=2, n_heads=2), eval mode, every parameter
 perturbed with seeded noise so the adaLN-Zero gates are non-zero and outputs depend on the request; the prior
 variant carries a random (N, N) float16 prior matrix.
+`time_limit(seconds)`: a block that runs longer raises TimeoutError (SIGALRM), so a hang fails instead of stalling.
 `tiny_checkpoint`: the tiny catalog written as Parquet and an untrained `tiny_model` saved as a checkpoint beside it
 (DIR/catalog, DIR/most.safetensors), so the CLI's retrieve/eval paths run in a second without pretraining.
 """
 
 from __future__ import annotations
 
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +124,17 @@ def write_tiny_checkpoint(directory: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"))
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Raise TimeoutError in the main thread when the block runs longer than `seconds`."""
+    def expire(signum, frame):
+        raise TimeoutError(f"took longer than {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

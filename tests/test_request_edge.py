@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
-from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -24,26 +22,13 @@ from catalog.batch import encode_requests
 from catalog.requests import (MAX_CONSTRAINTS, MAX_LINE_BYTES, MAX_NEGATIVES, MAX_TITLE_CHARS, Exclude, Prefer,
                               Recency, Request, Require, check_request, request_from_json, valid_mask)
 from catalog.schema import CatalogError
+from conftest import time_limit
 from h2po.cli import main
 from rollout.sampler import sample_lists
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 K = 6
 BAD_NUMBERS = (math.nan, math.inf, -math.inf, 1e15, -1e15, 3e38)
-
-
-@contextmanager
-def time_limit(seconds: float):
-    """Raise TimeoutError in the main thread when the block runs longer than `seconds` (a hang fails, not stalls)."""
-    def expire(signum, frame):
-        raise TimeoutError(f"took longer than {seconds} s")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def assert_valid(catalog, request: Request, items) -> None:
