@@ -10,8 +10,9 @@ directory or the repository. There is no download: the files are never committed
 notice (LICENSE) is copied next to everything derived, as the licence asks.
 
 Every row is checked before anything is written: a malformed line, an id that is not a non-negative integer, a
-rating outside 0-10 or not finite, a rating of a movie missing from movies.dat, a duplicate movie id or bytes that
-are not UTF-8 raise a one-line CatalogError naming the file, the line and the problem.
+rating outside 0-10 or not finite, an empty title, bytes that are not UTF-8, and (catalog.schema's shared checks) a
+duplicate movie id, a rating of a movie missing from movies.dat or a year outside 1800-2100 raise a one-line
+CatalogError naming the file, the line and the problem.
 """
 
 from __future__ import annotations
@@ -24,14 +25,22 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from catalog.schema import INTERACTIONS_SCHEMA, ITEMS_SCHEMA, CatalogError, write_catalog
+from catalog.schema import (
+    INTERACTIONS_SCHEMA,
+    ITEMS_SCHEMA,
+    CatalogError,
+    check_interactions,
+    check_items,
+    write_catalog,
+)
+from h2po.errors import quoted
 
 DATASET = "movietweetings-100k"
 URL = "https://github.com/sidooms/MovieTweetings"
 REQUIRED = ("LICENSE", "movies.dat", "ratings.dat")
 MAX_RATING = 10.0
 _ID = re.compile(r"[0-9]{1,18}")  # fits int64; int() alone would accept "+5", " 5", "5_0" and non-ASCII digits
-_YEAR = re.compile(r"\((\d{4})\)\s*$")
+_YEAR = re.compile(r"\(([0-9]{4})\)\s*$")
 
 
 def candidates(explicit: str = "") -> list[Path]:
@@ -58,11 +67,6 @@ def locate(explicit: str = "") -> Path:
                        "H2PO_MOVIETWEETINGS=DIR.")
 
 
-def _quote(text: str, limit: int = 40) -> str:
-    """repr of a bounded prefix, so that a huge or binary line still makes a one-line message."""
-    return repr(text[:limit]) + ("..." if len(text) > limit else "")
-
-
 def _lines(path: Path):
     """(line number, text) of the non-empty lines, decoded as UTF-8 one line at a time (so a bad byte is placed)."""
     try:
@@ -82,7 +86,7 @@ def _lines(path: Path):
 
 def _id(text: str, what: str, where: str) -> int:
     if not _ID.fullmatch(text):
-        raise CatalogError(f"{where}: {what} {_quote(text)} is not a non-negative integer")
+        raise CatalogError(f"{where}: {what} {quoted(text)} is not a non-negative integer")
     return int(text)
 
 
@@ -92,62 +96,59 @@ def _rating(text: str, where: str) -> float:
             raise ValueError
         value = float(text)
     except ValueError:
-        raise CatalogError(f"{where}: rating {_quote(text)} is not a number (expected 0-10)") from None
+        raise CatalogError(f"{where}: rating {quoted(text)} is not a number (expected 0-10)") from None
     if not math.isfinite(value):
-        raise CatalogError(f"{where}: rating {_quote(text)} is not finite (expected 0-10)")
+        raise CatalogError(f"{where}: rating {quoted(text)} is not finite (expected 0-10)")
     if not 0.0 <= value <= MAX_RATING:
-        raise CatalogError(f"{where}: rating {_quote(text)} is outside 0-10")
+        raise CatalogError(f"{where}: rating {quoted(text)} is outside 0-10")
     return value
 
 
-def read_movies(path: Path) -> tuple[list[int], list[str], list[list[str]], list[int | None]]:
-    """movies.dat -> (ids, titles, genre lists, years or None). A title may itself contain '::'."""
-    ids, titles, genres, years = [], [], [], []
-    first: dict[int, int] = {}
+def read_movies(path: Path) -> tuple[dict[str, list], list[int]]:
+    """The item columns of movies.dat (less popularity) and the line of each row. A title may contain '::'."""
+    columns: dict[str, list] = {"item_id": [], "title": [], "attributes": [], "year": []}
+    lines = []
     for number, text in _lines(path):
         where = f"{path}:{number}"
         head, sep, rest = text.partition("::")
         title, sep2, labels = rest.rpartition("::")
         if not (sep and sep2):
-            raise CatalogError(f"{where}: expected imdb_id::Title (Year)::Genre|Genre, got {_quote(text)}")
-        movie = _id(head, "movie id", where)
-        if movie in first:
-            raise CatalogError(f"{where}: duplicate movie id {movie} (first on line {first[movie]})")
-        first[movie] = number
+            raise CatalogError(f"{where}: expected imdb_id::Title (Year)::Genre|Genre, got {quoted(text)}")
+        movie = _id(head, "imdb_id", where)
         title = title.strip()
         if not title:
             raise CatalogError(f"{where}: movie {movie} has an empty title")
         match = _YEAR.search(title)
-        ids.append(movie)
-        titles.append(title)
-        genres.append([g.strip() for g in labels.split("|") if g.strip()])
-        years.append(int(match.group(1)) if match else None)
-    if not ids:
-        raise CatalogError(f"{path}: no movies")
-    return ids, titles, genres, years
+        columns["item_id"].append(movie)
+        columns["title"].append(title)
+        columns["attributes"].append([("genre", [g.strip() for g in labels.split("|") if g.strip()])])
+        columns["year"].append(int(match.group(1)) if match else None)
+        lines.append(number)
+    return columns, lines
 
 
-def read_ratings(path: Path, known: set[int]) -> tuple[list[int], list[int], list[float], list[int]]:
-    """ratings.dat -> (users, movies, ratings, timestamps); every movie must be in `known`."""
-    users, items, weights, stamps = [], [], [], []
+def read_ratings(path: Path) -> tuple[dict[str, list], list[int]]:
+    """The interaction columns of ratings.dat and the line of each row."""
+    columns: dict[str, list] = {"user_id": [], "item_id": [], "weight": [], "timestamp": []}
+    lines = []
     for number, text in _lines(path):
         where = f"{path}:{number}"
         parts = text.split("::")
         if len(parts) != 4:
-            raise CatalogError(f"{where}: expected user_id::imdb_id::rating::unix_ts, got {_quote(text)}")
-        movie = _id(parts[1], "movie id", where)
-        if movie not in known:
-            raise CatalogError(f"{where}: movie id {movie} is not in movies.dat")
-        users.append(_id(parts[0], "user id", where))
-        items.append(movie)
-        weights.append(_rating(parts[2], where))
-        stamps.append(_id(parts[3], "timestamp", where))
-    return users, items, weights, stamps
+            raise CatalogError(f"{where}: expected user_id::imdb_id::rating::unix_ts, got {quoted(text)}")
+        columns["user_id"].append(_id(parts[0], "user_id", where))
+        columns["item_id"].append(_id(parts[1], "imdb_id", where))
+        columns["weight"].append(_rating(parts[2], where))
+        columns["timestamp"].append(_id(parts[3], "timestamp", where))
+        lines.append(number)
+    return columns, lines
 
 
 def import_movietweetings(source: Path, out: Path) -> Path:
     """Convert the snapshot in `source` into items/interactions Parquet + LICENSE.txt (the MIT notice) in `out`.
-    Nothing is written unless every row is valid."""
+
+    Every row is checked before anything is written (the format here; `catalog.schema.check_items` and
+    `check_interactions` for what every catalog must satisfy: unique ids, known movies, plausible years)."""
     source = Path(source)
     license_path = source / "LICENSE"
     if not license_path.is_file():
@@ -156,13 +157,13 @@ def import_movietweetings(source: Path, out: Path) -> Path:
         license_text = license_path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise CatalogError(f"{license_path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    ids, titles, genres, years = read_movies(source / "movies.dat")
-    users, items, weights, stamps = read_ratings(source / "ratings.dat", set(ids))
-    counts = Counter(items)
-    columns = {"item_id": ids, "title": titles, "attributes": [[("genre", g)] for g in genres], "year": years,
-               "popularity": [counts.get(i, 0) for i in ids]}
-    items_table = pa.table({k: pa.array(v, type=ITEMS_SCHEMA.field(k).type) for k, v in columns.items()})
-    inter_table = pa.table({"user_id": users, "item_id": items, "weight": weights, "timestamp": stamps},
-                           schema=INTERACTIONS_SCHEMA)
+    items, movie_lines = read_movies(source / "movies.dat")
+    ratings, rating_lines = read_ratings(source / "ratings.dat")
+    counts = Counter(ratings["item_id"])
+    items["popularity"] = [counts.get(i, 0) for i in items["item_id"]]
+    items_table = pa.table({k: pa.array(v, type=ITEMS_SCHEMA.field(k).type) for k, v in items.items()})
+    inter_table = pa.table(ratings, schema=INTERACTIONS_SCHEMA)
+    ids = check_items(items_table, str(source / "movies.dat"), movie_lines, {"item_id": "imdb_id"})
+    check_interactions(inter_table, ids, str(source / "ratings.dat"), rating_lines, {"item_id": "imdb_id"})
     write_catalog(Path(out), items_table, inter_table, license_text)
     return Path(out)

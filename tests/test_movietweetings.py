@@ -109,18 +109,19 @@ GOOD_MOVIES = movie_lines()
 BAD = [  # (file, replacement for line 3 of that file, message pattern)
     ("ratings.dat", "1::2844::7", r"ratings\.dat:3: expected user_id::imdb_id::rating::unix_ts, got '1::2844::7'"),
     ("ratings.dat", "1:2844:7:1365000000", r"ratings\.dat:3: expected user_id::imdb_id::rating::unix_ts"),
-    ("ratings.dat", "u1::2844::7::1365000000", r"ratings\.dat:3: user id 'u1' is not a non-negative integer"),
-    ("ratings.dat", "1::-2844::7::1365000000", r"ratings\.dat:3: movie id '-2844' is not a non-negative integer"),
+    ("ratings.dat", "u1::2844::7::1365000000", r"ratings\.dat:3: user_id 'u1' is not a non-negative integer"),
+    ("ratings.dat", "1::-2844::7::1365000000", r"ratings\.dat:3: imdb_id '-2844' is not a non-negative integer"),
     ("ratings.dat", "1::2844::11::1365000000", r"ratings\.dat:3: rating '11' is outside 0-10"),
     ("ratings.dat", "1::2844::-0.5::1365000000", r"ratings\.dat:3: rating '-0.5' is outside 0-10"),
     ("ratings.dat", "1::2844::nan::1365000000", r"ratings\.dat:3: rating 'nan' is not finite"),
     ("ratings.dat", "1::2844::1e400::1365000000", r"ratings\.dat:3: rating '1e400' is not finite"),
     ("ratings.dat", "1::2844::seven::1365000000", r"ratings\.dat:3: rating 'seven' is not a number"),
     ("ratings.dat", "1::2844::٥::1365000000", r"ratings\.dat:3: rating '٥' is not a number"),
-    ("ratings.dat", "1::4242::7::1365000000", r"ratings\.dat:3: movie id 4242 is not in movies\.dat"),
+    ("ratings.dat", "1::4242::7::1365000000", r"ratings\.dat:3: imdb_id 4242 is not among the items \(1 of 36 "),
     ("ratings.dat", "1::2844::7::1.5e9", r"ratings\.dat:3: timestamp '1.5e9' is not a non-negative integer"),
-    ("movies.dat", "0002844::Duplicate (1999)::Drama", r"movies\.dat:3: duplicate movie id 2844 \(first on line 1\)"),
-    ("movies.dat", "tt0021283::Rakudai (1930)::Drama", r"movies\.dat:3: movie id 'tt0021283' is not a non-neg"),
+    ("movies.dat", "0002844::Duplicate (1999)::Drama", r"movies\.dat:3: imdb_id 2844 repeats line 1"),
+    ("movies.dat", "tt0021283::Rakudai (1930)::Drama", r"movies\.dat:3: imdb_id 'tt0021283' is not a non-neg"),
+    ("movies.dat", "0021283::Rakudai (1030)::Drama", r"movies\.dat:3: year 1030 is outside 1800\.\.2100"),
     ("movies.dat", "0021283\tRakudai (1930)\tDrama", r"movies\.dat:3: expected imdb_id::Title \(Year\)::Genre"),
     ("movies.dat", "0021283::Rakudai (1930)", r"movies\.dat:3: expected imdb_id::Title \(Year\)::Genre"),
     ("movies.dat", "0021283::  ::Drama", r"movies\.dat:3: movie 21283 has an empty title"),
@@ -169,7 +170,7 @@ def test_missing_license_or_no_movies_refused(tmp_path):
     with pytest.raises(CatalogError, match="LICENSE: missing"):
         import_movietweetings(source, tmp_path / "out")
     source = write_snapshot(tmp_path / "empty", [], [])
-    with pytest.raises(CatalogError, match=r"movies\.dat: no movies"):
+    with pytest.raises(CatalogError, match=r"movies\.dat: no items"):
         import_movietweetings(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
