@@ -20,7 +20,7 @@ import torch
 from evaluation.baselines import EASE
 from h2po import pipeline
 from h2po.config import RunConfig, load_config
-from learner.checkpoint import read_header
+from learner.checkpoint import config_from_checkpoint
 
 DEFAULT_WORKDIR = "runs/bench"
 # EASE's lambda changes the prior's values, not its cost; the benchmarks use a fixed one instead of tuning it.
@@ -51,10 +51,9 @@ def h2po_run_config(parser: argparse.ArgumentParser, run: Path, out_dir: Path, o
     preferences is a usage error."""
     if not (run / "most.safetensors").is_file() or not (run / "preferences.parquet").is_file():
         parser.error(f"{run} needs most.safetensors and preferences.parquet (run `h2po run` first)")
-    base = json.loads(read_header(run / "most.safetensors")["config"])
     fixed = [f"out_dir={out_dir}", "dashboard.enabled=false", "dashboard.report=false", "h2po.eval_every=0",
              "h2po.max_minutes=0", "h2po.checkpoint_every=0"]
-    return load_config(None, [*fixed, *overrides], base=base)
+    return config_from_checkpoint(run / "most.safetensors", None, [*fixed, *overrides])  # a header is data
 
 
 def set_threads(threads: int) -> int:

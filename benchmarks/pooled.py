@@ -15,7 +15,6 @@ spread between runs is printed next to it (its standard error over the runs is w
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +23,13 @@ from harness import format_rows, machine, write_result
 from evaluation.metrics import paired_bootstrap
 from evaluation.report import example_groups
 from h2po import pipeline
-from h2po.config import load_config
-from learner.checkpoint import load_checkpoint, read_header
+from learner.checkpoint import config_from_checkpoint, load_checkpoint
 
 
 def run_differences(run: Path, policy: Path, overrides: list[str] = ()) -> tuple[np.ndarray, list]:
     """(per-request NDCG@10 of the policy - of MOST, the test examples) of one run directory."""
-    base = json.loads(read_header(run / "most.safetensors")["config"])
-    ws = pipeline.prepare(load_config(None, [*overrides, f"out_dir={run}"], base=base))
+    ws = pipeline.prepare(config_from_checkpoint(run / "most.safetensors", None, [*overrides, f"out_dir={run}"],
+                                                 rewards=False))
     test = pipeline.examples(ws, "test")
 
     def ndcg(checkpoint: Path) -> np.ndarray:

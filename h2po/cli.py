@@ -178,11 +178,10 @@ def _ensure_data(cfg) -> None:
 
 def cmd_eval(args) -> None:
     from h2po import pipeline
-    from learner.checkpoint import load_checkpoint, read_header
+    from learner.checkpoint import config_from_checkpoint, load_checkpoint
 
     check_output(args.out, "--out")  # before the minutes of scoring, not after
-    base = json.loads(read_header(Path(args.checkpoint))["config"])
-    cfg = load_config(args.config, args.overrides, base=base)
+    cfg = config_from_checkpoint(Path(args.checkpoint), args.config, args.overrides, rewards=False)
     ws = pipeline.prepare(cfg)
     model, _, meta = load_checkpoint(Path(args.checkpoint), ws.data.catalog)
     name = "H2PO" if "from" in meta else "MOST"  # an h2po.safetensors names the checkpoint it started from
@@ -274,10 +273,10 @@ def cmd_preferences(args) -> int:
 def cmd_train(args) -> None:
     from actors.calls import LearnerFailed
     from actors.driver import train
-    from learner.checkpoint import read_header
+    from learner.checkpoint import config_from_checkpoint
 
-    base = json.loads(read_header(Path(args.checkpoint))["config"])
-    cfg = load_config(args.config, args.overrides, base=base)  # placement: system.learners=2 system.zero_stage=2 ...
+    # placement: system.learners=2 system.zero_stage=2 ...
+    cfg = config_from_checkpoint(Path(args.checkpoint), args.config, args.overrides)
     check_output_dir(cfg.out_dir, RUN_FILES, "out_dir")
     try:
         steps = cfg.h2po.steps if args.steps is None else args.steps

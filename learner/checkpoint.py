@@ -7,6 +7,7 @@ the item index fingerprint is checked on load. Files are written atomically (tem
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from catalog.batch import constraint_vocab
 from catalog.schema import Catalog, CatalogError, atomic_write
-from h2po.config import RunConfig, config_from_dict, config_to_dict
+from h2po.config import RunConfig, config_from_dict, config_to_dict, load_config
 from h2po.errors import UserError
 from model.transformer import Retriever
 
@@ -58,3 +59,40 @@ def load_checkpoint(path: Path, catalog: Catalog) -> tuple[Retriever, RunConfig,
     model.load_state_dict(state)
     model.eval()
     return model, cfg, json.loads(header["meta"])
+
+
+def config_from_checkpoint(path: Path, config_file: str | Path | None = None, overrides: Sequence[str] = (),
+                           rewards: bool = True) -> RunConfig:
+    """The config of a command that starts from the checkpoint at `path` (`h2po train`, `h2po eval`): its header's
+    config, then the user's `config_file`, then `overrides`.
+
+    A header is data, never a source of importable names or output paths (issue 14):
+    - `out_dir` is the user's (file or override), else the checkpoint's own directory; the header's is never used;
+    - `h2po.rewards` of the header is kept only when every reward it names is a built-in. Otherwise the user must
+      give h2po.rewards (a UserError says so) when the command builds rewards (`rewards`), and the defaults take
+      its place when it does not."""
+    from h2po.config_yaml import merge, parse_override, read_yaml
+    from rewards.registry import BUILTINS
+
+    try:
+        base = json.loads(read_header(path)["config"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: the checkpoint's config is unreadable ({type(err).__name__})") from None
+    if not isinstance(base, dict) or not isinstance(base.get("h2po", {}), dict):
+        raise UserError(f"{path}: the checkpoint's config is not a mapping of sections")
+    user = read_yaml(Path(config_file)) if config_file else {}
+    for text in overrides:
+        user = merge(user, parse_override(text))
+    base["out_dir"] = str(Path(path).parent)
+    specs = base.get("h2po", {}).get("rewards", [])
+    builtin = {*BUILTINS, *BUILTINS.values()}
+    foreign = [spec.get("name") if isinstance(spec, dict) else spec for spec in
+               (specs if isinstance(specs, list) else [specs])
+               if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and spec["name"] in builtin)]
+    if foreign:
+        del base["h2po"]["rewards"]
+        if rewards and not (isinstance(user.get("h2po"), dict) and "rewards" in user["h2po"]):
+            raise UserError(f"{path}: its config names reward {str(foreign[0])[:100]!r}, which is not a built-in "
+                            f"({', '.join(BUILTINS)}); a checkpoint never decides what is imported: give h2po.rewards "
+                            "in your --config file or as an override to use it")
+    return load_config(None, [], base=merge(base, user))
