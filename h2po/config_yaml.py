@@ -72,7 +72,7 @@ def yaml_problem(err: Exception) -> str:
     """A parse error in one bounded line (PyYAML's own messages span several lines with a quoted snippet)."""
     problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
     if problem and mark is not None:
-        return clip(f"{problem} at line {mark.line + 1}, column {mark.column + 1}", 160)
+        return clip(" ".join(f"{problem} at line {mark.line + 1}, column {mark.column + 1}".split()), 160)
     return clip(" ".join(str(err).split()), 160)
 
 
@@ -84,27 +84,33 @@ def merge(base: dict, top: dict) -> dict:
     return out
 
 
+def _where(path: Path) -> str:
+    """A config path for an error line (a name with a newline or control character is quoted)."""
+    text = str(path)
+    return clip(text, 200) if text.isprintable() else quoted(text, 200)
+
+
 def _read_text(path: Path) -> str:
     try:
         if not path.is_file():
-            raise ConfigError(f"{clip(str(path), 200)}: not a regular file" if path.exists() else
-                              f"config file not found: {clip(str(path), 200)}")
+            raise ConfigError(f"{_where(path)}: not a regular file" if path.exists() else
+                              f"config file not found: {_where(path)}")
         with path.open("rb") as handle:
             data = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as err:
-        raise ConfigError(f"{clip(str(path), 200)}: cannot read ({err.strerror or err})") from None
+        raise ConfigError(f"{_where(path)}: cannot read ({err.strerror or err})") from None
     if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{clip(str(path), 200)}: larger than {MAX_CONFIG_BYTES} bytes")
+        raise ConfigError(f"{_where(path)}: larger than {MAX_CONFIG_BYTES} bytes")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{clip(str(path), 200)}: not UTF-8 text (byte {err.start})") from None
+        raise ConfigError(f"{_where(path)}: not UTF-8 text (byte {err.start})") from None
 
 
 def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     """Read a YAML config, following `base:` links (relative to the file)."""
     text = _read_text(path)
-    where = clip(str(path), 200)
+    where = _where(path)
     if path.resolve() in seen:
         raise ConfigError(f"config base cycle through {where}")
     if len(seen) >= MAX_BASES:
