@@ -105,6 +105,27 @@ def test_cli_import_and_config_switch(tmp_path, monkeypatch):
         locate(str(tmp_path / "nowhere"))
 
 
+def test_load_catalog_imports_once_per_format_and_source(tmp_path):
+    from catalog.dataset import load_catalog
+    from catalog.movielens import REQUIRED
+
+    source = write_snapshot(tmp_path / "mt", movie_lines(), ratings_lines())
+    cfg = DataConfig(format="movietweetings", source=str(source))
+    assert load_catalog(cfg, tmp_path / "run").n_items == 12
+    stamp = tmp_path / "run" / "catalog" / "SOURCE"
+    assert stamp.read_text() == f"movietweetings:{source.resolve()}"
+    (source / "movies.dat").write_text("garbage\n")  # same format and source: the imported catalog is reused
+    assert load_catalog(cfg, tmp_path / "run").license_text == LICENSE
+    movielens_dir = tmp_path / "ml"
+    movielens_dir.mkdir()
+    for name in REQUIRED:
+        (movielens_dir / name).write_text("")
+    old_spelling = DataConfig(movielens=str(movielens_dir))
+    assert locate_source(old_spelling) == locate_source(DataConfig(source=str(movielens_dir))) == movielens_dir
+    with pytest.raises(ConfigError, match="data.movielens .* and data.source .* disagree"):
+        locate_source(DataConfig(movielens=str(movielens_dir), source=str(source)))
+
+
 GOOD_MOVIES = movie_lines()
 BAD = [  # (file, replacement for line 3 of that file, message pattern)
     ("ratings.dat", "1::2844::7", r"ratings\.dat:3: expected user_id::imdb_id::rating::unix_ts, got '1::2844::7'"),
