@@ -22,9 +22,9 @@ and the ledger, and continues with the next step. Every rollout group has an id 
 logged pair one (`p<pass>-<row>`); the ledger lists per step the ids trained on. In async mode the generation in
 flight is collected into the buffer before a checkpoint, so that no accepted group is lost or sampled twice.
 
-Ray: `RAY_ADDRESS` set -> `ray.init(address=...)` (e.g. inside `ray job submit`); else a local instance, shut
-down again at the end. An already initialised Ray (a test's cluster) is used as it is. The run's actors are killed
-at the end, whether it succeeded or not.
+Ray: `RAY_ADDRESS` set -> `ray.init(address=...)` (e.g. inside `ray job submit`); else a local instance that
+listens on loopback only (`loopback_only`), shut down again at the end. An already initialised Ray (a test's
+cluster) is used as it is. The run's actors are killed at the end, whether it succeeded or not.
 
 Monitoring (`actors.monitor`): every step appends a record to OUT_DIR/metrics.jsonl (also exported as Ray gauges),
 the live dashboard page serves it (its URL is printed at start), validation NDCG@10 is probed every
@@ -98,10 +98,28 @@ def connect_ray(system: SystemConfig) -> bool:
         # CPUs are scheduling tokens: a small machine still gets one per actor (they then share its cores)
         needed = system.learners * system.learner_cpus + system.rollout_actors * system.rollout_cpus
         ray.init(num_cpus=system.ray_cpus or max(os.cpu_count() or 1, int(np.ceil(needed))), include_dashboard=False)
+        loopback_only()
     return True
 
 
 def check_inputs(cfg: RunConfig, checkpoint: Path, preferences: str | None, steps: int,
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def loopback_only() -> None:
+    """Make the local Ray instance we start listen on loopback only, its Prometheus metrics endpoint included.
+
+    Ray binds its services to the node's IP address, and the metrics endpoint to every interface unless that
+    address is loopback (ray/dashboard/modules/reporter/reporter_agent.py). It takes loopback as the node address
+    only where multi-node clusters are off: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (ray._private.services.
+    get_node_ip_address; `_node_ip_address="127.0.0.1"` is turned back into the outward address). An operator who
+    sets that variable to 1 gets Ray's own binding back (then restrict the ports with a firewall)."""
+    from ray._private import ray_constants
+
+    os.environ.setdefault(LOOPBACK_ENV, "0")  # Ray's processes read it at start; the driver read it at import
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ[LOOPBACK_ENV].lower() in ("1", "true")
+
+
                  mode: str) -> list[tuple[str, float]]:
     """Fail fast, with a user error, before any actor starts (their errors would arrive wrapped by Ray).
     -> (name, weight) of the configured rewards"""

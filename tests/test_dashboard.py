@@ -320,6 +320,43 @@ def test_ray_gauges_reach_rays_metrics_endpoint(tmp_path):
         ray.shutdown()
 
 
+@pytest.mark.slow
+def test_local_ray_listens_on_loopback_only(monkeypatch):
+    """The local Ray that `connect_ray` starts: node address 127.0.0.1, and its Prometheus metrics endpoint answers
+    on loopback but refuses a connection to this machine's outward address (about 15 s)."""
+    import ray
+    from ray._private import ray_constants
+
+    from actors.driver import LOOPBACK_ENV, connect_ray
+    from dashboard.server import reachable_address
+    from h2po.config import SystemConfig
+
+    assert not ray.is_initialized()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv(LOOPBACK_ENV, os.environ.get(LOOPBACK_ENV, "0"))  # restored after the test
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)
+    assert connect_ray(SystemConfig(ray_cpus=1))
+    try:
+        node = ray.nodes()[0]
+        port = node["MetricsExportPort"]
+        assert node["NodeManagerAddress"] == "127.0.0.1"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                assert b"# HELP" in fetch(f"http://127.0.0.1:{port}/metrics")
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail(f"no metrics endpoint on 127.0.0.1:{port}")
+        outward = reachable_address()
+        if outward[0].isdigit():  # a machine with an outward IPv4 address
+            with pytest.raises(ConnectionRefusedError), socket.create_connection((outward, port), timeout=5):
+                pass
+    finally:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def browser():
     """Headless Debian chromium through chromedriver (Selenium), a tall window so screenshots show the page."""
