@@ -97,12 +97,11 @@ def connect_ray(system: SystemConfig) -> bool:
     else:
         # CPUs are scheduling tokens: a small machine still gets one per actor (they then share its cores)
         needed = system.learners * system.learner_cpus + system.rollout_actors * system.rollout_cpus
-        ray.init(num_cpus=system.ray_cpus or max(os.cpu_count() or 1, int(np.ceil(needed))), include_dashboard=False)
         loopback_only()
+        ray.init(num_cpus=system.ray_cpus or max(os.cpu_count() or 1, int(np.ceil(needed))), include_dashboard=False)
     return True
 
 
-def check_inputs(cfg: RunConfig, checkpoint: Path, preferences: str | None, steps: int,
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
@@ -120,6 +119,7 @@ def loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = os.environ[LOOPBACK_ENV].lower() in ("1", "true")
 
 
+def check_inputs(cfg: RunConfig, checkpoint: Path, preferences: str | None, steps: int,
                  mode: str) -> list[tuple[str, float]]:
     """Fail fast, with a user error, before any actor starts (their errors would arrive wrapped by Ray).
     -> (name, weight) of the configured rewards"""
