@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
+from catalog.output import atomic_write, check_output
 from evaluation.baselines import EASE
 from h2po import pipeline
 from h2po.config import RunConfig, load_config
+from h2po.errors import UserError
 from learner.checkpoint import config_from_checkpoint
 
 DEFAULT_WORKDIR = "runs/bench"
@@ -33,7 +35,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default=DEFAULT_WORKDIR,
                         help="scratch run directory where the catalog is imported (default %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = all cores")
-    parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+    parser.add_argument("--out", default=None, type=output_file, help="write the results as JSON to this file")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. model.d_model=32")
 
 
@@ -41,7 +43,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
     """--run DIR (an `h2po run` directory), --steps, --out and trailing `key=value` overrides of the H2PO runs."""
     parser.add_argument("--run", required=True, help="run directory of `h2po run` (most.safetensors, preferences)")
     parser.add_argument("--steps", type=int, default=steps, help="learner steps of every measured run")
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", type=output_file, help="write the results as JSON here")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides of every run")
 
 
@@ -88,9 +90,17 @@ def format_rows(header: list[str], rows: list[list]) -> str:
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
+def output_file(text: str) -> str:
+    """argparse type of --out: the target is checked when the arguments are read, before any measuring
+    (absent or a regular file, in a writable place; `catalog.output.check_output`)."""
+    try:
+        return str(check_output(text, "--out"))
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def write_result(path: str | None, result: dict) -> None:
-    """Write `result` as indented JSON (parent directories created) when a path is given."""
+    """Write `result` as indented JSON (atomically, parent directories created) when a path is given."""
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2))
+        atomic_write(Path(path), lambda p: p.write_text(json.dumps(result, indent=2)))
         print(f"results written to {path}")

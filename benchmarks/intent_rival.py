@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from harness import format_rows, machine, write_result
+from harness import format_rows, machine, output_file, write_result
 
 from catalog.intent import IntentIndex
 from catalog.requests import valid_mask
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("run", help="run directory (its MOST checkpoint's config is the base)")
     parser.add_argument("checkpoints", nargs="*", help="checkpoints relative to RUN")
     parser.add_argument("--bootstrap", type=int, default=1000)
-    parser.add_argument("--out")
+    parser.add_argument("--out", type=output_file)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     run = Path(args.run)

@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from harness import format_rows, machine, write_result
+from harness import format_rows, machine, output_file, write_result
 
 from evaluation.metrics import paired_bootstrap
 from evaluation.report import example_groups
@@ -54,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN[:POLICY]", help="run directory, optionally :policy path")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (users)")
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--out", type=output_file, help="write the results as JSON here")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override of every run's scoring (repeatable), e.g. eval.test_draws=5")
     args = parser.parse_args()

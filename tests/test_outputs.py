@@ -11,6 +11,7 @@ Run: `python -m pytest tests/test_outputs.py -q`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -257,3 +258,20 @@ def test_pretrain_refuses_an_out_dir_that_is_a_file_or_holds_a_symlinked_checkpo
     code, err = run_cli(capsys, "pretrain", f"out_dir={run_dir}", catalog)
     assert code == 2 and "most.safetensors is a symbolic link" in err, err
     assert sorted(p.name for p in run_dir.iterdir()) == ["most.safetensors"]
+
+
+def test_benchmark_out_is_checked_when_the_arguments_are_read(tmp_path, capsys):
+    """benchmarks/*.py --out: refused by argparse before any measuring (main wrote through it at the end)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import harness
+
+    parser = argparse.ArgumentParser(prog="bench")
+    harness.add_common_arguments(parser)
+    target = make_target(tmp_path, "fifo")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--out", str(target)])
+    assert "FIFO" in capsys.readouterr().err
+    assert_untouched(tmp_path, target, "fifo")
+    out = tmp_path / "result.json"
+    harness.write_result(parser.parse_args(["--out", str(out)]).out, {"x": 1})
+    assert json.loads(out.read_text()) == {"x": 1} and temporaries(tmp_path) == []
