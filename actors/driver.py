@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -253,6 +254,7 @@ def run_loop(actors: Actors, cfg: RunConfig, opts: LoopOptions, state: DriverSta
     Stops early, after a complete step, when `h2po.max_minutes` is spent (the schedule keeps `opts.steps`)."""
     h2po, steps = cfg.h2po, opts.steps
     pending, collected, loop_start = None, [], time.time()  # collected: calls of the batch not yet reported
+    state.stopped_by = "steps"
 
     def over_budget() -> bool:
         return 0 < h2po.max_minutes * 60 < time.time() - loop_start
@@ -289,8 +291,11 @@ def run_loop(actors: Actors, cfg: RunConfig, opts: LoopOptions, state: DriverSta
         if opts.on_step is not None:
             opts.on_step(step, actors)
         if stop:
-            print(f"h2po.max_minutes ({h2po.max_minutes:g}) spent: stopping after step {state.step} of {steps}",
-                  flush=True)
+            state.stopped_by = "max_minutes"
+            print(f"WARNING: h2po.max_minutes ({h2po.max_minutes:g}) spent: stopping after step {state.step} of "
+                  f"{steps}. The budget is in steps (h2po.steps); the clock ended this run, so its policy depends on "
+                  "the machine's speed. Raise h2po.max_minutes (a safety net) to let the steps decide.",
+                  file=sys.stderr, flush=True)
             break
     state.rollout_restarts = actors.rollout_restarts
     return state
@@ -356,12 +361,14 @@ def train(cfg: RunConfig, checkpoint: str | Path, preferences_path: str | Path |
                        "learners": system.learners, "rollout_actors": system.rollout_actors,
                        "zero_stage": system.zero_stage, "rewards": [n for n, _ in monitor.rewards]}, resumed_from)
         state = run_loop(actors, cfg, opts, state, monitor)
-        result = write_policy(actors, cfg, state, {"mode": mode, "from": str(checkpoint)}, preferences is not None)
+        result = write_policy(actors, cfg, state, {"mode": mode, "from": str(checkpoint),
+                                                   "stopped_by": state.stopped_by}, preferences is not None)
         result.seconds, result.resumed_from = time.time() - start, resumed_from
         print(f"H2PO done: version {result.version} in {result.seconds:.1f}s; {result.buffer}; rollout restarts "
               f"{result.rollout_restarts}; peak memory (MiB) "
               + ", ".join(f"{k} {v:.0f}" for k, v in result.peak_memory.items()) + f"; policy {result.checkpoint}")
-        monitor.finish("done")
+        monitor.finish("done", "" if state.stopped_by == "steps" else
+                       f"stopped by h2po.max_minutes after step {state.step} of {steps}")
         return result
     except BaseException as err:
         if monitor is not None:

@@ -58,6 +58,7 @@ class DriverState:
     history: list[dict] = field(default_factory=list)  # per-step stats
     skipped: int = 0  # rollout batches dropped for a failing reward
     rollout_restarts: int = 0  # rollout actors restarted after dying
+    stopped_by: str = "steps"  # what ended the last run_loop: "steps", or "max_minutes" (the wall clock)
 
 
 def find_train_state(out_dir: str | Path) -> Path | None:

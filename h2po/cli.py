@@ -129,8 +129,9 @@ def cmd_run(args, pretrain_only: bool = False) -> None:
         print(f"MOST: reusing {path} (finished pretraining with these settings; delete it to pretrain again)")
     else:
         path, result = pipeline.run_pretrain(ws, EASE(ws.data.catalog, ws.data.train_matrix, lam))
-        print(f"MOST: {result.steps} steps in {result.seconds:.0f}s ({result.samples_per_second:.0f} samples/s); "
-              f"best validation NDCG@10 {result.best_score:.4f} at step {result.best_step}; checkpoint {path}")
+        print(f"MOST: {result.steps} steps in {result.seconds:.0f}s ({result.samples_per_second:.0f} samples/s, "
+              f"ended by {result.stopped_by}); best validation NDCG@10 {result.best_score:.4f} at step "
+              f"{result.best_step}; checkpoint {path}")
     if not pretrain_only:
         models = {"MOST": load_checkpoint(path, ws.data.catalog)[0]}
         if cfg.h2po.steps > 0:
@@ -198,7 +199,11 @@ def _load_for_retrieval(checkpoint: str):
     path = Path(checkpoint)
     cfg = config_from_dict(json.loads(read_header(path)["config"]))
     catalog = load_catalog(cfg.data, path.parent)
-    model, cfg, _ = load_checkpoint(path, catalog)
+    model, cfg, meta = load_checkpoint(path, catalog)
+    if meta.get("complete") is False:  # written during a pretraining that never finished (learner.checkpoint)
+        print(f"h2po: warning: {path} comes from an unfinished MOST pretraining (best so far, at step "
+              f"{meta.get('step')}); lists from it may be weak. Finish it with `h2po pretrain` (or `h2po run`).",
+              file=sys.stderr)
     return catalog, model, cfg, constraint_vocab(catalog)
 
 

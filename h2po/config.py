@@ -107,8 +107,11 @@ class MostConfig:
     lr: float = option(1e-3, "AdamW learning rate.", low=0.0, high=1.0)
     weight_decay: float = option(0.01, "AdamW weight decay.", low=0.0, high=10.0)
     warmup_steps: int = option(50, "Linear learning-rate warm-up.", low=0, high=MAX_STEPS)
-    max_steps: int = option(3000, "Upper bound on optimiser steps.", low=1, high=MAX_STEPS)
-    max_minutes: float = option(12.0, "Wall-clock budget for training.", above=0.0, high=MAX_MINUTES)
+    max_steps: int = option(3000, "Upper bound on optimiser steps (the budget is in steps: max_steps, patience).",
+                            low=1, high=MAX_STEPS)
+    max_minutes: float = option(20.0, "Wall-clock safety net, minutes: if it ends training before max_steps or "
+                                "early stopping, a WARNING says so and pretrain.json / the checkpoint record it.",
+                                above=0.0, high=MAX_MINUTES)
     eval_every: int = option(100, "Validate every this many steps; the best checkpoint is kept.", low=1, high=MAX_STEPS)
     val_requests: int = option(256, "Validation requests scored at each validation (a fixed subset).",
                                low=1, high=10**6)
@@ -164,8 +167,9 @@ class H2POConfig:
                                    "learner steps and at the end; 0 = never.", low=0, high=MAX_STEPS)
     steps: int = option(60, "Learner steps: of `h2po run`, and of `h2po train` unless --steps is given.",
                         low=0, high=MAX_STEPS)
-    max_minutes: float = option(0.0, "Stop after the first learner step that ends past this budget, counted from "
-                                "this process's first step (a resumed run starts a new one); 0 = no limit.",
+    max_minutes: float = option(0.0, "Wall-clock safety net (the budget is h2po.steps): stop after the first "
+                                "learner step that ends past it, counted from this process's first step, with a "
+                                "WARNING and stopped_by in the checkpoint's meta; 0 = no limit.",
                                 low=0.0, high=MAX_MINUTES)
     eval_every: int = option(20, "Validation NDCG@10 of the policy every this many steps, shown on the dashboard; "
                              "0 = never.", low=0, high=MAX_STEPS)

@@ -2,10 +2,10 @@
 H2PO (`actors.driver.train`, on a local Ray instance) -> evaluation.
 
 Every stage writes into the run directory (`cfg.out_dir`): `catalog/` (Parquet + the dataset's LICENSE.txt),
-`ease.json` (tuned lambda), `most.safetensors` (best-validating checkpoint), `pretrain.json` (curve; its presence
-marks a finished pretraining, which a later run with the same data/model/MOST settings reuses),
-`preferences.parquet` (logged pairs), `h2po.safetensors` + `metrics.jsonl` + `report.html` (H2PO),
-`results.json` (the comparison table). Files are written atomically.
+`ease.json` (tuned lambda), `most.safetensors` (best-validating checkpoint; `complete: false` in its meta until the
+pretraining ends), `pretrain.json` (curve; its presence marks a finished pretraining, which a later run with the
+same data/model/MOST settings reuses), `preferences.parquet` (logged pairs), `h2po.safetensors` + `metrics.jsonl` +
+`report.html` (H2PO), `results.json` (the comparison table). Files are written atomically.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from evaluation.metrics import item_mask, ranking_metrics
 from evaluation.report import evaluate_methods, format_table
 from h2po.config import RunConfig, config_from_dict, config_to_dict
 from h2po.errors import UserError
-from learner.checkpoint import read_header, save_checkpoint
+from learner.checkpoint import finish_checkpoint, read_header, save_checkpoint
 from learner.pretrain import PretrainResult, pretrain
 from model.transformer import Retriever
 from rollout.retrieve import recommend
@@ -127,10 +127,11 @@ def run_pretrain(ws: Workspace, ease: EASE) -> tuple[Path, PretrainResult]:
     save = functools.partial(_save_best, ws, path)
     result = pretrain(model, ws.data, ws.vocab, ws.unit_features, ease.B.half(), cfg.requests, cfg.most, cfg.seed,
                       functools.partial(validation_score, ws, val), save)
+    finish_checkpoint(path, {"steps": result.steps, "stopped_by": result.stopped_by})
     write_json(ws.out_dir / "pretrain.json", {"steps": result.steps, "best_step": result.best_step,
                                               "best_val_ndcg@10": result.best_score, "seconds": result.seconds,
                                               "samples_per_second": result.samples_per_second,
-                                              "history": result.history})
+                                              "stopped_by": result.stopped_by, "history": result.history})
     return path, result
 
 
@@ -141,16 +142,19 @@ MOST_KEYS = ("seed", "data", "requests", "model", "most", "sampler", "eval")
 
 def most_settings(config: dict) -> dict:
     """The part of a config dict (`config_to_dict`) that a MOST checkpoint made with it depends on: MOST_KEYS,
-    less eval.test_draws (it only scores the test split)."""
+    less eval.test_draws (it only scores the test split) and most.max_minutes (a safety net: a pretraining it
+    ended is not reused, `reusable_most`)."""
     out = {key: config.get(key) for key in MOST_KEYS}
     out["eval"] = {k: v for k, v in (out["eval"] or {}).items() if k != "test_draws"}
+    out["most"] = {k: v for k, v in (out["most"] or {}).items() if k != "max_minutes"}
     return out
 
 
 def reusable_most(ws: Workspace) -> Path | None:
-    """OUT_DIR/most.safetensors when a finished pretraining (pretrain.json) made it with this run's settings."""
-    path = ws.out_dir / "most.safetensors"
-    if not (path.is_file() and (ws.out_dir / "pretrain.json").is_file()):
+    """OUT_DIR/most.safetensors when a finished pretraining (pretrain.json) that its steps ended, not the clock,
+    made it with this run's settings."""
+    path, record = ws.out_dir / "most.safetensors", ws.out_dir / "pretrain.json"
+    if not (path.is_file() and record.is_file()) or json.loads(record.read_text()).get("stopped_by") == "max_minutes":
         return None
     header = read_header(path)
     made = config_to_dict(config_from_dict(json.loads(header["config"])))  # keys added since take their defaults
@@ -179,7 +183,7 @@ def make_preferences(ws: Workspace, out: Path) -> ValidationReport:
 
 
 def _save_best(ws: Workspace, path: Path, model: Retriever, record: dict) -> None:
-    save_checkpoint(path, model, ws.cfg, ws.data.catalog, record)
+    save_checkpoint(path, model, ws.cfg, ws.data.catalog, {**record, "complete": False})  # until finish_checkpoint
 
 
 def run_evaluation(ws: Workspace, models: dict[str, Retriever], ease_lam: float, out: Path | None = None) -> dict:

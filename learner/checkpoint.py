@@ -96,3 +96,13 @@ def config_from_checkpoint(path: Path, config_file: str | Path | None = None, ov
                             f"({', '.join(BUILTINS)}); a checkpoint never decides what is imported: give h2po.rewards "
                             "in your --config file or as an override to use it")
     return load_config(None, [], base=merge(base, user))
+
+
+def finish_checkpoint(path: Path, meta: dict) -> None:
+    """Mark a checkpoint written during training as finished: its meta gets `complete: true` and `meta` (what ended
+    the run), rewritten atomically. Until then a pretraining's checkpoint says `complete: false`, and `h2po retrieve`
+    warns when it loads one (a killed run leaves it so)."""
+    header = read_header(path)
+    tensors = load_file(str(path))
+    header["meta"] = json.dumps({**json.loads(header["meta"]), **meta, "complete": True})
+    atomic_write(Path(path), lambda p: save_file(tensors, str(p), metadata=header))

@@ -3,10 +3,15 @@
 Overfitting, not compute, is the bottleneck on small catalogs (DESIGN section 9): every step draws fresh seed
 subsets (augmentation), blocks use dropout, item ids use id dropout, AdamW decays weights, and the checkpoint
 kept is the one with the best validation score; training stops after `patience` validations without progress.
+
+The budget is in steps (`max_steps`, early stopping by `patience`), so a config gives the same checkpoint on a fast
+or a loaded machine. `max_minutes` is a wall-clock safety net: when it ends training first, a WARNING says so on
+stderr and the result records it (`stopped_by`), and the steps since the last validation are validated once more.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +37,7 @@ class PretrainResult:
     seconds: float
     samples_per_second: float
     history: list[dict]
+    stopped_by: str = "max_steps"  # what ended training: "max_steps", "patience" or "max_minutes" (the clock)
 
 
 def relevance_scores(prior_matrix: torch.Tensor, seeds: torch.Tensor, seed_mask: torch.Tensor) -> np.ndarray:
@@ -70,8 +76,8 @@ def pretrain(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray,
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
     start, best, best_step, stale, history = time.time(), -float("inf"), 0, 0, []
     bar = tqdm(total=cfg.max_steps, desc="MOST pretraining", unit="step", dynamic_ncols=True)
-    step, losses = 0, []
-    while step < cfg.max_steps and time.time() - start < 60 * cfg.max_minutes and stale < cfg.patience:
+    step, losses, stopped_by = 0, [], "max_steps"
+    while step < cfg.max_steps and stale < cfg.patience:
         model.train()
         loss = most_step(model, data, vocab, features, relevance_matrix, req, cfg, rng, generator)
         optimizer.zero_grad(set_to_none=True)
@@ -82,7 +88,8 @@ def pretrain(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray,
         step += 1
         losses.append(loss.item())
         bar.update(1)
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+        out_of_time = time.time() - start >= 60 * cfg.max_minutes  # the safety net (module docstring)
+        if step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time:
             model.eval()
             score = validate(model)
             record = {"step": step, "loss": float(np.mean(losses)), "val_ndcg@10": score,
@@ -95,6 +102,22 @@ def pretrain(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray,
             else:
                 stale += 1
             bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{score:.4f}", best=f"{best:.4f}@{best_step}")
+        if out_of_time and step < cfg.max_steps and stale < cfg.patience:
+            stopped_by = "max_minutes"
+            break
     bar.close()
+    if stopped_by == "max_minutes":
+        warn_time_cap(step, cfg)
+    elif stale >= cfg.patience:
+        stopped_by = "patience"
     seconds = time.time() - start
-    return PretrainResult(step, best_step, best, seconds, step * cfg.batch_size / seconds, history)
+    return PretrainResult(step, best_step, best, seconds, step * cfg.batch_size / max(seconds, 1e-9), history,
+                          stopped_by)
+
+
+def warn_time_cap(step: int, cfg: MostConfig) -> None:
+    """The loud line of a pretraining that the wall clock, not its step budget, ended."""
+    print(f"WARNING: most.max_minutes ({cfg.max_minutes:g}) ended MOST pretraining after {step} of {cfg.max_steps} "
+          "steps, before max_steps or early stopping: the budget is in steps, and this checkpoint depends on the "
+          "machine's speed. Raise most.max_minutes (a safety net) to let the steps decide.", file=sys.stderr,
+          flush=True)

@@ -24,6 +24,7 @@ import torch
 
 from catalog.schema import read_catalog, write_catalog
 from h2po.cli import main
+from learner.checkpoint import read_header
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -118,10 +119,13 @@ def test_run_main_job(tmp_path, capsys):
     the table with MOST and H2PO and the report. A second run with the same settings reuses the MOST checkpoint."""
     assert main(["run", "--config", TINY, f"out_dir={tmp_path}", "threads=1", "h2po.steps=4",
                  "h2po.max_minutes=1e-6", "system.pairs_per_step=0"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert all(name in out for name in (*BASELINES, "MOST", "H2PO", "NDCG@10", "dNDCG@10 vs MOST"))
     assert f"logged pairs: {tmp_path / 'preferences.parquet'} not read (system.pairs_per_step=0" in out
-    assert "stopping after step 1 of 4" in out and "dashboard: http://127.0.0.1:" in out
+    assert "dashboard: http://127.0.0.1:" in out
+    assert "WARNING: h2po.max_minutes (1e-06) spent: stopping after step 1 of 4" in err  # loud, and recorded:
+    assert json.loads(read_header(tmp_path / "h2po.safetensors")["meta"])["stopped_by"] == "max_minutes"
+    assert json.loads(read_header(tmp_path / "most.safetensors")["meta"])["complete"] is True
     for name in ("most.safetensors", "catalog/LICENSE.txt", "preferences.parquet", "h2po.safetensors",
                  "metrics.jsonl", "report.html", "train_state/driver.json"):
         assert (tmp_path / name).is_file(), name

@@ -27,7 +27,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from actors.learner import load_rng, save_rng
 from actors.train_state import DriverState, find_train_state, read_train_state, write_train_state
 from catalog.dataset import load_catalog
 from catalog.requests import Example, Exclude, Prefer, Recency, Request
@@ -106,6 +105,8 @@ def test_learner_rng_state_is_never_unpickled(tmp_path):
     """A rank's RNG streams round-trip through safetensors + JSON (the draws after restoring repeat); a pickle planted
     under the RNG file's name is refused with a clear error and never runs. (The real learner ranks also ignore a
     planted rng_rank<r>.pt: tests/test_actors.py::test_actors_publish_weights_and_checkpoint.)"""
+    from actors.learner import load_rng, save_rng
+
     marker, path = tmp_path / "marker", tmp_path / "rng_rank0.safetensors"
     rng, generator = np.random.default_rng([1, 2]), torch.Generator().manual_seed(3)
     save_rng(path, rng, generator)

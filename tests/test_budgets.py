@@ -1,0 +1,85 @@
+"""Budgets are in steps; the wall clock is a safety net that says so loudly, and an unfinished pretraining's
+checkpoint says what it is (issue 13 point 5, issue 14 section 3).
+
+- `h2po pretrain` on configs/tiny.yaml with a tiny `most.max_minutes`: one step, then a WARNING line on stderr,
+  `stopped_by: max_minutes` in pretrain.json and in the checkpoint's meta, the checkpoint validated at that step,
+  and a later `h2po run` does not reuse it.
+- A pretraining killed (SIGKILL) after its first best checkpoint leaves `complete: false` in that checkpoint's
+  meta, and `h2po retrieve` warns on stderr when it loads it; a finished pretraining's checkpoint gets no warning.
+(The H2PO side, `h2po.max_minutes`, is checked in tests/test_cli.py::test_run_main_job.)
+Run: `python -m pytest tests/test_budgets.py -q` (about 40 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from h2po import pipeline
+from h2po.cli import main
+from h2po.config import load_config
+from learner.checkpoint import read_header
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_threads():
+    """The CLI sets torch's thread count (threads=1); give the rest of the session its setting back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def capped_run(tmp_path_factory) -> tuple[Path, str]:
+    """`h2po pretrain` on the tiny config whose clock runs out after the first step: (run dir, its stderr)."""
+    run = tmp_path_factory.mktemp("capped")
+    command = [sys.executable, "-m", "h2po.cli", "pretrain", "--config", TINY, f"out_dir={run}", "threads=1",
+               "most.max_minutes=1e-6"]
+    proc = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run, proc.stderr
+
+
+def test_time_cap_warns_and_is_recorded(capped_run):
+    run, stderr = capped_run
+    warnings = [line for line in stderr.splitlines() if line.startswith("WARNING: most.max_minutes")]
+    assert len(warnings) == 1 and "after 1 of 20 steps" in warnings[0] and "budget is in steps" in warnings[0]
+    record = json.loads((run / "pretrain.json").read_text())
+    assert record["stopped_by"] == "max_minutes" and record["steps"] == 1 and record["history"][-1]["step"] == 1
+    meta = json.loads(read_header(run / "most.safetensors")["meta"])
+    assert (meta["complete"], meta["stopped_by"], meta["step"]) == (True, "max_minutes", 1)
+    ws = pipeline.prepare(load_config(TINY, [f"out_dir={run}", "threads=1"]))
+    assert pipeline.reusable_most(ws) is None  # a pretraining the clock ended is trained again, not reused
+
+
+def test_unfinished_pretraining_is_marked_and_retrieve_warns(capped_run, tmp_path, capsys):
+    run = tmp_path / "killed"
+    command = [sys.executable, "-m", "h2po.cli", "pretrain", "--config", TINY, f"out_dir={run}", "threads=1",
+               "most.max_steps=100000", "most.eval_every=2", "most.patience=100000"]
+    proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint, deadline = run / "most.safetensors", time.time() + 120
+    while not checkpoint.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.is_file() and not (run / "pretrain.json").exists()
+    assert json.loads(read_header(checkpoint)["meta"])["complete"] is False
+    assert main(["retrieve", "--checkpoint", str(checkpoint), "--seeds", "1", "--k", "5"]) == 0
+    err = capsys.readouterr().err
+    assert f"h2po: warning: {checkpoint} comes from an unfinished MOST pretraining" in err, err
+    finished = capped_run[0] / "most.safetensors"
+    assert main(["retrieve", "--checkpoint", str(finished), "--seeds", "1", "--k", "5"]) == 0
+    assert "warning" not in capsys.readouterr().err
