@@ -5,11 +5,12 @@ every open slot draws a candidate (Gumbel-max at temperature T; T = 0 is greedy)
 same item the more confident keeps it; the most confident open slots are committed, ceil(open / steps left) of
 them, so all k are filled after S steps (a step that loses slots to collisions commits fewer, and the loop runs
 on until every slot is filled). Validity therefore holds by construction: no duplicates, no seeds or negatives,
-no hard-constraint violators, whatever the scores are: logits pass through `finite_logits` before any argmax,
-Gumbel draw or log-sum-exp, so a NaN or infinity that reached the model (a non-finite soft weight that bypassed
-the request edge, an overflow) can change which allowed item is drawn but never let a disallowed one through.
-The trajectory (step of each slot, its item, and the behaviour log-prob under the
-model's T = 1 distribution given the state before the step) is returned for H2PO's trajectory likelihood.
+no hard-constraint violators, whatever the scores are: a step whose draw is not an allowed item with a finite
+log-prob (a NaN or infinity reached the logits: a non-finite soft weight that bypassed the request edge, an
+overflow) is drawn again from `finite_logits` (allowed items finite, all others -inf). The check costs O(M) per
+step; a sound model never takes the second path, so its draws are unchanged. The trajectory (step of each slot,
+its item, and the behaviour log-prob under the model's T = 1 distribution given the state before the step) is
+returned for H2PO's trajectory likelihood.
 """
 
 from __future__ import annotations
@@ -41,6 +42,23 @@ def finite_logits(logits: torch.Tensor, allowed: torch.Tensor, bound: float = LO
     return logits.nan_to_num_(nan=-bound).clamp_(-bound, bound).masked_fill_(~allowed, float("-inf"))
 
 
+def draw(logits: torch.Tensor, allowed: torch.Tensor, temperature: float, generator: torch.Generator | None,
+         bounded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One candidate per row of logits (M, N): Gumbel-max at `temperature` (argmax at 0).  -> pick (M,), its log-prob
+    under the T = 1 distribution (M,). `bounded`: re-bound the perturbed scores too (logits / T may overflow)."""
+    if temperature > 0:
+        noise = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-10, 1.0)
+        noise.log_().neg_().log_().neg_()  # Gumbel(0, 1), in place
+        scores = noise.add_(logits, alpha=1.0 / temperature)
+        if bounded:
+            scores = finite_logits(scores, allowed, torch.finfo(scores.dtype).max)
+        pick = scores.argmax(-1)
+        top = logits.gather(1, pick[:, None]).squeeze(1)
+    else:
+        top, pick = logits.max(-1)
+    return pick, top - torch.logsumexp(logits, -1)
+
+
 def resolve_collisions(candidate: torch.Tensor, confidence: torch.Tensor, open_: torch.Tensor) -> torch.Tensor:
     """(B, K) bool: open slots that keep their candidate (the most confident per item; ties go to the lower slot)."""
     same = (candidate[:, :, None] == candidate[:, None, :]) & open_[:, None, :]  # (B, K, K)
@@ -70,16 +88,12 @@ def sample_lists(model: Retriever, batch: RequestBatch, k: int, steps: int, temp
         rows, cols = open_.nonzero(as_tuple=True)  # only open slots need logits
         hidden = model.hidden(ctx, slots)[rows, cols]  # (M, D)
         allowed_rows = allowed[rows]  # (M, N)
-        logits = finite_logits(model.allowed_logits(ctx, hidden, rows, allowed), allowed_rows)  # (M, N)
-        if temperature > 0:
-            noise = torch.rand(logits.shape, generator=generator, device=device).clamp_(1e-10, 1.0)
-            noise.log_().neg_().log_().neg_()  # Gumbel(0, 1), in place
-            scores = noise.add_(logits, alpha=1.0 / temperature)  # logits / T may overflow for a tiny T: re-bound
-            pick = finite_logits(scores, allowed_rows, torch.finfo(scores.dtype).max).argmax(-1)
-            top = logits.gather(1, pick[:, None]).squeeze(1)
-        else:
-            top, pick = logits.max(-1)
-        conf = top - torch.logsumexp(logits, -1)  # log p of the pick under the T = 1 distribution
+        logits = model.allowed_logits(ctx, hidden, rows, allowed)  # (M, N)
+        pick, conf = draw(logits, allowed_rows, temperature, generator)  # conf: log p of the pick at T = 1
+        # a NaN or +inf anywhere in a row makes its log-sum-exp, so conf, non-finite: caught here in O(M)
+        if not bool((allowed_rows.gather(1, pick[:, None]).all() & torch.isfinite(conf).all())):
+            logits = finite_logits(logits, allowed_rows)
+            pick, conf = draw(logits, allowed_rows, temperature, generator, bounded=True)
         candidate = torch.full_like(slots, MASK).index_put_((rows, cols), pick)
         confidence = torch.full((b, k), float("-inf"), device=device).index_put_((rows, cols), conf)
         keeps = resolve_collisions(candidate, confidence, open_)
