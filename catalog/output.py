@@ -128,8 +128,8 @@ def remove_stale_temporaries(directory: Path, name: str | None = None) -> list[P
 
 def atomic_write(path: Path, write) -> None:
     """Call `write(tmp_path)` and move the result into `path` only when it succeeded. `path` must be absent or a
-    regular file (anything else raises UserError); it keeps its mode; the temporary file never outlives this call
-    (and one left by a killed process is removed here)."""
+    regular file (anything else raises UserError, as does an OSError while writing); it keeps its mode; the
+    temporary file never outlives this call (and one left by a killed process is removed here)."""
     path = Path(path)
     problem = target_problem(path)
     if problem:
@@ -144,5 +144,7 @@ def atomic_write(path: Path, write) -> None:
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, a quota, a place that turned read-only: one line, not a traceback
+        raise UserError(f"cannot write {quoted(str(path), 200)}: {err.strerror or err}") from err
     finally:
         tmp.unlink(missing_ok=True)  # gone already after the rename

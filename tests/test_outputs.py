@@ -12,6 +12,7 @@ Run: `python -m pytest tests/test_outputs.py -q`.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -275,3 +276,15 @@ def test_benchmark_out_is_checked_when_the_arguments_are_read(tmp_path, capsys):
     out = tmp_path / "result.json"
     harness.write_result(parser.parse_args(["--out", str(out)]).out, {"x": 1})
     assert json.loads(out.read_text()) == {"x": 1} and temporaries(tmp_path) == []
+
+
+def test_an_io_error_while_writing_is_one_line_and_leaves_nothing(tmp_path):
+    """ENOSPC (the /dev/full case, or a full disk) from the writer: a UserError naming the path, no temporary."""
+    target = tmp_path / "out.json"
+
+    def disk_full(p):
+        Path(p).write_text("part")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(UserError, match="cannot write .*out.json.*No space left on device"):
+        atomic_write(target, disk_full)
+    assert not target.exists() and temporaries(tmp_path) == []
