@@ -105,9 +105,33 @@ class CentroidKNN(Baseline):
         return unit_rows(centroid) @ self.unit.T  # (R, N)
 
 
+def mmr_rerank(relevance: np.ndarray, unit: np.ndarray, k: int, lam: float, pool: int = 200,
+               chunk: int = 256) -> np.ndarray:
+    """(R, k) maximal marginal relevance (Carbonell & Goldstein 1998) lists from the top `pool` items of
+    `relevance` (R, N; -inf = not allowed, so filter first): next = argmax_i lam * rel_i - (1 - lam) *
+    max_{j chosen} cos(x_i, x_j), with `unit` (N, F) unit-norm item vectors x. Rows go `chunk` at a time."""
+    out = np.empty((len(relevance), k), dtype=np.int64)
+    for start in range(0, len(relevance), chunk):
+        rows = slice(start, start + chunk)
+        candidates = best_k(relevance[rows], min(max(pool, k), relevance.shape[1]))  # (C, M)
+        rel = np.take_along_axis(relevance[rows], candidates, axis=1)  # (C, M), -inf = not allowed
+        blocked = ~np.isfinite(rel)  # (C, M) grows with the chosen items
+        rel = np.where(blocked, 0.0, rel)
+        x = unit[candidates]  # (C, M, F)
+        sim = x @ x.transpose(0, 2, 1)  # (C, M, M)
+        idx = np.arange(len(candidates))
+        max_sim = np.zeros(candidates.shape, dtype=np.float32)  # (C, M) to the chosen items; no penalty at first
+        for step in range(k):  # greedy: each position depends on the previous ones
+            value = np.where(blocked, -np.inf, lam * rel - (1.0 - lam) * max_sim)  # (C, M)
+            pick = value.argmax(1)  # (C,)
+            out[rows, step] = candidates[idx, pick]
+            blocked[idx, pick] = True
+            max_sim = sim[idx, pick] if step == 0 else np.maximum(max_sim, sim[idx, pick])
+    return out
+
+
 class MMR(CentroidKNN):
-    """Maximal marginal relevance (Carbonell & Goldstein 1998) re-ranking of the centroid-kNN top `pool` items:
-    next = argmax_i lam * rel_i - (1 - lam) * max_{j chosen} cos(x_i, x_j)."""
+    """`mmr_rerank` of the centroid-kNN scores, cosine similarity of item feature rows."""
 
     def __init__(self, catalog: Catalog, features: np.ndarray, lam: float, pool: int = 200) -> None:
         super().__init__(catalog, features)
@@ -115,22 +139,7 @@ class MMR(CentroidKNN):
 
     def recommend(self, examples: Sequence[Example], k: int) -> np.ndarray:
         relevance = filtered_scores(self.scores(examples), examples, self.catalog, k)  # (R, N), filter first
-        candidates = best_k(relevance, min(max(self.pool, k), self.catalog.n_items))  # (R, M)
-        rel = np.take_along_axis(relevance, candidates, axis=1)  # (R, M), -inf = not allowed
-        blocked = ~np.isfinite(rel)  # (R, M) grows with the chosen items
-        rel = np.where(blocked, 0.0, rel)
-        x = self.unit[candidates]  # (R, M, F)
-        sim = x @ x.transpose(0, 2, 1)  # (R, M, M)
-        rows = np.arange(len(candidates))
-        max_sim = np.zeros(candidates.shape, dtype=np.float32)  # (R, M) to the chosen items; no penalty at first
-        out = np.empty((len(candidates), k), dtype=np.int64)
-        for step in range(k):  # greedy: each position depends on the previous ones
-            value = np.where(blocked, -np.inf, self.lam * rel - (1.0 - self.lam) * max_sim)  # (R, M)
-            pick = value.argmax(1)  # (R,)
-            out[:, step] = candidates[rows, pick]
-            blocked[rows, pick] = True
-            max_sim = sim[rows, pick] if step == 0 else np.maximum(max_sim, sim[rows, pick])
-        return out
+        return mmr_rerank(relevance, self.unit, k, self.lam, self.pool)
 
 
 class ItemKNN(Baseline):
