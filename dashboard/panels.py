@@ -18,7 +18,7 @@ from pathlib import Path
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.html"
 COMPARISON_COLUMNS = [  # (header, key): the columns of evaluation.report.COLUMNS shown on the page
-    ("R@10", "recall@10"), ("HR@10", "hit@10"), ("NDCG@20", "ndcg@20"), ("sat", "constraint_sat"),
+    ("Rmin@10", "recall_min@10"), ("HR@10", "hit@10"), ("NDCG@20", "ndcg@20"), ("sat", "constraint_sat"),
     ("dup", "duplicates"), ("leak", "seed_leak"), ("ILD", "ild"), ("nov", "novelty"), ("cov", "coverage"),
 ]
 

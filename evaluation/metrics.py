@@ -4,7 +4,8 @@ Every list metric takes `lists` (R, K) int64 item indices, one ranked list per r
 per request (R,), so that `evaluation/report.py` can pool them, split them by family and seed size, and
 bootstrap them; rewards reuse `ranking_metrics` on sampled lists. Conventions (deliberate choices):
 
-- Recall@K = hits in the top K / min(K, |targets|); NDCG@K has binary gains, discounts 1 / log2(rank + 1)
+- Recall@K (min-normalised), key `recall_min@K` = hits in the top K / min(K, |targets|), not / |targets| as
+  the usual Recall@K (so it reaches 1 when |targets| > K); NDCG@K has binary gains, discounts 1 / log2(rank + 1)
   and the ideal DCG of min(K, |targets|) hits; HitRate@K = 1 when a target is in the top K. An item repeated
   in a list is a hit at its first position only.
 - Constraint satisfaction looks at the hard constraints alone (Exclude, Require, Recency.min_year): the
@@ -45,9 +46,9 @@ def first_occurrence(lists: np.ndarray) -> np.ndarray:
 
 
 def ranking_metrics(lists: np.ndarray, relevant: np.ndarray, ks: Sequence[int]) -> dict[str, np.ndarray]:
-    """Recall@K, NDCG@K and HitRate@K per request, for every K in `ks`.
+    """Recall@K (min-normalised), NDCG@K and HitRate@K per request, for every K in `ks`.
 
-    lists: (R, K_list) item indices; relevant: (R, N) bool targets. Returns {"recall@K", "ndcg@K", "hit@K"} -> (R,).
+    lists: (R, K_list) item indices; relevant: (R, N) bool targets. Returns {"recall_min@K", "ndcg@K", "hit@K"} -> (R,).
     NDCG@K = sum_{i<K} hit_i / log2(i + 2) / sum_{i < min(K, |T|)} 1 / log2(i + 2).
     """
     hits = np.take_along_axis(relevant, lists, axis=1) & first_occurrence(lists)  # (R, K_list)
@@ -59,7 +60,7 @@ def ranking_metrics(lists: np.ndarray, relevant: np.ndarray, ks: Sequence[int]) 
         top = hits[:, :k]  # (R, min(k, K_list))
         n_ideal = np.minimum(k, n_relevant)  # (R,)
         dcg = top @ discount[: top.shape[1]]  # (R,)
-        out[f"recall@{k}"] = np.divide(top.sum(1), n_ideal, out=np.zeros(len(top)), where=n_ideal > 0)
+        out[f"recall_min@{k}"] = np.divide(top.sum(1), n_ideal, out=np.zeros(len(top)), where=n_ideal > 0)
         out[f"ndcg@{k}"] = np.divide(dcg, ideal_dcg[n_ideal], out=np.zeros(len(top)), where=n_ideal > 0)
         out[f"hit@{k}"] = top.any(1).astype(np.float64)
     return out

@@ -56,27 +56,32 @@ def summarise(values: dict[str, np.ndarray], lists: np.ndarray, n_items: int, n_
 
 def evaluate_methods(methods: dict[str, Recommender], examples: Sequence[Example], data: Dataset,
                      cfg: EvalConfig, references: Sequence[str] = ("EASE",),
-                     features: np.ndarray | None = None) -> dict[str, dict[str, dict[str, object]]]:
+                     features: np.ndarray | None = None,
+                     composites: dict[str, dict[str, str]] | None = None) -> dict[str, dict[str, dict[str, object]]]:
     """{group: {method: {metric: value}}} for every method on `examples` (see the module docstring).
 
     `features` (N, F) are the item features of ILD; computed with `item_features(data)` when not given.
+    `composites` {name: {family: method}} adds rows whose lists are, for each request, those of the method named
+    for its family (e.g. "best rival", chosen per family on validation); they may serve as references.
     """
     if not examples:
         raise ValueError("evaluate_methods needs at least one example")
     features = item_features(data) if features is None else features
     lists = {name: np.asarray(recommend(examples)) for name, recommend in methods.items()}  # name -> (R, k)
-    values = {name: list_metrics(lists[name], examples, data, features, cfg.ks) for name in methods}
+    for name, chosen in (composites or {}).items():
+        lists[name] = np.stack([lists[chosen[e.family]][r] for r, e in enumerate(examples)])  # (R, k)
+    values = {name: list_metrics(lists[name], examples, data, features, cfg.ks) for name in lists}
     primary = f"ndcg@{min(cfg.ks)}"
     seed = cfg.request_seed
     users = np.array([e.user for e in examples])
     results: dict[str, dict[str, dict[str, object]]] = {}
     for group, rows in example_groups(examples).items():
         results[group] = {}
-        for name in methods:
+        for name in lists:
             group_values = {metric: v[rows] for metric, v in values[name].items()}
             summary = summarise(group_values, lists[name][rows], data.catalog.n_items, cfg.bootstrap, seed,
                                 users[rows])
-            for reference in [r for r in references if r in methods and r != name]:
+            for reference in [r for r in references if r in lists and r != name]:
                 d, lo, hi = paired_bootstrap(group_values[primary], values[reference][primary][rows],
                                              cfg.bootstrap, seed, users[rows])
                 summary[f"{primary}_vs_{reference}"], summary[f"{primary}_vs_{reference}_ci"] = d, [lo, hi]
@@ -84,8 +89,9 @@ def evaluate_methods(methods: dict[str, Recommender], examples: Sequence[Example
     return results
 
 
+RECALL_NOTE = "Rmin@K = Recall@K (min-normalised): hits in the top K / min(K, |targets|), not / |targets|."
 COLUMNS = [  # (header, key, width)
-    ("R@10", "recall@10", 6), ("R@20", "recall@20", 6), ("HR@10", "hit@10", 6), ("NDCG@20", "ndcg@20", 8),
+    ("Rmin@10", "recall_min@10", 7), ("Rmin@20", "recall_min@20", 7), ("HR@10", "hit@10", 6), ("NDCG@20", "ndcg@20", 8),
     ("sat", "constraint_sat", 6), ("dup", "duplicates", 6), ("leak", "seed_leak", 6), ("ILD", "ild", 6),
     ("nov", "novelty", 6), ("cov", "coverage", 6),
 ]
@@ -103,21 +109,22 @@ def _cell(summary: dict[str, object], key: str, width: int, with_ci: bool = Fals
 
 def format_table(results: dict[str, dict[str, dict[str, object]]]) -> str:
     """A fixed-width text table per group: methods as rows, NDCG@10 with CI first, then the other metrics, then
-    one paired-difference column per reference method."""
+    one paired-difference column per reference method; `RECALL_NOTE` at the end."""
     blocks = []
     for group, by_method in results.items():
         vs_keys = list(dict.fromkeys(k for s in by_method.values() for k in s if "_vs_" in k and not k.endswith("_ci")))
         name_width = max(12, *(len(m) for m in by_method))
         n = next(iter(by_method.values()))["n"]
         header = f"{'method':<{name_width}} {'NDCG@10 [95% CI]':>22}" + "".join(f" {h:>{w}}" for h, _, w in COLUMNS)
+        widths = {key: max(27, len(key) + 12) for key in vs_keys}  # "best rival" is longer than "EASE"
         for key in vs_keys:
             metric, reference = key.split("_vs_")
-            header += f" {f'd{metric.upper()} vs {reference} [95% CI]':>27}"
+            header += f" {f'd{metric.upper()} vs {reference} [95% CI]':>{widths[key]}}"
         lines = [f"== {group} (n={n}) ==", header]
         for method, summary in by_method.items():
             row = f"{method:<{name_width}} {_cell(summary, 'ndcg@10', 22, with_ci=True)}"
             row += "".join(f" {_cell(summary, key, w)}" for _, key, w in COLUMNS)
-            row += "".join(f" {_cell(summary, key, 27, with_ci=True)}" for key in vs_keys)
+            row += "".join(f" {_cell(summary, key, widths[key], with_ci=True)}" for key in vs_keys)
             lines.append(row)
         blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
+    return "\n\n".join(blocks) + f"\n\n{RECALL_NOTE}"

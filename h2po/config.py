@@ -121,6 +121,15 @@ class MostConfig:
     eps: float = option(1e-3, "Smallest diffusion time t.", above=0.0, below=1.0)
 
 
+RIVAL_GRIDS = {  # evaluation/rivals.py; starting points from a first validation sweep on ml-latest-small
+    "ALS": {"factors": [32, 64, 128], "regularization": [3.0, 10.0, 30.0], "alpha": [1.0, 3.0, 10.0]},
+    "two-tower": {"temperature": [0.05, 0.1, 0.2], "dim": [64], "epochs": [30]},
+    "two-tower + MMR": {"lam": [0.5, 0.7, 0.9]},
+    "Mult-VAE": {"beta": [0.1, 0.2, 0.4], "epochs": [50]},
+    "intent": {"weight": [1.0, 3.0, 10.0, 30.0]},
+}
+
+
 @dataclass
 class EvalConfig:
     """Evaluation and baselines (DESIGN section 2)."""
@@ -135,6 +144,28 @@ class EvalConfig:
     test_draws: int = option(10, "Requests per test user for every family A seed size and for family B, each "
                                  "with its own seed set (the bootstrap resamples users; validation draws one).",
                              low=1, high=1000)
+    rivals: bool = option(True, "Tune the rivals of evaluation/rivals.py on validation (cached in OUT_DIR/rivals.json) "
+                                "and add them, and the best rival per family, to the test table.")
+    rival_grids: dict = option(RIVAL_GRIDS, "Starting grids of the rivals' validation tuning, {rival: {parameter: "
+                                            "[values]}}; a one-value list is fixed (epochs: a neural rival's budget).")
+    rival_extensions: int = option(3, "Times a rival's grid may grow past the edge where its best value sits.",
+                                   low=0, high=20)
+    rival_eval_every: int = option(5, "Validate the neural rivals every this many epochs; the best epoch is kept.",
+                                   low=1, high=10000)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.rival_grids) - set(RIVAL_GRIDS))
+        if unknown:
+            raise ConfigError(f"eval.rival_grids: unknown rival {unknown[0]!r} (known: {', '.join(RIVAL_GRIDS)})")
+        for name, default in RIVAL_GRIDS.items():  # the default's rivals and parameters, each a list of numbers > 0
+            grid = self.rival_grids.get(name)
+            if not isinstance(grid, dict) or set(grid) != set(default):
+                raise ConfigError(f"eval.rival_grids.{name} needs the parameters {sorted(default)}, got {grid!r}")
+            for param, values in grid.items():
+                if not (isinstance(values, list) and values and all(
+                        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)):
+                    raise ConfigError(f"eval.rival_grids.{name}.{param} must be a non-empty list of numbers > 0, "
+                                      f"got {values!r}")
 
 
 @dataclass

@@ -31,6 +31,8 @@ from catalog.schema import atomic_write
 from evaluation.baselines import EASE, CentroidKNN, build_baselines, tune_ease
 from evaluation.metrics import item_mask, ranking_metrics
 from evaluation.report import evaluate_methods, format_table
+from evaluation.rivals import Rivals, best_per_family, load_or_tune
+from evaluation.tuning import ValidationSet
 from h2po.config import RunConfig, config_from_dict, config_to_dict
 from h2po.errors import UserError
 from learner.checkpoint import finish_checkpoint, read_header, save_checkpoint
@@ -142,10 +144,10 @@ MOST_KEYS = ("seed", "data", "requests", "model", "most", "sampler", "eval")
 
 def most_settings(config: dict) -> dict:
     """The part of a config dict (`config_to_dict`) that a MOST checkpoint made with it depends on: MOST_KEYS,
-    less eval.test_draws (it only scores the test split) and most.max_minutes (a safety net: a pretraining it
-    ended is not reused, `reusable_most`)."""
+    less eval.test_draws and eval.rival* (they only score the test split) and most.max_minutes (a safety net: a
+    pretraining it ended is not reused, `reusable_most`)."""
     out = {key: config.get(key) for key in MOST_KEYS}
-    out["eval"] = {k: v for k, v in (out["eval"] or {}).items() if k != "test_draws"}
+    out["eval"] = {k: v for k, v in (out["eval"] or {}).items() if k != "test_draws" and not k.startswith("rival")}
     out["most"] = {k: v for k, v in (out["most"] or {}).items() if k != "max_minutes"}
     return out
 
@@ -186,21 +188,45 @@ def _save_best(ws: Workspace, path: Path, model: Retriever, record: dict) -> Non
     save_checkpoint(path, model, ws.cfg, ws.data.catalog, {**record, "complete": False})  # until finish_checkpoint
 
 
+def rival_baselines(ws: Workspace, ease: EASE) -> dict:
+    """The rivals of evaluation/rivals.py, fitted with their validation-tuned parameters. OUT_DIR/rivals.json
+    caches the tuning, keyed by the data, the requests and the rival settings (a change retunes)."""
+    ec, cat = ws.cfg.eval, ws.data.catalog
+    rivals = Rivals(ws.data, ec.rival_grids, ec.rival_extensions, ec.rival_eval_every, ease, ws.cfg.seed,
+                    threads=torch.get_num_threads())
+    key = {"catalog": cat.fingerprint, "positive_threshold": ws.cfg.data.positive_threshold,
+           "split_seed": ws.cfg.data.split_seed, "requests": config_to_dict(ws.cfg.requests),
+           "request_seed": ec.request_seed, "seed": ws.cfg.seed, "ease_lambda": ease.lam, "grids": ec.rival_grids,
+           "extensions": ec.rival_extensions, "eval_every": ec.rival_eval_every}
+    start = time.time()
+    built = rivals.build(load_or_tune(rivals, ValidationSet(cat, examples(ws, "val")), ws.out_dir / "rivals.json",
+                                      key))
+    print(f"rivals tuned (or read from {ws.out_dir / 'rivals.json'}) and fitted in {time.time() - start:.0f}s")
+    return built
+
+
 def run_evaluation(ws: Workspace, models: dict[str, Retriever], ease_lam: float, out: Path | None = None) -> dict:
-    """Baselines and models on the test split: results dict (also written to `out`) and the printed table.
-    Every method gets its paired NDCG@10 difference to EASE and, when MOST is among the models, to MOST."""
+    """Baselines, rivals and models on the test split: results dict (also written to `out`) and the printed table.
+    Every method gets its paired NDCG@10 difference to EASE, to MOST when it is among the models, and to the best
+    rival of each family (chosen on validation NDCG@10 among the baselines and rivals) when the rivals are on."""
     test = examples(ws, "test")
     baselines = build_baselines(ws.data, ws.features, ws.cfg.eval, ease_lam)
+    best: dict[str, str] = {}
+    if ws.cfg.eval.rivals:
+        baselines.update(rival_baselines(ws, baselines["EASE"]))
+        best, _ = best_per_family(baselines, ValidationSet(ws.data.catalog, examples(ws, "val")), ws.cfg.requests.k)
+        print("best rival per family (validation NDCG@10): " + ", ".join(f"{f}: {m}" for f, m in best.items()))
     methods = {name: functools.partial(b.recommend, k=ws.cfg.requests.k) for name, b in baselines.items()}
     methods.update({name: model_recommender(ws, model) for name, model in models.items()})
     start = time.time()
-    results = evaluate_methods(methods, test, ws.data, ws.cfg.eval, ("EASE", "MOST"), features=ws.features)
+    results = evaluate_methods(methods, test, ws.data, ws.cfg.eval, ("EASE", "MOST", "best rival"),
+                               features=ws.features, composites={"best rival": best} if best else None)
     cat = ws.data.catalog
     report = {"results": results, "config": config_to_dict(ws.cfg),
               "dataset": {"name": cat.name, "n_items": cat.n_items, "fingerprint": cat.fingerprint,
                           "users": {"train": len(ws.data.train_users), "val": len(ws.data.val_users),
                                     "test": len(ws.data.test_users)},
-                          "test_requests": len(test), "ease_lambda": ease_lam,
+                          "test_requests": len(test), "ease_lambda": ease_lam, "best_rival": best,
                           "format": ws.cfg.data.format if not ws.cfg.data.catalog else "parquet",
                           "license": license_note(ws.cfg.data)},
               "seconds": time.time() - start}

@@ -80,7 +80,7 @@ def write_feed(run_dir: Path, steps: int = 6, first: int = 1, ray_metrics: bool 
 def results_json(run_dir: Path) -> None:
     """A results.json of two groups and three methods, in the layout `h2po.pipeline.run_evaluation` writes."""
     def summary(v: float, vs: bool) -> dict:
-        out = {"n": 40, "ndcg@10": v, "ndcg@10_ci": [v - 0.02, v + 0.02], "recall@10": v / 2, "coverage": 0.1}
+        out = {"n": 40, "ndcg@10": v, "ndcg@10_ci": [v - 0.02, v + 0.02], "recall_min@10": v / 2, "coverage": 0.1}
         return {**out, "ndcg@10_vs_EASE": v - 0.3, "ndcg@10_vs_EASE_ci": [v - 0.32, v - 0.28]} if vs else out
     results = {g: {"EASE": summary(0.3, False), "MOST": summary(0.31, True), "H2PO": summary(0.34, True)}
                for g in ("A", "B")}
