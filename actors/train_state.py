@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from catalog.output import remove_stale_temporaries, temporary_path
 from catalog.requests import Example, Exclude, Prefer, Recency, Request, Require
 from h2po.errors import UserError
 from rollout.generate import Rollouts
@@ -77,8 +77,8 @@ def write_train_state(out_dir: str | Path, save_engines, buffer_state: dict, dri
     `save_engines(directory)` makes every learner rank write its checkpoint there and returns when all have."""
     out = Path(out_dir)
     final, old = out / STATE_DIR, out / f"{STATE_DIR}.old"
-    tmp = out / f".{STATE_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_path(final)  # a kill leaves it behind: the next write removes it once its process is gone
+    remove_stale_temporaries(out, STATE_DIR)
     tmp.mkdir(parents=True)
     save_engines(str(tmp / "engine"))
     write_buffer_state(tmp, buffer_state)

@@ -19,6 +19,7 @@ import hashlib
 import os
 import re
 import secrets
+import shutil
 import socket
 import stat
 from pathlib import Path
@@ -105,7 +106,7 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(directory: Path, name: str | None = None) -> list[Path]:
-    """Remove this host's temporaries in `directory` (of target `name`, or of any) whose process is gone.
+    """Remove this host's temporary files and directories in `directory` (of target `name`, or of any) whose process is gone.
     -> the removed paths"""
     removed = []
     try:
@@ -116,10 +117,13 @@ def remove_stale_temporaries(directory: Path, name: str | None = None) -> list[P
         match = TEMPORARY.fullmatch(entry.name)
         if not match or match["host"] != HOST or (name is not None and match["name"] != name[:NAME_ROOM]):
             continue
-        if _alive(int(match["pid"])) or not entry.is_file(follow_symlinks=False):
+        if _alive(int(match["pid"])) or entry.is_symlink():
             continue
         try:
-            os.unlink(entry.path)
+            if entry.is_dir():  # a directory written whole, then renamed (actors/train_state.py)
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
             removed.append(Path(entry.path))
         except FileNotFoundError:  # another writer removed it first
             pass

@@ -7,6 +7,7 @@ the item index fingerprint is checked on load. Files are written atomically (tem
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from catalog.batch import constraint_vocab
 from catalog.schema import Catalog, CatalogError, atomic_write
 from h2po.config import RunConfig, config_from_dict, config_to_dict, load_config
-from h2po.errors import UserError
+from h2po.errors import UserError, quoted
 from model.transformer import Retriever
 
 
@@ -42,7 +43,28 @@ def read_header(path: Path) -> dict:
         raise UserError(f"{path}: not a readable checkpoint ({err})") from None
     if header.get("format") != "h2po-1":
         raise UserError(f"{path}: not an h2po checkpoint")
+    check_header(header, path)
     return header
+
+
+MAX_HEADER_CHARS = 1 << 20  # a resolved config and its meta take a few kB
+
+
+def check_header(header: dict, path: Path) -> None:
+    """Refuse a header whose config or meta is not a JSON object or whose fingerprint is malformed (one line)."""
+    for key in ("config", "meta"):
+        text = header.get(key)
+        if not isinstance(text, str) or len(text) > MAX_HEADER_CHARS:
+            raise UserError(f"{path}: the checkpoint header's {key!r} is missing or over {MAX_HEADER_CHARS} chars")
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            value = None
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: the checkpoint header's {key!r} is not a JSON object: {quoted(text)}")
+    if not re.fullmatch(r"[0-9a-f]{16}", str(header.get("catalog", ""))):
+        raise UserError(f"{path}: the checkpoint header's catalog fingerprint is malformed: "
+                        f"{quoted(header.get('catalog'))}")
 
 
 def load_checkpoint(path: Path, catalog: Catalog) -> tuple[Retriever, RunConfig, dict]:
@@ -54,9 +76,12 @@ def load_checkpoint(path: Path, catalog: Catalog) -> tuple[Retriever, RunConfig,
     cfg = config_from_dict(json.loads(header["config"]))
     tensors = load_file(str(path))
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    model = Retriever(cfg.model, state["features"], len(constraint_vocab(catalog)), state.get("prior_matrix"),
-                      state.get("intent_values"), state.get("intent_parts"))
-    model.load_state_dict(state)
+    try:
+        model = Retriever(cfg.model, state["features"], len(constraint_vocab(catalog)), state.get("prior_matrix"),
+                          state.get("intent_values"), state.get("intent_parts"))
+        model.load_state_dict(state)
+    except (KeyError, RuntimeError, ValueError, TypeError) as err:  # missing or misshapen tensors
+        raise UserError(f"{path}: its tensors do not make a model of its config ({quoted(str(err))})") from None
     model.eval()
     return model, cfg, json.loads(header["meta"])
 

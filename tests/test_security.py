@@ -242,3 +242,20 @@ def test_out_dir_in_a_checkpoint_header_decides_no_write(command, tmp_path, caps
     assert (tmp_path / "run" / "catalog" / "items.parquet").is_file()
     assert main([command, "--checkpoint", str(checkpoint), *extra, "threads=1", f"out_dir={tmp_path / 'mine'}"]) == 2
     assert (tmp_path / "mine" / "catalog" / "items.parquet").is_file() and not elsewhere.exists()
+
+
+def test_a_killed_state_write_leaves_no_temporary_behind(tmp_path):
+    """A train-state directory half written by a process that died (here: a real child that exits at once) is removed
+    by the next write; one of a live process (this one) is kept."""
+    from catalog.output import HOST
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".train_state.tmp-{int(dead.stdout)}-{HOST}-0badc0de"
+    (stale / "engine").mkdir(parents=True)
+    (stale / "engine" / "big").write_bytes(b"x" * 1000)
+    live = tmp_path / f".train_state.tmp-{os.getpid()}-{HOST}-00c0ffee"
+    live.mkdir()
+    cfg = load_config(TINY, [f"out_dir={tmp_path}"])
+    write_train_state(tmp_path, lambda d: Path(d).mkdir(), ReplayBuffer(2).state(), DriverState(), cfg)
+    assert not stale.exists() and live.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "train_state"])
