@@ -22,7 +22,9 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -152,17 +154,26 @@ class Rivals:
                     self.extensions, LIMITS)
 
     def tune(self, val: ValidationSet) -> dict[str, Tuned]:
-        """{rival: Tuned} for every rival, on the validation set."""
-        out = {"ALS": tune(lambda p: (val.family_ndcg(self.make("ALS", p).scores(val.examples)), p),
-                           self.grids["ALS"], self.extensions, LIMITS)}
+        """{rival: Tuned} for every rival, on the validation set; one progress line per rival."""
+        out: dict[str, Tuned] = {}
+
+        def step(name: str, run) -> None:
+            start = time.time()
+            out[name] = run()
+            print(f"rival {name}: {out[name].params} validation NDCG@10 "
+                  + ", ".join(f"{f} {v:.4f}" for f, v in out[name].families.items())
+                  + f" ({len(out[name].points)} points, {time.time() - start:.0f}s)", flush=True)
+
+        step("ALS", lambda: tune(lambda p: (val.family_ndcg(self.make("ALS", p).scores(val.examples)), p),
+                                 self.grids["ALS"], self.extensions, LIMITS))
         for name in ("two-tower", "Mult-VAE"):
-            out[name] = self._tune_neural(name, val)
+            step(name, functools.partial(self._tune_neural, name, val))
         tower = self.make("two-tower", out["two-tower"].params)
-        out["two-tower + MMR"] = tune(lambda p: (val.lists_ndcg(EmbeddingMMR(tower, p["lam"]).recommend(
-            val.examples, self.k)), p), self.grids["two-tower + MMR"], self.extensions, LIMITS)
-        out["EASE + intent"] = self._tune_intent(self.ease, val)
+        step("two-tower + MMR", lambda: tune(lambda p: (val.lists_ndcg(EmbeddingMMR(tower, p["lam"]).recommend(
+            val.examples, self.k)), p), self.grids["two-tower + MMR"], self.extensions, LIMITS))
+        step("EASE + intent", lambda: self._tune_intent(self.ease, val))
         best = max(LEARNED, key=lambda name: out[name].score)
-        out[f"{best} + intent"] = self._tune_intent(self.make(best, out[best].params), val)
+        step(f"{best} + intent", lambda: self._tune_intent(self.make(best, out[best].params), val))
         return out
 
     def build(self, tuned: dict[str, Tuned]) -> dict[str, Baseline]:
