@@ -5,8 +5,9 @@ Run:  python benchmarks/intent_rival.py RUN [CHECKPOINT ...] [--out FILE] [--set
 The rival: EASE's scores of the seed set (the run's tuned lambda), standardised per request over the items it
 allows, plus w times the intent count (`catalog.intent.IntentIndex.scores`: how many of the values every seed
 shares, attribute values and the decade, each item has), behind the shared hard-constraint post-filter. w is tuned
-on the validation requests (families pooled, one w, as a practitioner who does not know a request's family would;
-the per-family best w is printed too). Each CHECKPOINT (relative to RUN, default most.safetensors and
+on the validation requests: once with the families pooled (one w, as a practitioner who does not know a request's
+family would) and once per family (the stronger rival; the table's differences are to this one, which with w=0 in
+the grid is never below EASE's validation score). Each CHECKPOINT (relative to RUN, default most.safetensors and
 h2po.safetensors where present) is scored on the same test requests with greedy lists (`pipeline.request_ndcg`);
 the table gives NDCG@10 per family with 95% intervals over users and the paired difference model - rival.
 """
@@ -29,7 +30,7 @@ from h2po import pipeline
 from h2po.config import load_config
 from learner.checkpoint import load_checkpoint, read_header
 
-WEIGHTS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 50.0)
+WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 50.0)
 CHUNK = 512
 
 
@@ -74,8 +75,11 @@ def main() -> None:
     tuning["pooled"] = {w: float(val_ndcg[j].mean()) for j, w in enumerate(WEIGHTS)}
     for name, table in tuning.items():
         print(f"validation NDCG@10 by w ({name}): " + ", ".join(f"{w:g}: {v:.4f}" for w, v in table.items()))
-    w = max(tuning["pooled"], key=tuning["pooled"].get)
-    scores = {f"EASE+intent (w={w:g})": rival_ndcg(ease, intent, test, (w,), k)[0]}
+    w = {name: max(table, key=table.get) for name, table in tuning.items()}
+    pooled, per_a, per_b = rival_ndcg(ease, intent, test, (w["pooled"], w["A"], w["B"]), k)
+    test_a = np.array([e.family == "A" for e in test])
+    scores = {f"EASE+intent (per family: A w={w['A']:g}, B w={w['B']:g})": np.where(test_a, per_a, per_b),
+              f"EASE+intent (pooled w={w['pooled']:g})": pooled}
     names = args.checkpoints or [p for p in ("most.safetensors", "h2po.safetensors") if (run / p).is_file()]
     for name in names:
         scores[name] = pipeline.request_ndcg(ws, test, load_checkpoint(run / name, ws.data.catalog)[0])

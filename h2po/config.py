@@ -87,6 +87,8 @@ class ModelConfig:
                                      "prior, in units of the standardised EASE score (prior=ease+intent).",
                                 low=-100.0, high=100.0)
     prior_lambda: float = option(0.0, "EASE lambda of the prior; 0 = the value tuned on validation.", low=0.0, high=1e9)
+    zero_head: bool = option(False, "Start the item head W_o at zero: an untrained model scores exactly its prior "
+                                    "(+ b_i = 0), and MOST learns a residual from there.")
 
 
 @dataclass

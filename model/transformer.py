@@ -112,6 +112,8 @@ class Retriever(nn.Module):
         nn.init.zeros_(self.final_ada.weight)
         nn.init.zeros_(self.final_ada.bias)
         self.head = nn.Linear(d, d, bias=False)  # W_o
+        if cfg.zero_head:  # logits start as b_i + prior_i (b_i = 0): the residual starts at zero, not at noise
+            nn.init.zeros_(self.head.weight)
         if prior_matrix is not None:
             self.register_buffer("prior_matrix", prior_matrix)  # (N, N): prior(seeds) = sum of its seed rows
             self.prior_scale = nn.Parameter(torch.tensor(1.0))

@@ -153,3 +153,21 @@ def test_checkpoint_keeps_the_intent_prior(tiny_catalog, tiny_vocab, tmp_path):
     batch = encode_requests(tiny_catalog, [Request(SEEDS), Request((2, 9))], tiny_vocab)
     assert loaded_cfg.model.prior == "ease+intent" and torch.equal(loaded.intent_scale, model.intent_scale)
     assert torch.equal(loaded.prior_scores(batch), model.prior_scores(batch))
+
+
+def test_zero_head_starts_at_the_prior(tiny_catalog, tiny_vocab):
+    """model.zero_head: an untrained model's logits are exactly its prior in every slot (b_i = 0, W_o = 0), and the
+    first MOST-like gradient reaches W_o (the residual can grow)."""
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, dropout=0.0, id_dropout=0.0, prior="ease+intent",
+                      zero_head=True)
+    index = IntentIndex(tiny_catalog)
+    prior = torch.rand(tiny_catalog.n_items, tiny_catalog.n_items, generator=torch.Generator().manual_seed(5)).half()
+    model = Retriever(cfg, torch.randn(tiny_catalog.n_items, N_FEATURES), len(tiny_vocab), prior,
+                      torch.from_numpy(index.values), torch.from_numpy(index.parts))
+    batch = encode_requests(tiny_catalog, [Request(SEEDS), Request((3, 17, 29))], tiny_vocab)
+    ctx = model.encode(batch)
+    logits = model.logits(ctx, model.hidden(ctx, torch.full((2, K), MASK)))  # (2, K, N)
+    assert torch.equal(logits, ctx.prior[:, None].expand_as(logits))
+    logp = masked_log_softmax(logits, batch.valid[:, None])
+    (-logp[:, 0, 4].sum()).backward()
+    assert model.head.weight.grad.abs().sum() > 0
