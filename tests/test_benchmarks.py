@@ -180,3 +180,69 @@ def test_pooled_scores_a_run_directory(tiny_run, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         pooled.main()
     assert "missing.safetensors" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- benchmarks/ablations.py
+
+def test_ablations_decoding_stats_hand_computed():
+    """step_of of two lists of three slots at S = 1: the first list committed its last slot in a second pass (its
+    one-step draw collided), the second list none -> passes (2 + 1) / 2 = 1.5, redrawn 1/6 of the slots, 1/2 of the
+    lists. At S = 2 a slot in pass 2 may just be the schedule, so the redraw shares are undefined (None)."""
+    import ablations
+
+    step_of = np.array([[0, 0, 1], [0, 0, 0]])
+    assert ablations.decoding_stats(step_of, 1) == pytest.approx({"passes": 1.5, "redrawn": 1 / 6, "lists": 0.5})
+    assert ablations.decoding_stats(step_of, 2) == {"passes": 1.5, "redrawn": None, "lists": None}
+
+
+@pytest.mark.parametrize("prior", [False, True])
+def test_ablations_one_pass_is_valid_and_starts_like_the_sampler(tiny_catalog, tiny_vocab, tiny_model,
+                                                                 tiny_prior_model, prior):
+    """One forward pass, 60 random requests: k distinct allowed items per list, and the most confident slot of the
+    first pass (the sampler's S = 1 commits it in that pass; its log-prob is the largest there) holds the same item
+    as in the sampler's list."""
+    import ablations
+
+    model = (tiny_prior_model if prior else tiny_model).eval()
+    batch = encode_requests(tiny_catalog, some_requests(tiny_catalog, 60, seed=5), tiny_vocab)
+    lists = ablations.one_pass(model, batch, K)
+    assert all(len(set(row.tolist())) == K for row in lists) and batch.valid.gather(1, lists).all()
+    sampled = sample_lists(model, batch, K, 1)
+    top = sampled.logp.masked_fill(sampled.step_of > 0, float("-inf")).argmax(1, keepdim=True)  # (B, 1)
+    assert torch.equal(lists.gather(1, top), sampled.items.gather(1, top))
+    assert (lists != sampled.items).any()  # collisions: the one pass differs from the sampler's further passes
+
+
+def test_ablations_scores_checkpoints_at_several_steps(tiny_run, tmp_path, monkeypatch, capsys):
+    """End to end on the tiny run: `decode` at the config's S gives the evaluation's own lists
+    (`pipeline.model_recommender`); the same checkpoint under a second name differs from the reference by exactly 0
+    at the same S; the S = 1 and one-pass rows are valid lists; an unknown --reference is a usage error naming it."""
+    import ablations
+
+    from h2po import pipeline
+
+    checkpoint = tiny_run / "most.safetensors"
+    _, ws, model = ablations.load(str(checkpoint), [])
+    test = pipeline.examples(ws, "test")[:64]
+    lists, step_of = ablations.decode(ws, model, test, ws.cfg.sampler.steps)
+    np.testing.assert_array_equal(lists, pipeline.model_recommender(ws, model)(test))
+    assert step_of.min() == 0 and step_of.max() >= ws.cfg.sampler.steps - 1
+    out = tmp_path / "ablations.json"
+    monkeypatch.setattr(sys, "argv", ["ablations.py", f"{checkpoint}=a", f"{checkpoint}=b", "--steps", "10,1,1p",
+                                      "--bootstrap", "50", "--out", str(out)])
+    ablations.main()
+    result = json.loads(out.read_text())
+    assert result["reference"] == "a S=10" and {"A", "B"} <= set(result["results"])
+    for group in result["results"].values():
+        assert group["b S=10"]["ndcg@10_vs_a S=10"] == 0.0 and group["b S=10"]["ndcg@10_vs_a S=10_ci"] == [0.0, 0.0]
+        assert group["a S=1"]["duplicates"] == 0.0 and group["a S=1"]["constraint_sat"] == 1.0
+        assert "ndcg@10_vs_b S=10" in group["b S=1"]  # each checkpoint's S = 1 row against its own S = 10
+    one_shot = result["decoding"]["a S=1"]["A"]
+    assert one_shot["passes"] >= 1.0 and 0.0 <= one_shot["redrawn"] <= one_shot["lists"] <= 1.0
+    assert result["decoding"]["a 1-pass"]["A"] == {"passes": 1.0, "redrawn": None, "lists": None}
+    assert result["results"]["A"]["a 1-pass"]["duplicates"] == 0.0
+    assert "redrawn slots / lists" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["ablations.py", f"{checkpoint}=a", "--reference", "nope S=1"])
+    with pytest.raises(SystemExit):
+        ablations.main()
+    assert "nope S=1" in capsys.readouterr().err
