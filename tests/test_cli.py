@@ -101,6 +101,9 @@ def check_results(path: Path) -> dict:
     for family in ("A", "B"):
         most = results[family]["MOST"]
         assert (most["constraint_sat"], most["duplicates"], most["seed_leak"]) == (1.0, 0.0, 0.0)
+        assert {"ALS", "two-tower", "Mult-VAE", "EASE + intent", "best rival"} <= set(results[family])
+        assert report["dataset"]["best_rival"][family] in results[family]  # chosen on validation per family
+        assert "ndcg@10_vs_best rival" in most and "recall_min@10" in most
     assert report["config"]["model"]["d_model"] == 32 and report["dataset"]["n_items"] > 9000
     return report
 
