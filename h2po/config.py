@@ -149,7 +149,8 @@ class EvalConfig:
     rivals: bool = option(True, "Tune the rivals of evaluation/rivals.py on validation (cached in OUT_DIR/rivals.json) "
                                 "and add them, and the best rival per family, to the test table.")
     rival_grids: dict = option(RIVAL_GRIDS, "Starting grids of the rivals' validation tuning, {rival: {parameter: "
-                                            "[values]}}; a one-value list is fixed (epochs: a neural rival's budget).")
+                                            "[values]}} (what is not given keeps its default); a one-value list is "
+                                            "fixed (epochs: a neural rival's budget).")
     rival_extensions: int = option(3, "Times a rival's grid may grow past the edge where its best value sits.",
                                    low=0, high=20)
     rival_eval_every: int = option(5, "Validate the neural rivals every this many epochs; the best epoch is kept.",
@@ -159,15 +160,18 @@ class EvalConfig:
         unknown = sorted(set(self.rival_grids) - set(RIVAL_GRIDS))
         if unknown:
             raise ConfigError(f"eval.rival_grids: unknown rival {unknown[0]!r} (known: {', '.join(RIVAL_GRIDS)})")
-        for name, default in RIVAL_GRIDS.items():  # the default's rivals and parameters, each a list of numbers > 0
-            grid = self.rival_grids.get(name)
-            if not isinstance(grid, dict) or set(grid) != set(default):
-                raise ConfigError(f"eval.rival_grids.{name} needs the parameters {sorted(default)}, got {grid!r}")
+        merged = {}
+        for name, default in RIVAL_GRIDS.items():  # a rival or parameter not given keeps its default grid
+            grid = self.rival_grids.get(name, {})
+            if not isinstance(grid, dict) or set(grid) - set(default):
+                raise ConfigError(f"eval.rival_grids.{name}: expected a mapping of {sorted(default)}, got {grid!r}")
             for param, values in grid.items():
                 if not (isinstance(values, list) and values and all(
                         isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)):
                     raise ConfigError(f"eval.rival_grids.{name}.{param} must be a non-empty list of numbers > 0, "
                                       f"got {values!r}")
+            merged[name] = {**default, **grid}
+        self.rival_grids = merged
 
 
 @dataclass

@@ -196,8 +196,23 @@ def test_most_settings_leave_out_what_only_scores_the_test_split():
     was trained or validated with does."""
     base = most_settings(config_to_dict(load_config(None, [])))
     assert most_settings(config_to_dict(load_config(None, ["eval.test_draws=3", "h2po.lr=1e-3"]))) == base
+    assert most_settings(config_to_dict(load_config(None, ["eval.rivals=false", "eval.rival_extensions=1"]))) == base
     for override in ("eval.ease_lambdas=[3000.0]", "eval.request_seed=2", "most.lr=3e-4", "seed=1"):
         assert most_settings(config_to_dict(load_config(None, [override]))) != base, override
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.rival_grids={ALS: {factor: [8]}}", r"eval\.rival_grids\.ALS: expected a mapping of \['alpha'"),
+    ("eval.rival_grids.intent.weight=[0.0]", r"eval\.rival_grids\.intent\.weight must be a non-empty list"),
+    ("eval.rival_grids.kNN={k: [5]}", r"eval\.rival_grids: unknown rival 'kNN'"),
+])
+def test_rival_grids_are_checked_when_the_config_is_read(override, message):
+    """A rival grid with an unknown parameter, a value <= 0 or an unknown rival is refused up front; what an
+    override does not name keeps its default grid."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+    grids = load_config(None, ["eval.rival_grids.intent.weight=[2.0]"]).eval.rival_grids
+    assert grids["intent"] == {"weight": [2.0]} and grids["ALS"] == load_config(None, []).eval.rival_grids["ALS"]
 
 
 def test_test_draws_below_one_is_refused_when_the_config_is_read():
