@@ -154,3 +154,16 @@ def test_best_rival_rows():
         assert results[family][name]["ndcg@4_vs_best rival"] == pytest.approx(0.0)
     assert results["A"]["MMR"]["ndcg@4_vs_best rival"] == pytest.approx(
         results["A"]["MMR"]["ndcg@4"] - results["A"]["popularity"]["ndcg@4"])
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_tuning_cache_is_keyed(tmp_path):
+    """rivals.json is reused for the same key (even by a Rivals with another grid: the caller puts the grids in the
+    key) and retuned for another key."""
+    data, path = tiny_dataset(25), tmp_path / "rivals.json"
+    val = val_set(data)
+    first = load_or_tune(tiny_rivals(data), val, path, {"grids": 1})
+    other = Rivals(data, {**TINY_GRIDS, "intent": {"weight": [7.0]}}, 1, 1, EASE(data.catalog, data.train_matrix,
+                   10.0), seed=0)
+    assert load_or_tune(other, val, path, {"grids": 1})["EASE + intent"].params == first["EASE + intent"].params
+    assert load_or_tune(other, val, path, {"grids": 2})["EASE + intent"].params == {"weight": 7.0}
