@@ -83,8 +83,9 @@ class ModelConfig:
     time_input: bool = option(False, "Condition blocks on the diffusion time t (not needed for absorbing diffusion).")
     prior: Literal["none", "ease", "ease+intent"] = option("ease", "Strong prior whose scores the item head adds "
                                                            "to (residual); +intent adds the seeds' shared values.")
-    intent_init: float = option(3.0, "Initial learned weight of each intent part (attribute field, decade) in the "
-                                     "prior, in units of the standardised EASE score (prior=ease+intent).",
+    intent_init: float = option(10.0, "Initial learned weight of each intent part (attribute field, decade) in the "
+                                      "prior, in units of the standardised EASE score (prior=ease+intent; the value "
+                                      "measured in docs/results.md, issue 13).",
                                 low=-100.0, high=100.0)
     prior_lambda: float = option(0.0, "EASE lambda of the prior; 0 = the value tuned on validation.", low=0.0, high=1e9)
     zero_head: bool = option(False, "Start the item head W_o at zero: an untrained model scores exactly its prior "
