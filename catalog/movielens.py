@@ -29,6 +29,7 @@ from catalog.schema import (
     ITEMS_SCHEMA,
     CatalogError,
     check_interactions,
+    find_source,
     check_items,
     write_catalog,
 )
@@ -68,12 +69,9 @@ def candidates(explicit: str = "") -> list[Path]:
 def locate(explicit: str = "") -> Path:
     """The first candidate directory holding the CSVs, or a CatalogError saying how to get them."""
     tried = candidates(explicit)
-    for path in tried:
-        if all((path / name).is_file() for name in REQUIRED):
-            return path
-    if explicit:
-        missing = [n for n in REQUIRED if not (Path(explicit) / n).is_file()]
-        raise CatalogError(f"{explicit} is not an {DATASET} directory (missing {', '.join(missing)})")
+    found = find_source(tried, REQUIRED, explicit, f"an {DATASET}")
+    if found is not None:
+        return found
     listing = "\n  ".join(str(p) for p in tried)
     raise CatalogError(
         f"MovieLens {DATASET} not found. Looked in:\n  {listing}\n"

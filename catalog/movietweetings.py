@@ -30,6 +30,7 @@ from catalog.schema import (
     ITEMS_SCHEMA,
     CatalogError,
     check_interactions,
+    find_source,
     check_items,
     write_catalog,
 )
@@ -55,12 +56,9 @@ def candidates(explicit: str = "") -> list[Path]:
 def locate(explicit: str = "") -> Path:
     """The first candidate directory holding the snapshot, or a CatalogError saying how to get one."""
     tried = candidates(explicit)
-    for path in tried:
-        if all((path / name).is_file() for name in REQUIRED):
-            return path
-    if explicit:
-        missing = [n for n in REQUIRED if not (Path(explicit) / n).is_file()]
-        raise CatalogError(f"{explicit} is not a MovieTweetings directory (missing {', '.join(missing)})")
+    found = find_source(tried, REQUIRED, explicit, "a MovieTweetings")
+    if found is not None:
+        return found
     listing = "\n  ".join(str(p) for p in tried)
     raise CatalogError(f"MovieTweetings {DATASET} not found. Looked in:\n  {listing}\nGet a snapshot from {URL} "
                        "(ratings.dat, movies.dat, LICENSE) and pass its folder with `data.source=DIR` or "

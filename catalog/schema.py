@@ -142,6 +142,18 @@ class Catalog:
         return hits[0]
 
 
+def find_source(tried: list[Path], required: tuple[str, ...], explicit: str, kind: str) -> Path | None:
+    """The first directory of `tried` holding every `required` file; a CatalogError when the user named one
+    (`explicit`) that lacks some; None when none of the candidates has them (the caller says how to get the data)."""
+    for path in tried:
+        if all((path / name).is_file() for name in required):
+            return path
+    if explicit:
+        missing = [n for n in required if not (Path(explicit) / n).is_file()]
+        raise CatalogError(f"{explicit} is not {kind} directory (missing {', '.join(missing)})")
+    return None
+
+
 def _strip_year(title: str) -> str:
     return re.sub(r"\s*\(\d{4}\)\s*$", "", title)
 

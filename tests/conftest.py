@@ -77,6 +77,14 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def restore_threads():
+    """The CLI sets torch's thread count (threads=1); give the rest of the session its setting back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_catalog() -> Catalog:
     return make_tiny_catalog()

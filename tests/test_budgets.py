@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from h2po import pipeline
 from h2po.cli import main
@@ -32,12 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_threads():
-    """The CLI sets torch's thread count (threads=1); give the rest of the session its setting back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_threads")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -32,12 +32,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 BASELINES = ("popularity", "item-kNN", "EASE")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_threads():
-    """The CLI sets torch's thread count (threads=1); give the rest of the session its setting back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_threads")  # conftest.py
 
 
 @pytest.fixture(scope="module")
