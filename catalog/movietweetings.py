@@ -30,8 +30,8 @@ from catalog.schema import (
     ITEMS_SCHEMA,
     CatalogError,
     check_interactions,
-    find_source,
     check_items,
+    find_source,
     write_catalog,
 )
 from h2po.errors import quoted

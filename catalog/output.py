@@ -106,8 +106,8 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(directory: Path, name: str | None = None) -> list[Path]:
-    """Remove this host's temporary files and directories in `directory` (of target `name`, or of any) whose process is gone.
-    -> the removed paths"""
+    """Remove this host's temporary files and directories in `directory` (of target `name`, or of any) whose
+    process is gone. -> the removed paths"""
     removed = []
     try:
         entries = list(os.scandir(directory))

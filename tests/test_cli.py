@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-import torch
 
 from catalog.schema import read_catalog, write_catalog
 from h2po.cli import main

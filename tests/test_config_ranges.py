@@ -189,7 +189,7 @@ def test_size_and_depth_limits(tmp_path):
         load_config(big)
     long = "out_dir=" + "x" * MAX_OVERRIDE_CHARS
     message = refused([long])
-    assert message.startswith(f"override 'out_dir=xxx") and f"longer than {MAX_OVERRIDE_CHARS}" in message
+    assert message.startswith("override 'out_dir=xxx") and f"longer than {MAX_OVERRIDE_CHARS}" in message
     with pytest.raises(ConfigError, match="not a regular file"):
         load_config(tmp_path)  # a directory (a FIFO or a device alike) is not read
     deep = tmp_path / "deep.yaml"

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_catalog, time_limit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tiny_catalog, time_limit
 from h2po.errors import UserError
 from learner.checkpoint import config_from_checkpoint, load_checkpoint, read_header
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from conftest import make_tiny_catalog
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -28,7 +29,6 @@ from catalog.movielens import import_movielens
 from catalog.preferences import PREFERENCES_SCHEMA, read_preferences
 from catalog.requests import request_from_json, valid_mask
 from catalog.schema import CatalogError, read_catalog
-from conftest import make_tiny_catalog
 
 SETTINGS = settings(max_examples=120, deadline=timedelta(seconds=3), derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

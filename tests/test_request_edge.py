@@ -17,12 +17,24 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import time_limit
 
 from catalog.batch import encode_requests
-from catalog.requests import (MAX_CONSTRAINTS, MAX_LINE_BYTES, MAX_NEGATIVES, MAX_TITLE_CHARS, Exclude, Prefer,
-                              Recency, Request, Require, check_request, request_from_json, valid_mask)
+from catalog.requests import (
+    MAX_CONSTRAINTS,
+    MAX_LINE_BYTES,
+    MAX_NEGATIVES,
+    MAX_TITLE_CHARS,
+    Exclude,
+    Prefer,
+    Recency,
+    Request,
+    Require,
+    check_request,
+    request_from_json,
+    valid_mask,
+)
 from catalog.schema import CatalogError
-from conftest import time_limit
 from h2po.cli import main
 from rollout.sampler import sample_lists
 

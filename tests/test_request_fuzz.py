@@ -24,14 +24,13 @@ from functools import lru_cache
 
 import pytest
 import torch
+from conftest import GENRES, N_ITEMS, make_tiny_catalog, make_tiny_model, time_limit
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from catalog.batch import constraint_vocab, encode_requests
-from catalog.requests import (Exclude, Prefer, Recency, Request, Require, parse_request_line, resolve_items,
-                              valid_mask)
+from catalog.requests import Exclude, Prefer, Recency, Request, Require, parse_request_line, resolve_items, valid_mask
 from catalog.schema import CatalogError
-from conftest import GENRES, N_ITEMS, make_tiny_catalog, make_tiny_model, time_limit
 from h2po.cli import _constraints, build_parser, main
 from h2po.config import SamplerConfig
 from rollout.retrieve import recommend
