@@ -89,7 +89,8 @@ class ModelConfig:
                                 low=-100.0, high=100.0)
     prior_lambda: float = option(0.0, "EASE lambda of the prior; 0 = the value tuned on validation.", low=0.0, high=1e9)
     zero_head: bool = option(False, "Start the item head W_o at zero: an untrained model scores exactly its prior "
-                                    "(+ b_i = 0), and MOST learns a residual from there.")
+                                    "(+ b_i = 0), and MOST learns a residual from there; MOST then validates step 0 "
+                                    "too and keeps the prior unless training beats it.")
 
 
 @dataclass
@@ -261,6 +262,39 @@ class DashboardConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`h2po serve`: the Ray Serve deployment of a checkpoint and its rivals (serving/)."""
+
+    host: str = option("127.0.0.1", "Address the HTTP proxy binds to; beyond loopback every request needs the bearer "
+                       "token (--token, $H2PO_SERVE_TOKEN, else a generated one, printed).")
+    port: int = option(8000, "HTTP port of the Ray Serve proxy.", low=1, high=65535)
+    replicas: int = option(1, "Replicas of the model deployment (each rival deployment gets one).", low=1, high=1024)
+    replica_cpus: float = option(1.0, "Ray CPUs reserved by each replica.", low=0.0, high=1024.0)
+    threads: int = option(0, "Torch CPU threads of each replica; 0 = the machine's cores over the replicas.",
+                          low=0, high=1024)
+    steps: int = option(0, "Sampler steps S per list; 0 = the checkpoint's sampler.steps.", low=0, high=MAX_K)
+    max_batch_size: int = option(16, "Most requests the dynamic batcher (serve.batch) puts in one sampler call.",
+                                 low=1, high=MAX_BATCH)
+    batch_wait_ms: float = option(5.0, "How long the batcher waits to fill a batch after its first request, ms.",
+                                  low=0.0, high=10_000.0)
+    max_ongoing: int = option(32, "Requests a replica works on at once (Ray Serve max_ongoing_requests).",
+                              low=1, high=100_000)
+    max_queued: int = option(64, "Requests waiting for a replica before new ones are shed with 503 + Retry-After "
+                             "(Ray Serve max_queued_requests).", low=1, high=1_000_000)
+    retry_after_s: int = option(1, "Retry-After, seconds, sent with a shed request.", low=0, high=3600)
+    max_body_bytes: int = option(1_000_000, "Largest request body; a larger one gets 413.", low=1024,
+                                 high=100_000_000)
+    rivals: list[str] = option(["EASE", "two-tower"], "Rivals served beside the model, each on /<name>/ "
+                               "(EASE, EASE + intent, two-tower).", length=(0, 3))
+    ease_lambda: float = option(0.0, "EASE lambda of the served rivals; 0 = ease.json beside the checkpoint.",
+                                low=0.0, high=1e9)
+    watch_s: float = option(2.0, "Seconds between checks of the checkpoint file for a newer one (hot swap); 0 = off.",
+                            low=0.0, high=86_400.0)
+    after_training: bool = option(False, "`h2po train` / `h2po run` serve OUT_DIR/h2po.safetensors once training "
+                                  "(and the run's evaluation) ends, until Ctrl-C.")
+
+
+@dataclass
 class RunConfig:
     """The whole run: every component's sub-config."""
 
@@ -277,6 +311,7 @@ class RunConfig:
     preferences: PreferenceConfig = field(default_factory=PreferenceConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     @property
     def h2po_seed(self) -> int:

@@ -128,7 +128,7 @@ def run_pretrain(ws: Workspace, ease: EASE) -> tuple[Path, PretrainResult]:
     (ws.out_dir / "pretrain.json").unlink(missing_ok=True)  # present again only once this pretraining finishes
     save = functools.partial(_save_best, ws, path)
     result = pretrain(model, ws.data, ws.vocab, ws.unit_features, ease.B.half(), cfg.requests, cfg.most, cfg.seed,
-                      functools.partial(validation_score, ws, val), save)
+                      functools.partial(validation_score, ws, val), save, validate_start=cfg.model.zero_head)
     finish_checkpoint(path, {"steps": result.steps, "stopped_by": result.stopped_by})
     write_json(ws.out_dir / "pretrain.json", {"steps": result.steps, "best_step": result.best_step,
                                               "best_val_ndcg@10": result.best_score, "seconds": result.seconds,

@@ -68,14 +68,32 @@ def most_step(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray
 
 def pretrain(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray, relevance_matrix: torch.Tensor,
              req: RequestConfig, cfg: MostConfig, seed: int, validate: Callable[[Retriever], float],
-             save_best: Callable[[Retriever, dict], None]) -> PretrainResult:
-    """Train with AdamW until max_steps, max_minutes or patience; keep the best-validating weights via save_best."""
+             save_best: Callable[[Retriever, dict], None], validate_start: bool = False) -> PretrainResult:
+    """Train with AdamW until max_steps, max_minutes or patience; keep the best-validating weights via save_best.
+    `validate_start`: the untrained model (step 0) is a candidate too; for a model that starts at its prior
+    (model.zero_head), so that training keeps the prior unless it beats it on validation."""
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
-    start, best, best_step, stale, history = time.time(), -float("inf"), 0, 0, []
+    start, history = time.time(), []
     bar = tqdm(total=cfg.max_steps, desc="MOST pretraining", unit="step", dynamic_ncols=True)
+
+    def checkpoint(step: int, loss: float | None, best: float, best_step: int, stale: int) -> tuple[float, int, int]:
+        """Validate; keep the weights when they beat the best so far.  -> (best, best_step, stale)"""
+        model.eval()
+        score = validate(model)
+        record = {"step": step, "loss": loss, "val_ndcg@10": score, "seconds": time.time() - start}
+        history.append(record)
+        if score > best:
+            best, best_step, stale = score, step, 0
+            save_best(model, record)
+        else:
+            stale += 1
+        bar.set_postfix(loss="-" if loss is None else f"{loss:.3f}", val=f"{score:.4f}", best=f"{best:.4f}@{best_step}")
+        return best, best_step, stale
+
+    best, best_step, stale = checkpoint(0, None, -float("inf"), 0, 0) if validate_start else (-float("inf"), 0, 0)
     step, losses, stopped_by = 0, [], "max_steps"
     while step < cfg.max_steps and stale < cfg.patience:
         model.train()
@@ -90,18 +108,8 @@ def pretrain(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray,
         bar.update(1)
         out_of_time = time.time() - start >= 60 * cfg.max_minutes  # the safety net (module docstring)
         if step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time:
-            model.eval()
-            score = validate(model)
-            record = {"step": step, "loss": float(np.mean(losses)), "val_ndcg@10": score,
-                      "seconds": time.time() - start}
-            history.append(record)
+            best, best_step, stale = checkpoint(step, float(np.mean(losses)), best, best_step, stale)
             losses = []
-            if score > best:
-                best, best_step, stale = score, step, 0
-                save_best(model, record)
-            else:
-                stale += 1
-            bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{score:.4f}", best=f"{best:.4f}@{best_step}")
         if out_of_time and step < cfg.max_steps and stale < cfg.patience:
             stopped_by = "max_minutes"
             break

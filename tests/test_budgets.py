@@ -77,3 +77,17 @@ def test_unfinished_pretraining_is_marked_and_retrieve_warns(capped_run, tmp_pat
     finished = capped_run[0] / "most.safetensors"
     assert main(["retrieve", "--checkpoint", str(finished), "--seeds", "1", "--k", "5"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("zero_head", [True, False])
+def test_zero_head_pretraining_keeps_step_0_unless_training_beats_it(tmp_path, zero_head):
+    """With model.zero_head the untrained model is its prior, so MOST validates step 0 too and keeps the best of all
+    validations (step 0 included); with a random head, validation starts after the first eval_every steps."""
+    main(["pretrain", "--config", TINY, f"out_dir={tmp_path}", "threads=1", "most.max_steps=10", "most.eval_every=5",
+          f"model.zero_head={str(zero_head).lower()}"])
+    record = json.loads((tmp_path / "pretrain.json").read_text())
+    steps = [h["step"] for h in record["history"]]
+    assert steps == ([0, 5, 10] if zero_head else [5, 10])
+    best = max(record["history"], key=lambda h: h["val_ndcg@10"])  # the first of equal scores, as training keeps
+    assert record["best_step"] == best["step"]
+    assert json.loads(read_header(tmp_path / "most.safetensors")["meta"])["step"] == best["step"]
