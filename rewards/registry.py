@@ -1,7 +1,7 @@
 """Build the configured rewards, score a batch with them safely, and turn scores into group advantages.
 
 The run config lists rewards as `h2po.rewards: [{name: ..., weight: ..., args: {...}}]`. `name` is a built-in
-(ndcg, relevance, diversity, novelty, prefer, recency) or a dotted path to a `Reward` subclass importable from
+(ndcg, relevance, diversity, novelty, prefer, recency, intent) or a dotted path to a `Reward` subclass importable from
 sys.path (the working directory included): `package.module:ClassName` or `package.module.ClassName`. `args` go to
 its constructor. A bad spec raises `UserError` naming it.
 
@@ -32,6 +32,7 @@ BUILTINS = {
     "novelty": "rewards.novelty:NoveltyReward",
     "prefer": "rewards.prefer:PreferReward",
     "recency": "rewards.recency:RecencyReward",
+    "intent": "rewards.intent:IntentReward",
 }
 SPEC_KEYS = ("name", "weight", "args")
 

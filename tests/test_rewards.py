@@ -23,6 +23,7 @@ from catalog.requests import Prefer, Recency, Request, valid_mask
 from h2po.config import DataConfig, load_config
 from h2po.errors import UserError
 from rewards.base import Reward, RewardBatch, RewardContext
+from rewards.intent import IntentReward
 from rewards.ndcg import NDCGReward
 from rewards.prefer import PreferReward
 from rewards.recency import RecencyReward
@@ -76,7 +77,7 @@ def random_batch(catalog, n_requests: int = 4, group: int = 3, k: int = 6, seed:
 
 # sensible ranges of the built-ins; a new reward file only has to stay finite and bounded
 RANGES = {"ndcg": (0.0, 1.0), "diversity": (0.0, 2.0), "novelty": (0.0, math.log2(4)), "prefer": (0.0, 1.0),
-          "recency": (0.0, 1.0), "relevance": (-math.sqrt(50), math.sqrt(50))}
+          "recency": (0.0, 1.0), "intent": (0.0, 1.0), "relevance": (-math.sqrt(50), math.sqrt(50))}
 
 
 def test_reward_files_are_discovered():
@@ -136,6 +137,16 @@ def test_recency_hand_computed(ctx):
                 Request((1,), constraints=(Recency(min_year=1960),)), Request((1,))]
     expected = (2 + 2 ** -6.3 + 2 ** -2.8) / 4
     np.testing.assert_allclose(RecencyReward()(RewardBatch(requests, lists, [()] * 3), ctx), [expected, 0, 0])
+
+
+def test_intent_hand_computed(ctx):
+    """Seeds 0, 20, 40 share m = 2 values, the genre Action and the 1950s (tests/test_intent_prior.py). List
+    [1, 3, 12, 4]: item 1 has the decade only, 3, 12 and 4 the genre only -> (1 + 1 + 1 + 1) / 4 / 2 = 0.5;
+    [2, 1, 3, 4]: item 2 has neither -> 3 / 4 / 2 = 0.375. Seeds 1 (Comedy, 1957) and 2 (Drama, 1964) share
+    nothing -> 0."""
+    requests = [Request((0, 20, 40))] * 2 + [Request((1, 2))]
+    lists = np.array([[1, 3, 12, 4], [2, 1, 3, 4], [1, 3, 12, 4]])
+    np.testing.assert_allclose(IntentReward()(RewardBatch(requests, lists, [()] * 3), ctx), [0.5, 0.375, 0.0])
 
 
 def test_relevance_matrix_and_feature_fallback(ctx):
