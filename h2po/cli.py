@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -84,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--token", default=None, help="token every request must carry (default: $H2PO_DASHBOARD_TOKEN; "
                     "beyond loopback a generated one, printed in the URL)")
     db.add_argument("--report", action="store_true", help="write OUT_DIR/report.html (self-contained) and exit")
+    sv = sub.add_parser("serve", help="serve a checkpoint (and EASE, the two-tower rival) over HTTP on Ray Serve")
+    sv.add_argument("--checkpoint", required=True, help="checkpoint file; replaced by a newer one of the same catalog "
+                    "(training writes it atomically), it is hot-swapped in")
+    sv.add_argument("--address", default=None, help="Ray cluster to deploy on (default: $RAY_ADDRESS, else a local "
+                    "instance on loopback)")
+    sv.add_argument("--token", default=None, help="bearer token every request must carry (default: "
+                    "$H2PO_SERVE_TOKEN; beyond loopback a generated one, printed)")
+    sv.add_argument("--detach", action="store_true", help="on a cluster: leave the applications running and exit")
+    _config_args(sv)
     sub.add_parser("config", help="list every config key with its default and meaning")
     return parser
 
@@ -144,6 +154,8 @@ def cmd_run(args, pretrain_only: bool = False) -> None:
             print(f"report: {write_report(ws.out_dir)}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"done in {time.time() - start:.0f}s, peak memory of this process {peak:.0f} MiB")
+    if not pretrain_only and cfg.h2po.steps > 0:
+        serve_after_training(cfg, ws.out_dir / "h2po.safetensors")
 
 
 def _run_h2po(ws, most_path: Path):
@@ -288,6 +300,7 @@ def cmd_train(args) -> None:
         train(cfg, args.checkpoint, args.preferences, steps, args.mode, resume=args.resume)
     except LearnerFailed as err:
         raise UserError(str(err)) from err
+    serve_after_training(cfg, Path(cfg.out_dir) / "h2po.safetensors")
 
 
 def cmd_data(args) -> int:
@@ -325,6 +338,29 @@ def cmd_dashboard(args) -> None:
         raise UserError(f"cannot serve on {args.host}:{args.port}: {err.strerror or err}") from err
 
 
+def cmd_serve(args) -> None:
+    """`h2po serve`: the serve section comes from --config and serve.* overrides (the checkpoint's own is ignored)."""
+    from serving.launch import serve_forever
+
+    cfg = load_config(args.config, args.overrides).serve
+    if args.detach and not (args.address or os.environ.get("RAY_ADDRESS")):
+        raise UserError("--detach needs a running cluster (--address or $RAY_ADDRESS): a local instance stops with "
+                        "the command")
+    try:
+        serve_forever(Path(args.checkpoint), cfg, args.token, args.address, args.detach)
+    except OSError as err:
+        raise UserError(f"cannot serve on {cfg.host}:{cfg.port}: {err.strerror or err}") from err
+
+
+def serve_after_training(cfg, checkpoint: Path) -> None:
+    """serve.after_training: serve the policy a run just wrote, until Ctrl-C (the opt-in of `h2po train` / `run`)."""
+    if cfg.serve.after_training and checkpoint.is_file():
+        from serving.launch import serve_forever
+
+        print(f"serve.after_training: serving {checkpoint}", flush=True)
+        serve_forever(checkpoint, cfg.serve)
+
+
 def cmd_config() -> None:
     for key, default, text in describe():
         print(f"{key:28s} {json.dumps(default):>24s}  {text}")
@@ -347,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_data(args)
         elif args.command == "dashboard":
             cmd_dashboard(args)
+        elif args.command == "serve":
+            cmd_serve(args)
         else:
             cmd_config()
     except UserError as err:

@@ -1,0 +1,216 @@
+"""Starting, updating and stopping the served applications: the model at `/`, each rival at `/<route>/`.
+
+    server = start(Path("runs/g_intent10/h2po.safetensors"), ServeConfig())   # embedded Ray unless address given
+    print(server.url)                  # http://127.0.0.1:8000/  (the try-it page at /try)
+    reload(server, Path("runs/g_intent10/h2po.safetensors"))                     # the hot swap
+    server.stop()
+
+`h2po serve --checkpoint C` is `serve_forever`: start, print the URLs, then watch C every serve.watch_s seconds and
+hot-swap when the file is replaced by a newer version (training writes it atomically). A checkpoint of another
+catalog is refused with one line and the current one keeps serving.
+
+Ray: `address` (or $RAY_ADDRESS) joins a running cluster, where the applications stay after the command ends with
+`detach`; otherwise a local Ray instance starts on loopback only (as `actors.driver.loopback_only` does) and stops
+with the command. The HTTP proxy binds serve.host:serve.port; beyond loopback every request needs the bearer token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from h2po.config import ServeConfig
+from h2po.errors import UserError
+from serving.lists import MODEL, RIVALS, catalog_of, checkpoint_stamp
+
+TOKEN_ENV = "H2PO_SERVE_TOKEN"
+TOKEN_PATTERN = r"[A-Za-z0-9_\-.~]{16,200}"
+LOGGING = {"log_level": "WARNING", "enable_access_log": False}  # the replicas' logs: problems only
+
+
+@dataclass
+class Server:
+    """The running applications: where they answer, and what they serve."""
+
+    url: str  # the model's base URL, ending in "/"
+    token: str | None
+    checkpoint: Path
+    catalog: str  # fingerprint of the served catalog
+    cfg: ServeConfig
+    started_ray: bool
+
+    def rival_urls(self) -> dict[str, str]:
+        return {name: f"{self.url}{RIVALS[name]}/" for name in self.cfg.rivals}
+
+    def stop(self) -> None:
+        """Delete the applications (and shut down the Ray instance this process started)."""
+        import ray
+        from ray import serve
+
+        if self.started_ray:
+            serve.shutdown()
+            ray.shutdown()
+            return
+        for name in [MODEL, *self.cfg.rivals]:
+            serve.delete(app_name(name))
+
+
+def app_name(method: str) -> str:
+    return "h2po" if method == MODEL else "rival-" + RIVALS[method]
+
+
+def serve_token(host: str, token: str | None) -> str | None:
+    """The token the server requires: the given one, else $H2PO_SERVE_TOKEN, else (beyond loopback) a fresh one."""
+    from dashboard.server import is_loopback
+
+    token = token or os.environ.get(TOKEN_ENV) or None
+    if token is not None and not re.fullmatch(TOKEN_PATTERN, token):
+        raise UserError(f"serve token (--token or ${TOKEN_ENV}) must be 16..200 URL-safe characters (letters, digits, "
+                        f"- _ . ~), got {len(token)} characters")
+    if token is None and not is_loopback(host):
+        token = secrets.token_urlsafe(24)
+    return token
+
+
+def connect(address: str | None, cpus: float) -> bool:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local instance on loopback.
+    -> whether this process started Ray"""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's progress lines; h2po prints its own
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+        return False
+    from ray._private import ray_constants
+
+    # loopback only, as `actors.driver.loopback_only` does for training (its docstring says why this variable)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() in ("1", "true")
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus + 0.999)), include_dashboard=False, logging_level="WARNING")
+    return True
+
+
+def deployment(method: str, checkpoint: Path, cfg: ServeConfig, token: str | None):
+    """The bound application of one method, with its batching, replicas and load-shedding options."""
+    from ray.serve.config import BackpressureConfig
+
+    from serving.app import ListServer
+
+    replicas = cfg.replicas if method == MODEL else 1
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // replicas)
+    limits = {"max_body_bytes": cfg.max_body_bytes, "max_batch_size": cfg.max_batch_size,
+              "batch_wait_ms": cfg.batch_wait_ms, "threads": threads, "ease_lambda": cfg.ease_lambda,
+              "rivals": {name: RIVALS[name] for name in cfg.rivals}}
+    return ListServer.options(
+        name=app_name(method), num_replicas=replicas, max_ongoing_requests=cfg.max_ongoing,
+        max_queued_requests=cfg.max_queued, ray_actor_options={"num_cpus": cfg.replica_cpus},
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
+        user_config=user_config(checkpoint, cfg.steps if method == MODEL else 0),
+    ).bind(method, token, limits)
+
+
+def user_config(checkpoint: Path, steps: int) -> dict:
+    """What a replica loads; a new value makes Serve call `reconfigure` on the running replicas (the hot swap)."""
+    return {"checkpoint": str(Path(checkpoint).resolve()), "stamp": checkpoint_stamp(checkpoint), "steps": steps}
+
+
+def start(checkpoint: Path, cfg: ServeConfig, token: str | None = None, address: str | None = None) -> Server:
+    """Deploy the model and its rivals on Ray Serve and wait until they answer (module docstring)."""
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    checkpoint = Path(checkpoint)
+    fingerprint, _ = catalog_of(checkpoint)  # a readable h2po checkpoint, before anything starts
+    unknown = [name for name in cfg.rivals if name not in RIVALS]
+    if unknown:
+        raise UserError(f"serve.rivals: unknown rival {unknown[0]!r} (known: {', '.join(RIVALS)})")
+    token = serve_token(cfg.host, token)
+    started = connect(address, cfg.replica_cpus * (cfg.replicas + len(cfg.rivals)))
+    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=LOGGING)
+        serve.run_many([RunTarget(deployment(method, checkpoint, cfg, token), app_name(method),
+                                  "/" if method == MODEL else f"/{RIVALS[method]}", LOGGING)
+                        for method in [MODEL, *cfg.rivals]])  # in parallel: each replica loads on its own
+    except BaseException:
+        if started:
+            serve.shutdown()
+            import ray
+
+            ray.shutdown()
+        raise
+    from dashboard.server import page_url
+
+    return Server(page_url(cfg.host, cfg.port), token, checkpoint, fingerprint, cfg, started)
+
+
+def reload(server: Server, checkpoint: Path) -> bool:
+    """Hot-swap the model to `checkpoint` (a newer one of the same catalog): the running replicas load it and swap
+    between batches. Another catalog's checkpoint raises UserError and nothing changes.  -> whether it changed"""
+    from ray import serve
+
+    checkpoint = Path(checkpoint)
+    fingerprint, _ = catalog_of(checkpoint)
+    if fingerprint != server.catalog:
+        raise UserError(f"{checkpoint} was trained on another catalog (fingerprint {fingerprint}) than the one served "
+                        f"(fingerprint {server.catalog}); still serving {server.checkpoint}. Serve it with its own "
+                        "`h2po serve`")
+    serve.run(deployment(MODEL, checkpoint, server.cfg, server.token), name=app_name(MODEL), route_prefix="/",
+              logging_config=LOGGING)
+    server.checkpoint = checkpoint
+    return True
+
+
+def watch(server: Server, stamp: str) -> str:
+    """One check of the served checkpoint's file: hot-swap when it was replaced.  -> the stamp now served"""
+    try:
+        now = checkpoint_stamp(server.checkpoint)
+    except OSError:
+        return stamp  # mid-replace or removed: keep serving what is loaded
+    if now == stamp:
+        return stamp
+    try:
+        reload(server, server.checkpoint)
+        print(f"h2po serve: hot-swapped to the newer {server.checkpoint} ({now})", flush=True)
+    except UserError as err:
+        print(f"h2po serve: refused: {err}", file=sys.stderr, flush=True)
+    return now
+
+
+def serve_forever(checkpoint: Path, cfg: ServeConfig, token: str | None = None, address: str | None = None,
+                  detach: bool = False) -> None:
+    """`h2po serve`: start, print where it answers, watch the checkpoint for a newer version until Ctrl-C."""
+    from dashboard.server import is_loopback
+
+    start_time = time.time()
+    server = start(checkpoint, cfg, token, address)
+    query = f"?token={server.token}" if server.token else ""
+    print(f"h2po serve: {checkpoint} in {time.time() - start_time:.0f}s; POST {server.url}retrieve, "
+          f"GET {server.url}health", flush=True)
+    for name, url in server.rival_urls().items():
+        print(f"  rival {name}: POST {url}retrieve", flush=True)
+    print(f"  try it: {server.url}try{query}", flush=True)
+    if not is_loopback(cfg.host):
+        print(f"warning: listening beyond loopback on {cfg.host}:{cfg.port}; every request needs the token "
+              "(Authorization: Bearer TOKEN)", file=sys.stderr, flush=True)
+    if detach:
+        print("detached: the applications keep running on the cluster (serve.delete / `serve shutdown` stops them)")
+        return
+    stamp = checkpoint_stamp(server.checkpoint)
+    try:
+        while True:
+            time.sleep(cfg.watch_s or 3600)
+            if cfg.watch_s:
+                stamp = watch(server, stamp)
+    except KeyboardInterrupt:
+        print("h2po serve: stopping", flush=True)
+    finally:
+        server.stop()
