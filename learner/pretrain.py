@@ -76,26 +76,12 @@ def pretrain(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray,
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
-    start, history = time.time(), []
-    bar = tqdm(total=cfg.max_steps, desc="MOST pretraining", unit="step", dynamic_ncols=True)
-
-    def checkpoint(step: int, loss: float | None, best: float, best_step: int, stale: int) -> tuple[float, int, int]:
-        """Validate; keep the weights when they beat the best so far.  -> (best, best_step, stale)"""
-        model.eval()
-        score = validate(model)
-        record = {"step": step, "loss": loss, "val_ndcg@10": score, "seconds": time.time() - start}
-        history.append(record)
-        if score > best:
-            best, best_step, stale = score, step, 0
-            save_best(model, record)
-        else:
-            stale += 1
-        bar.set_postfix(loss="-" if loss is None else f"{loss:.3f}", val=f"{score:.4f}", best=f"{best:.4f}@{best_step}")
-        return best, best_step, stale
-
-    best, best_step, stale = checkpoint(0, None, -float("inf"), 0, 0) if validate_start else (-float("inf"), 0, 0)
+    start, bar = time.time(), tqdm(total=cfg.max_steps, desc="MOST pretraining", unit="step", dynamic_ncols=True)
+    keeper = BestKeeper(model, validate, save_best, bar, start)
+    if validate_start:
+        keeper.check(0, None)
     step, losses, stopped_by = 0, [], "max_steps"
-    while step < cfg.max_steps and stale < cfg.patience:
+    while step < cfg.max_steps and keeper.stale < cfg.patience:
         model.train()
         loss = most_step(model, data, vocab, features, relevance_matrix, req, cfg, rng, generator)
         optimizer.zero_grad(set_to_none=True)
@@ -108,19 +94,42 @@ def pretrain(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray,
         bar.update(1)
         out_of_time = time.time() - start >= 60 * cfg.max_minutes  # the safety net (module docstring)
         if step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time:
-            best, best_step, stale = checkpoint(step, float(np.mean(losses)), best, best_step, stale)
+            keeper.check(step, float(np.mean(losses)))
             losses = []
-        if out_of_time and step < cfg.max_steps and stale < cfg.patience:
+        if out_of_time and step < cfg.max_steps and keeper.stale < cfg.patience:
             stopped_by = "max_minutes"
             break
     bar.close()
     if stopped_by == "max_minutes":
         warn_time_cap(step, cfg)
-    elif stale >= cfg.patience:
+    elif keeper.stale >= cfg.patience:
         stopped_by = "patience"
     seconds = time.time() - start
-    return PretrainResult(step, best_step, best, seconds, step * cfg.batch_size / max(seconds, 1e-9), history,
-                          stopped_by)
+    return PretrainResult(step, keeper.best_step, keeper.best, seconds, step * cfg.batch_size / max(seconds, 1e-9),
+                          keeper.history, stopped_by)
+
+
+class BestKeeper:
+    """Validates the model and keeps its best weights (save_best); counts validations without progress."""
+
+    def __init__(self, model: Retriever, validate: Callable[[Retriever], float],
+                 save_best: Callable[[Retriever, dict], None], bar: tqdm, start: float) -> None:
+        self.model, self.validate, self.save_best, self.bar, self.start = model, validate, save_best, bar, start
+        self.best, self.best_step, self.stale, self.history = -float("inf"), 0, 0, []
+
+    def check(self, step: int, loss: float | None) -> None:
+        """Validate at `step` (mean training loss since the last check; None at step 0)."""
+        self.model.eval()
+        score = self.validate(self.model)
+        record = {"step": step, "loss": loss, "val_ndcg@10": score, "seconds": time.time() - self.start}
+        self.history.append(record)
+        if score > self.best:
+            self.best, self.best_step, self.stale = score, step, 0
+            self.save_best(self.model, record)
+        else:
+            self.stale += 1
+        self.bar.set_postfix(loss="-" if loss is None else f"{loss:.3f}", val=f"{score:.4f}",
+                             best=f"{self.best:.4f}@{self.best_step}")
 
 
 def warn_time_cap(step: int, cfg: MostConfig) -> None:
