@@ -56,18 +56,18 @@ class ListServer:
         self.method, self.token, self.limits = method, token, limits
         self.cookie = f"h2po_serve_{hashlib.sha256((token or '').encode()).hexdigest()[:8]}"
         self.lister: Lister | None = None
+        self.config: dict | None = None  # the user_config the lister was loaded from
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="h2po-lists")  # one sampler call at a time
         self.lists.set_max_batch_size(int(limits["max_batch_size"]))
         self.lists.set_batch_wait_timeout_s(float(limits["batch_wait_ms"]) / 1000.0)
 
     async def reconfigure(self, config: dict) -> None:
         """Load `config["checkpoint"]` (a new one: the hot swap) beside the current lister and swap them."""
-        current = self.lister
-        if current is not None and current.facts.get("stamp") == config.get("stamp") and \
-                current.source == config["checkpoint"] and current.facts.get("steps", 0) in (0, config.get("steps")):
+        if config == self.config:
             return
         loop = asyncio.get_running_loop()
         self.lister = await loop.run_in_executor(self.pool, self._load, config)
+        self.config = config
 
     def _load(self, config: dict) -> Lister:
         path = Path(config["checkpoint"])
@@ -127,6 +127,10 @@ class ListServer:
                 return FileResponse(STATIC / name, media_type=ASSETS[name])
         raise Refused(404, f"no route {path[:100]!r}: POST /retrieve, GET /health" +
                       (", GET /try, GET /titles?q=" if self.method == MODEL else ""))
+
+    def catalog(self) -> str:
+        """The fingerprint of the catalog served (`launch.start` asks a running application before replacing it)."""
+        return self._ready().catalog.fingerprint
 
     def _ready(self) -> Lister:
         if self.lister is None:

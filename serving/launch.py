@@ -106,7 +106,7 @@ def deployment(method: str, checkpoint: Path, cfg: ServeConfig, token: str | Non
     from serving.app import ListServer
 
     replicas = cfg.replicas if method == MODEL else 1
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // replicas)
+    threads = replica_threads(cfg)
     limits = {"max_body_bytes": cfg.max_body_bytes, "max_batch_size": cfg.max_batch_size,
               "batch_wait_ms": cfg.batch_wait_ms, "threads": threads, "ease_lambda": cfg.ease_lambda,
               "rivals": {name: RIVALS[name] for name in cfg.rivals}}
@@ -116,6 +116,13 @@ def deployment(method: str, checkpoint: Path, cfg: ServeConfig, token: str | Non
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
         user_config=user_config(checkpoint, cfg.steps if method == MODEL else 0),
     ).bind(method, token, limits)
+
+
+def replica_threads(cfg: ServeConfig) -> int:
+    """serve.threads, else this machine's cores shared by all replicas (the model's and one per rival): on a busy
+    machine, more torch threads than cores make every small op wait for a descheduled thread (a 1-list call took
+    6x longer with 2 threads than with 1 on a loaded 2-core machine)."""
+    return cfg.threads or max(1, (os.cpu_count() or 1) // (cfg.replicas + len(cfg.rivals)))
 
 
 def user_config(checkpoint: Path, steps: int) -> dict:
@@ -137,6 +144,11 @@ def start(checkpoint: Path, cfg: ServeConfig, token: str | None = None, address:
     started = connect(address, cfg.replica_cpus * (cfg.replicas + len(cfg.rivals)))
     try:
         serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=LOGGING)
+        running = running_catalog()
+        if running is not None and running != fingerprint:
+            raise UserError(f"{checkpoint} was trained on another catalog (fingerprint {fingerprint}) than the one "
+                            f"the running application serves (fingerprint {running}); delete that application first "
+                            f"(serve.delete({app_name(MODEL)!r}))")
         serve.run_many([RunTarget(deployment(method, checkpoint, cfg, token), app_name(method),
                                   "/" if method == MODEL else f"/{RIVALS[method]}", LOGGING)
                         for method in [MODEL, *cfg.rivals]])  # in parallel: each replica loads on its own
@@ -150,6 +162,15 @@ def start(checkpoint: Path, cfg: ServeConfig, token: str | None = None, address:
     from dashboard.server import page_url
 
     return Server(page_url(cfg.host, cfg.port), token, checkpoint, fingerprint, cfg, started)
+
+
+def running_catalog() -> str | None:
+    """The catalog fingerprint of the model application already running on this Ray cluster, None when none is."""
+    from ray import serve
+
+    if app_name(MODEL) not in serve.status().applications:
+        return None
+    return serve.get_app_handle(app_name(MODEL)).catalog.remote().result(timeout_s=60)
 
 
 def reload(server: Server, checkpoint: Path) -> bool:

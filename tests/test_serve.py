@@ -34,7 +34,7 @@ TOKEN = "serve-test-token-0123456789"
 MARKUP = "<script>window.__pwned=1</script>"
 IMG = "<img src=x onerror=\"window.__pwned=2\">"
 OPTIONS = ["serve.max_ongoing=4", "serve.max_queued=8", "serve.max_batch_size=8", "serve.replica_cpus=0.5",
-           "serve.threads=1", "serve.watch_s=0.5", "serve.ease_lambda=10"]
+           "serve.watch_s=0.5", "serve.ease_lambda=10"]
 
 
 def marked_title(i: int, title: str) -> str:
