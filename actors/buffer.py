@@ -1,9 +1,10 @@
 """`ReplayBufferActor`: the replay buffer as a Ray actor (DESIGN section 7), a shell around `rollout.buffer`.
 
 It holds the versioned rollout groups (staleness bound `h2po.max_staleness`) and, when a preference file is
-given, streams logged pairs from it through the validating reader; `take` serves one learner batch with the
-configured mix (n on-policy requests, m logged pairs) and the ids it serves; `state`/`restore` carry
-it across a restart.
+given, streams logged pairs from it through the validating reader. `put` receives rollouts straight from a rollout
+actor (the driver passes the reference); `take` serves one learner step with the configured mix (n on-policy
+requests, m logged pairs) as a summary for the driver plus one shard per learner rank, separate return objects
+that the driver hands to the ranks as references; `state`/`restore` carry it across a restart.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import ray
 from actors.workspace import ActorProcess
 from catalog.dataset import load_catalog
 from h2po.config import RunConfig
-from rollout.buffer import BufferStats, LearnerBatch, PreferenceStream, ReplayBuffer
+from rollout.buffer import BufferStats, PreferenceStream, ReplayBuffer
 from rollout.generate import Rollouts
 
 
@@ -43,9 +44,12 @@ class ReplayBufferActor(ActorProcess):
         self.buffer.restore(state)
         return len(self.buffer.queue.groups)
 
-    def take(self, current_version: int, n_requests: int, n_pairs: int) -> LearnerBatch:
-        """Drop stale groups, then serve up to n_requests groups and n_pairs logged pairs."""
-        return self.buffer.take(current_version, n_requests, n_pairs)
+    def take(self, current_version: int, n_requests: int, n_pairs: int,
+             n_shards: int) -> tuple:
+        """Drop stale groups, then serve up to n_requests groups and n_pairs logged pairs over n_shards ranks; call
+        it with `.options(num_returns=1 + n_shards)`.  -> (summary, shard 0, ..., shard n_shards - 1)"""
+        summary, shards = self.buffer.take(current_version, n_requests, n_pairs, n_shards)
+        return (summary, *shards)
 
     def stats(self) -> BufferStats:
         return self.buffer.stats()

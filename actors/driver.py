@@ -4,23 +4,27 @@
     result = train(cfg, "runs/default/most.safetensors", "prefs.parquet", steps=100, mode="async")
     # or: h2po train --checkpoint runs/default/most.safetensors --preferences prefs.parquet --steps 100
 
-The loop is plain calls, one learner step per iteration:
-    rollouts (rollout actors -> driver -> buffer) -> take a batch (staleness bound, on/off mix) -> shard over the
-    learner ranks -> H2PO updates (DeepSpeed) -> rank 0 publishes versioned weights -> rollout actors adopt them.
-- sync: each batch is sampled with the weights the learner is about to train (staleness 0).
-- async: the next batch is sampled while the learner trains on the current one, so it comes from the previous
-  version (staleness 1, within `h2po.max_staleness`); the weight update is queued behind that generation.
+The loop is plain calls, one learner step per iteration (`run_loop`):
+    scheduler.collect (rollout actors -> buffer) -> buffer.take (one shard per learner rank) -> scheduler.admit (the
+    next calls) -> the ranks' H2PO updates (DeepSpeed) -> rank 0's weights -> scheduler.publish (-> rollout actors).
+The rollout data travels as Ray object references, rollout actor -> buffer -> learner ranks, never through the driver;
+the driver sees a summary of each batch (ids, staleness, rewards, one sample group). `actors.scheduler` owns the
+calls in flight, the weight version and the admission by staleness:
+- sync: each batch is sampled with the weights the learner is about to train (staleness 0);
+- async (`DEFAULT_MODE`): the calls for up to `h2po.max_staleness` steps ahead are in flight while the learner trains,
+  each sampling with the weights published before it started (with 1, the default, every batch after the first is
+  one version old); a call that would exceed the bound is not started.
 A failing reward raises `RewardError` from the rollout actor: `h2po.on_reward_error` = "stop" re-raises it
 (naming the reward), "skip" drops that rollout batch and counts it.
 
-Faults (`actors.calls`): a dead rollout actor is restarted, re-sent the weights and its call retried; a dead
-learner rank fails the step at once with `LearnerFailed`, naming the rank and pointing to `--resume`.
+Faults: a dead rollout actor is restarted by Ray; the scheduler re-sends it the weights and retries its call. A dead
+learner rank fails the step at once with `LearnerFailed` (`actors.calls`), naming the rank and pointing to `--resume`.
 
 Checkpoints and resume: every `h2po.checkpoint_every` steps and at the end the driver writes OUT_DIR/train_state
 atomically (`actors.train_state`); `train(..., resume=True)` restores engines, buffer, preference cursor, version
 and the ledger, and continues with the next step. Every rollout group has an id (`g<call seed>-<request>`), every
-logged pair one (`p<pass>-<row>`); the ledger lists per step the ids trained on. In async mode the generation in
-flight is collected into the buffer before a checkpoint, so that no accepted group is lost or sampled twice.
+logged pair one (`p<pass>-<row>`); the ledger lists per step the ids trained on. The calls in flight are collected
+into the buffer before a checkpoint, so that no accepted group is lost or sampled twice.
 
 Ray: `RAY_ADDRESS` set -> `ray.init(address=...)` (e.g. inside `ray job submit`); else a local instance that
 listens on loopback only (`loopback_only`), shut down again at the end. An already initialised Ray (a test's
@@ -47,17 +51,11 @@ import numpy as np
 import ray
 
 from actors.buffer import ReplayBufferActor
-from actors.calls import (
-    MAX_ROLLOUT_RESTARTS,
-    Actors,
-    collect_rollouts,
-    gather_ranks,
-    launch_rollouts,
-    push_weights,
-)
+from actors.calls import MAX_ROLLOUT_RESTARTS, Actors, RayWorkers, gather_ranks
 from actors.learner import LearnerActor
 from actors.monitor import Monitor
 from actors.rollout import RolloutActor
+from actors.scheduler import RolloutScheduler
 from actors.train_state import DriverState, find_train_state, read_train_state, write_train_state
 from catalog.dataset import load_catalog
 from catalog.preferences import read_preferences
@@ -68,7 +66,9 @@ from learner.checkpoint import read_header
 from learner.engine import EngineConfig
 from learner.h2po import lambda_off_at
 from rewards.registry import build_rewards
-from rollout.buffer import BufferStats, LearnerBatch, shard_batch
+from rollout.buffer import BatchSummary, BufferStats
+
+DEFAULT_MODE = "async"  # the mode of `train(mode=None)`, hence of `h2po train` without --mode and of `h2po run`
 
 
 @dataclass
@@ -143,7 +143,7 @@ def place_actors(cfg: RunConfig, checkpoint: str, preferences: str | None, syste
     def with_threads(cpus: float) -> RunConfig:
         return dataclasses.replace(cfg, threads=cfg.threads or max(1, int(cpus)))
 
-    engine_cfg = EngineConfig(zero_stage=system.zero_stage, lr=cfg.h2po.lr, grad_clip=system.grad_clip)
+    engine_cfg = EngineConfig(zero_stage=system.zero_stage, lr=cfg.h2po.lr, grad_clip=cfg.h2po.grad_clip)
     buffer = ReplayBufferActor.options(num_cpus=0).remote(cfg, preferences)
     rollouts = [RolloutActor.options(num_cpus=system.rollout_cpus, num_gpus=system.rollout_gpus,
                                      max_restarts=MAX_ROLLOUT_RESTARTS)
@@ -157,17 +157,17 @@ def place_actors(cfg: RunConfig, checkpoint: str, preferences: str | None, syste
     return Actors(learners, rollouts, buffer)
 
 
-def step_stats(rank_stats: list[dict], batch: LearnerBatch, rewards: list[tuple[str, float]]) -> dict:
+def step_stats(rank_stats: list[dict], batch: BatchSummary, rewards: list[tuple[str, float]]) -> dict:
     """Mean of the ranks' stats (over the ranks that report a key) plus reward means and batch facts."""
     keys = dict.fromkeys(k for stats in rank_stats for k in stats)
     out = {k: float(np.mean([s[k] for s in rank_stats if k in s])) for k in keys}
     out["version"] = int(rank_stats[0]["version"])
-    if batch.rollouts is not None:
-        for (name, _), mean in zip(rewards, batch.rollouts.rewards.mean(0), strict=True):
+    if batch.rewards is not None:
+        for (name, _), mean in zip(rewards, batch.rewards.mean(0), strict=True):
             out[f"reward/{name}"] = float(mean)
-        out["reward/total"] = float((batch.rollouts.rewards @ np.array([w for _, w in rewards])).mean())
+        out["reward/total"] = float((batch.rewards @ np.array([w for _, w in rewards])).mean())
     out.update({"rollout/requests": batch.n_requests, "rollout/staleness": batch.staleness,
-                "pairs": len(batch.pairs), "batch/on": batch.n_requests, "batch/off": len(batch.pairs),
+                "pairs": batch.n_pairs, "batch/on": batch.n_requests, "batch/off": batch.n_pairs,
                 "buffer/waiting": batch.waiting, "staleness": {str(k): v for k, v in batch.staleness_counts.items()}})
     return out
 
@@ -210,50 +210,48 @@ def resume_hint(cfg: RunConfig) -> str:
     return f"Resume from the last checkpoint ({found}, step {step}) with `h2po train ... --resume`."
 
 
-def save_state(actors: Actors, cfg: RunConfig, state: DriverState, timeout: float) -> Path:
-    """Write OUT_DIR/train_state atomically (`actors.train_state`)."""
+def take_batch(actors: Actors, version: int, n_requests: int, n_pairs: int) -> tuple[BatchSummary, list]:
+    """The buffer serves one step: its summary (fetched) and one shard reference per learner rank (not fetched)."""
+    n = len(actors.learners)
+    summary_ref, *shards = actors.buffer.take.options(num_returns=1 + n).remote(version, n_requests, n_pairs, n)
+    return ray.get(summary_ref), shards
+
+
+def learn(actors: Actors, shards: list, lambda_off: float, what: str, timeout: float, hint: str) -> list[dict]:
+    """One learner step, each rank on its shard (an object reference, resolved in the rank).  -> per-rank stats"""
+    return gather_ranks([learner.train_step.remote(shard, lambda_off)
+                         for learner, shard in zip(actors.learners, shards, strict=True)], what, timeout, hint)
+
+
+def rank0_weights(actors: Actors, timeout: float, hint: str) -> tuple[object, int]:
+    """Rank 0's weights as an ObjectRef (not fetched) and their version."""
+    state_ref, version_ref = actors.learners[0].weights.remote()
+    return state_ref, gather_ranks([version_ref], "publishing weights", timeout, hint)[0]
+
+
+def save_state(actors: Actors, cfg: RunConfig, scheduler: RolloutScheduler, state: DriverState,
+               timeout: float) -> list:
+    """Collect the calls in flight into the buffer, then write OUT_DIR/train_state atomically (`actors.train_state`).
+    -> the calls collected (reported with the next step)"""
+    collected = scheduler.drain()
+    state.version, state.collected_through = scheduler.version, scheduler.collected_through
+    state.rollout_restarts, state.skipped = scheduler.restarts, scheduler.skipped
+
     def save_engines(directory: str) -> None:
         gather_ranks([learner.save_checkpoint.remote(directory) for learner in actors.learners], "a checkpoint",
                      timeout, resume_hint(cfg))
-    return write_train_state(cfg.out_dir, save_engines, ray.get(actors.buffer.state.remote()), state, cfg)
-
-
-def learn(actors: Actors, cfg: RunConfig, opts: LoopOptions, batch: LearnerBatch, lambda_off: float,
-          step: int) -> tuple[list[dict], object, float]:
-    """One learner step on the ranks' shards, then rank 0 publishes the weights and the rollout actors get them
-    (sync: waited for; async: queued behind the generation already running).
-    -> (per-rank stats, ObjectRef of the published weights, seconds spent publishing)"""
-    hint = resume_hint(cfg)
-    shards = shard_batch(batch, len(actors.learners))
-    rank_stats = gather_ranks([learner.train_step.remote(shard.rollouts, shard.pairs, lambda_off)
-                               for learner, shard in zip(actors.learners, shards, strict=True)],
-                              f"step {step + 1}", opts.step_timeout, hint)
-    sync_start = time.time()
-    state_ref, version_ref = actors.learners[0].weights.remote()
-    actors.weights = (state_ref, gather_ranks([version_ref], "publishing weights", opts.step_timeout, hint)[0])
-    push_weights(actors, wait=opts.mode == "sync")
-    return rank_stats, state_ref, time.time() - sync_start
-
-
-def checkpoint(actors: Actors, cfg: RunConfig, state: DriverState, pending: list | None, timeout: float) -> list:
-    """Write the train state after `state.step` steps. In async mode the generation in flight is collected into the
-    buffer first, so that it is saved rather than lost on a crash.  -> the calls collected (reported next step)"""
-    collected = pending or []
-    if pending is not None:
-        state.skipped += collect_rollouts(pending, actors.buffer, cfg.h2po.on_reward_error, actors)
-        state.collected_through = state.step
-    state.rollout_restarts = actors.rollout_restarts
-    print(f"train state written: {save_state(actors, cfg, state, timeout)}", flush=True)
+    path = write_train_state(cfg.out_dir, save_engines, ray.get(actors.buffer.state.remote()), state, cfg)
+    print(f"train state written: {path}", flush=True)
     return collected
 
 
-def run_loop(actors: Actors, cfg: RunConfig, opts: LoopOptions, state: DriverState,
+def run_loop(actors: Actors, cfg: RunConfig, opts: LoopOptions, state: DriverState, scheduler: RolloutScheduler,
              monitor: Monitor | None = None) -> DriverState:
     """The training loop (module docstring), from `state.step` on.  -> the state after the last step
 
     Stops early, after a complete step, when `h2po.max_minutes` is spent (the schedule keeps `opts.steps`)."""
     h2po, steps = cfg.h2po, opts.steps
-    pending, collected, loop_start = None, [], time.time()  # collected: calls of the batch not yet reported
+    unreported, loop_start = [], time.time()  # rollout calls collected but not yet reported to the monitor
     state.stopped_by = "steps"
 
     def over_budget() -> bool:
@@ -261,33 +259,32 @@ def run_loop(actors: Actors, cfg: RunConfig, opts: LoopOptions, state: DriverSta
 
     for step in range(state.step, steps):
         start = time.time()
-        if pending is None and state.collected_through < step:
-            pending = launch_rollouts(actors, h2po.batch_requests, step)
-        if pending is not None:
-            state.skipped += collect_rollouts(pending, actors.buffer, h2po.on_reward_error, actors)
-            state.collected_through, pending, collected = step, None, pending
-        batch: LearnerBatch = ray.get(actors.buffer.take.remote(state.version, h2po.batch_requests, opts.n_pairs))
+        unreported += scheduler.collect(step)
+        batch, shards = take_batch(actors, scheduler.version, h2po.batch_requests, opts.n_pairs)
         rollout_seconds = time.time() - start
-        if opts.mode == "async" and step + 1 < steps and not over_budget():
-            pending = launch_rollouts(actors, h2po.batch_requests, step + 1)
+        scheduler.admit(last_call=step if over_budget() else steps - 1)
         lambda_off = lambda_off_at(step, steps, h2po.lambda_off_start, h2po.lambda_off_end)
-        rank_stats, state_ref, sync_seconds = learn(actors, cfg, opts, batch, lambda_off, step)
+        hint = resume_hint(cfg)
+        rank_stats = learn(actors, shards, lambda_off, f"step {step + 1}", opts.step_timeout, hint)
+        sync_start = time.time()
+        state_ref, version = rank0_weights(actors, opts.step_timeout, hint)
+        scheduler.publish(state_ref, version, wait=opts.mode == "sync")  # async: queued behind the calls in flight
         stats = step_stats(rank_stats, batch, opts.rewards)
         step_seconds = time.time() - start
-        stats.update({"step": step + 1, "time/rollout": rollout_seconds, "time/sync": sync_seconds,
+        stats.update({"step": step + 1, "time/rollout": rollout_seconds, "time/sync": time.time() - sync_start,
                       "time/step": step_seconds, "learner/idle_fraction": 1 - stats["time/train"] / step_seconds,
-                      "lambda_off": lambda_off, "rollout/skipped_batches": state.skipped,
-                      "rollout/restarts": actors.rollout_restarts})
-        state.step, state.version = step + 1, actors.weights[1]
+                      "lambda_off": lambda_off, "rollout/skipped_batches": scheduler.skipped,
+                      "rollout/restarts": scheduler.restarts})
+        state.step, state.version = step + 1, version
         state.history.append(stats)
         state.ledger.append(batch.ids)
         print(format_stats(step, steps, stats), flush=True)
         if monitor is not None:
-            monitor.step(stats, batch, collected, actors.events, state_ref)
-        actors.events.clear()
-        collected, stop = [], over_budget() and state.step < steps
+            monitor.step(stats, batch, unreported, scheduler.events, state_ref)
+        scheduler.events.clear()
+        unreported, stop = [], over_budget() and state.step < steps
         if opts.checkpoint_every > 0 and (state.step % opts.checkpoint_every == 0 or state.step == steps or stop):
-            collected, pending = checkpoint(actors, cfg, state, pending, opts.step_timeout), None
+            unreported = save_state(actors, cfg, scheduler, state, opts.step_timeout)
         if opts.on_step is not None:
             opts.on_step(step, actors)
         if stop:
@@ -297,12 +294,12 @@ def run_loop(actors: Actors, cfg: RunConfig, opts: LoopOptions, state: DriverSta
                   "the machine's speed. Raise h2po.max_minutes (a safety net) to let the steps decide.",
                   file=sys.stderr, flush=True)
             break
-    state.rollout_restarts = actors.rollout_restarts
+    state.rollout_restarts, state.skipped = scheduler.restarts, scheduler.skipped
     return state
 
 
-def restore_state(actors: Actors, cfg: RunConfig, timeout: float) -> DriverState:
-    """Load OUT_DIR/train_state into the placed actors and push the restored weights to the rollout actors."""
+def restore_state(actors: Actors, cfg: RunConfig, timeout: float) -> tuple[DriverState, object]:
+    """Load OUT_DIR/train_state into the placed actors.  -> (the driver's state, rank 0's restored weights)"""
     found = find_train_state(cfg.out_dir)
     if found is None:
         raise UserError(f"--resume: no train state under {cfg.out_dir} (written every h2po.checkpoint_every steps)")
@@ -312,38 +309,49 @@ def restore_state(actors: Actors, cfg: RunConfig, timeout: float) -> DriverState
     if versions != [state.version] * len(versions):
         raise RuntimeError(f"{found}: engine versions {versions} differ from the driver's {state.version}")
     ray.get(actors.buffer.restore.remote(buffer_state))
-    state_ref, version_ref = actors.learners[0].weights.remote()
-    actors.weights = (state_ref, ray.get(version_ref))
-    push_weights(actors, wait=True)
-    actors.rollout_restarts = state.rollout_restarts
     print(f"resumed from {found}: step {state.step}, version {state.version}, "
           f"{len(buffer_state['groups'])} groups waiting", flush=True)
-    return state
+    return state, rank0_weights(actors, timeout, "")[0]
 
 
-def write_policy(actors: Actors, cfg: RunConfig, state: DriverState, meta: dict, with_pairs: bool) -> TrainResult:
+def write_policy(actors: Actors, cfg: RunConfig, state: DriverState, weights, meta: dict,
+                 with_pairs: bool) -> TrainResult:
     """Write OUT_DIR/h2po.safetensors from rank 0 and gather what the run produced (seconds left to the caller)."""
     out = Path(cfg.out_dir) / "h2po.safetensors"
     meta = {"steps": state.step, **meta, "final": state.history[-1]}
     ray.get(actors.learners[0].save_policy.remote(str(out), json.loads(json.dumps(meta))))
     if with_pairs:
         print(ray.get(actors.buffer.preference_report.remote()))
-    return TrainResult(ray.get(actors.weights[0]), state.version, state.history, ray.get(actors.buffer.stats.remote()),
+    return TrainResult(ray.get(weights), state.version, state.history, ray.get(actors.buffer.stats.remote()),
                        out, 0.0, ray.get([a.weight_version.remote() for a in actors.rollouts]), state.ledger,
                        state.rollout_restarts, state.step, peak_memory(actors))
 
 
+def start_state(actors: Actors, cfg: RunConfig, opts: LoopOptions, resume: bool) -> tuple[DriverState,
+                                                                                           RolloutScheduler]:
+    """A fresh or restored driver state and the rollout scheduler that continues from it (`actors.scheduler`)."""
+    state, weights = restore_state(actors, cfg, opts.step_timeout) if resume else (DriverState(), None)
+    lookahead = cfg.h2po.max_staleness if opts.mode == "async" else 0
+    scheduler = RolloutScheduler(RayWorkers(actors.rollouts, actors.buffer), cfg.h2po.batch_requests, lookahead,
+                                 cfg.h2po.on_reward_error, state.version, state.collected_through,
+                                 state.rollout_restarts, state.skipped)
+    if weights is not None:
+        scheduler.publish(weights, state.version, wait=True)
+    return state, scheduler
+
+
 def train(cfg: RunConfig, checkpoint: str | Path, preferences_path: str | Path | None = None, steps: int = 100,
-          mode: Literal["sync", "async"] = "sync", system: SystemConfig | None = None, resume: bool = False,
+          mode: Literal["sync", "async"] | None = None, system: SystemConfig | None = None, resume: bool = False,
           step_timeout: float = 1800.0, on_step: Callable[[int, Actors], None] | None = None) -> TrainResult:
     """H2PO from a MOST checkpoint on Ray + DeepSpeed; writes OUT_DIR/h2po.safetensors (module docstring).
 
-    `resume`: continue from OUT_DIR/train_state; `step_timeout`: seconds a learner step may take before the run
-    fails; `on_step(step, actors)`: called after every step (tests use it to kill actors)."""
-    system = system or cfg.system
-    n_pairs = system.pairs(cfg.h2po.batch_requests) if preferences_path else 0
+    `mode`: None = `DEFAULT_MODE`; `resume`: continue from OUT_DIR/train_state; `step_timeout`: seconds a learner
+    step may take before the run fails; `on_step(step, actors)`: called after every step (tests use it to kill
+    actors)."""
+    system, mode = system or cfg.system, mode or DEFAULT_MODE
+    n_pairs = cfg.h2po.pairs() if preferences_path else 0
     if preferences_path and not n_pairs:
-        print(f"logged pairs: {preferences_path} not read (system.pairs_per_step=0: on-policy only)", flush=True)
+        print(f"logged pairs: {preferences_path} not read (h2po.pairs_per_step=0: on-policy only)", flush=True)
     checkpoint, preferences = Path(checkpoint), str(preferences_path) if n_pairs else None
     rewards = check_inputs(cfg, checkpoint, preferences, steps, mode)
     opts = LoopOptions(steps, mode, n_pairs, cfg.h2po.checkpoint_every, step_timeout, on_step, rewards)
@@ -353,16 +361,17 @@ def train(cfg: RunConfig, checkpoint: str | Path, preferences_path: str | Path |
         actors = place_actors(cfg, str(checkpoint), preferences, system)
         print(f"H2PO: {system.learners} learner ranks (ZeRO {system.zero_stage}), {system.rollout_actors} rollout "
               f"actor(s), {mode} mode, {steps} steps; actors ready in {time.time() - start:.1f}s", flush=True)
-        state = restore_state(actors, cfg, step_timeout) if resume else DriverState()
+        state, scheduler = start_state(actors, cfg, opts, resume)
         resumed_from = state.step
         if state.step >= steps:
             raise UserError(f"the train state under {cfg.out_dir} has {state.step} steps done; ask for more than that")
         monitor.start({"run": Path(cfg.out_dir).resolve().name, "mode": mode, "steps": steps,
                        "learners": system.learners, "rollout_actors": system.rollout_actors,
                        "zero_stage": system.zero_stage, "rewards": [n for n, _ in monitor.rewards]}, resumed_from)
-        state = run_loop(actors, cfg, opts, state, monitor)
-        result = write_policy(actors, cfg, state, {"mode": mode, "from": str(checkpoint),
-                                                   "stopped_by": state.stopped_by}, preferences is not None)
+        state = run_loop(actors, cfg, opts, state, scheduler, monitor)
+        result = write_policy(actors, cfg, state, scheduler.weights, {"mode": mode, "from": str(checkpoint),
+                                                                      "stopped_by": state.stopped_by},
+                              preferences is not None)
         result.seconds, result.resumed_from = time.time() - start, resumed_from
         print(f"H2PO done: version {result.version} in {result.seconds:.1f}s; {result.buffer}; rollout restarts "
               f"{result.rollout_restarts}; peak memory (MiB) "

@@ -2,11 +2,10 @@
 
 Each rank holds the policy (from the MOST checkpoint), a frozen reference copy (the same checkpoint, DESIGN
 section 5) and a DeepSpeed `Engine`. The driver starts all ranks, asks rank 0 for an address, calls every rank's
-`init_distributed` concurrently, then feeds each rank its shard of every learner batch. Per batch a rank runs
-`h2po.inner_epochs` H2PO updates (`learner.h2po_step.h2po_losses`, then `Engine.step`, which averages gradients
-over the ranks; the proximal policy pi_prox of decoupled PPO is the weights before the batch, read off the first
-update's forward pass) and advances the weight version by one. Ranks draw their MOST anchor batches and VRPO
-noise from their own seeds.
+`init_distributed` concurrently, then passes each rank its shard of every learner batch as an object reference
+from the replay buffer (Ray resolves it in this process; the data never passes through the driver). Per batch a
+rank runs `learner.update.h2po_update` with the engine's `step` (which averages gradients over the ranks) and
+advances the weight version by one. Ranks draw their MOST anchor batches and VRPO noise from their own seeds.
 """
 
 from __future__ import annotations
@@ -22,15 +21,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from actors.workspace import ActorProcess, frozen_copy, load_policy
-from catalog.preferences import PreferencePair
 from catalog.schema import atomic_write
 from h2po.config import RunConfig
 from h2po.errors import UserError
 from learner.checkpoint import save_checkpoint
 from learner.engine import Engine, EngineConfig, init_distributed
-from learner.h2po_step import AnchorInputs, h2po_losses
-from model.transformer import precision
-from rollout.generate import Rollouts
+from learner.pretrain import most_step
+from learner.update import h2po_update
+from rollout.buffer import LearnerBatch
 
 
 def save_rng(path: Path, rng: np.random.Generator, generator: torch.Generator) -> None:
@@ -61,8 +59,6 @@ class LearnerActor(ActorProcess):
         self.cfg, self.engine_cfg = cfg, engine_cfg
         self.policy = load_policy(cfg, checkpoint)
         self.ref = frozen_copy(self.policy.model)
-        ws = self.policy.ws
-        self.anchor = AnchorInputs(ws.data, ws.unit_features, self.policy.relevance, cfg.requests, cfg.most)
         self.engine: Engine | None = None
         self.rank, self.version = -1, 0
 
@@ -82,20 +78,18 @@ class LearnerActor(ActorProcess):
         self.generator = torch.Generator().manual_seed(self.cfg.h2po_seed * 1009 + 1 + rank)
         return rank
 
-    def train_step(self, rollouts: Rollouts | None, pairs: list[PreferencePair], lambda_off: float) -> dict:
-        """H2PO on this rank's shard: `inner_epochs` updates, then version + 1.  -> mean stats over the updates."""
+    def train_step(self, shard: LearnerBatch, lambda_off: float) -> dict:
+        """H2PO on this rank's shard (`learner.update.h2po_update`), then version + 1.  -> mean stats over the
+        inner epochs, the rank's train time and the new version."""
         start = time.time()
-        model, ws, h2po = self.engine.module, self.policy.ws, self.cfg.h2po
-        cache: dict = {}  # pi_prox and reference log-probs of this batch, filled by the first update
-        history = []
-        for _ in range(h2po.inner_epochs):
-            with precision(model, self.cfg.system.bf16):  # forward passes only; backward outside autocast
-                loss, stats = h2po_losses(model, self.ref, ws.data.catalog, ws.vocab, rollouts, cache, pairs,
-                                          self.anchor, h2po, lambda_off, self.rng, self.generator)
-            stats["grad_norm"] = self.engine.step(loss)
-            history.append(stats)
+        model, ws, cfg = self.engine.module, self.policy.ws, self.cfg
+
+        def anchor():  # the MOST loss on a fresh batch of training requests
+            return most_step(model, ws.data, ws.vocab, ws.unit_features, self.policy.relevance, cfg.requests, cfg.most,
+                             self.rng, self.generator)
+        out = h2po_update(model, self.ref, shard.rollouts, shard.pairs, self.engine.step, cfg.h2po, lambda_off,
+                          cfg.most.eps, self.generator, anchor, cfg.system.bf16)
         self.version += 1
-        out = {key: float(np.mean([h[key] for h in history])) for key in history[0]}
         out.update({"time/train": time.time() - start, "version": self.version})
         return out
 

@@ -21,21 +21,21 @@ from catalog.requests import request_to_json
 from dashboard.feed import MetricsLog, set_aside
 from h2po.config import RunConfig
 from h2po.errors import UserError
-from rollout.buffer import LearnerBatch
+from rollout.buffer import BatchSummary
 
 
 def actor_figures(calls: list) -> list[dict]:
     """Per rollout actor of the step's generation calls: lists/s and the weight version its rollouts came from."""
     done = [c for c in calls if c.done]
-    return [{"actor": c.actor, "lists_per_s": c.done["lists"] / max(c.done["seconds"], 1e-9),
+    return [{"actor": c.worker, "lists_per_s": c.done["lists"] / max(c.done["seconds"], 1e-9),
              "version": c.done["version"]} for c in done]
 
 
-def sample_record(batch: LearnerBatch, catalog, weights: np.ndarray) -> dict | None:
+def sample_record(batch: BatchSummary, catalog, weights: np.ndarray) -> dict | None:
     """The best-scored rollout of the batch's first request, as catalog titles (the page's sample panel)."""
-    if batch.rollouts is None:
+    if batch.sample is None:
         return None
-    r = batch.rollouts
+    r = batch.sample
     total = r.rewards[: r.group_size] @ weights
     best = int(np.argmax(total))
     request = r.examples[0].request
@@ -88,7 +88,7 @@ class Monitor:
             print(f"validation probe: baselines and the start policy in {time.time() - start:.1f}s (start NDCG@10 "
                   + ", ".join(f"{f} {v:.4f}" for f, v in start_ndcg.items()) + f"; again every "
                   f"{self.cfg.h2po.eval_every} steps)", flush=True)
-    def step(self, stats: dict, batch: LearnerBatch, calls: list, events: list[dict], state_ref) -> None:
+    def step(self, stats: dict, batch: BatchSummary, calls: list, events: list[dict], state_ref) -> None:
         """Write the step's record, its events and sample, and a validation probe when one is due."""
         step = stats["step"]
         self.log.write("step", actors=actor_figures(calls), **stats)

@@ -1,7 +1,9 @@
 """`RolloutActor`: a policy copy tagged with a weight version that samples and scores rollouts (DESIGN section 7).
 
 A Ray shell around `rollout.generate.generate_rollouts`: fresh training requests (`catalog.dataset.
-training_examples`), G lists each at the rollout temperature, rewards and group advantages. A reward that fails
+training_examples`), G lists each at the rollout temperature, rewards and group advantages, and the requests encoded
+once (`Rollouts.batch`: the learner ranks use these tensors). `generate` returns two objects, a small summary the
+driver waits for and the rollouts, which the driver passes on to the buffer as a reference. A reward that fails
 raises `rewards.registry.RewardError` naming it; Ray re-raises it in the caller (the driver applies
 `h2po.on_reward_error`). Resources (CPUs or a GPU) are set by the driver with `.options(...)`.
 """
@@ -46,13 +48,16 @@ class RolloutActor(ActorProcess):
     def reward_names(self) -> list[str]:
         return [reward.name for reward, _ in self.rewards]
 
-    def generate(self, n_requests: int, seed: int) -> Rollouts:
-        """G rollouts for each of n fresh training requests, drawn with (actor seed, call seed)."""
+    @ray.method(num_returns=2)
+    def generate(self, n_requests: int, seed: int) -> tuple[dict, Rollouts]:
+        """G rollouts for each of n fresh training requests, drawn with (actor seed, call seed).
+        -> ({"lists", "seconds", "version"}, the rollouts)"""
         rng = np.random.default_rng([self.seed, seed])
         model = self.policy.model
         generator = torch.Generator(device=model.device).manual_seed(int(rng.integers(1 << 62)))
         ws, h2po = self.policy.ws, self.cfg.h2po
         examples = training_examples(ws.data, self.cfg.requests, n_requests, rng)
-        return generate_rollouts(model, ws.data.catalog, ws.vocab, examples, h2po.group_size,
-                                 self.cfg.sampler.steps, h2po.rollout_temperature, self.rewards, self.reward_ctx,
-                                 self.version, generator, self.cfg.system.bf16)
+        rollouts = generate_rollouts(model, ws.data.catalog, ws.vocab, examples, h2po.group_size,
+                                     self.cfg.sampler.steps, h2po.rollout_temperature, self.rewards, self.reward_ctx,
+                                     self.version, generator, self.cfg.system.bf16)
+        return {"lists": len(rollouts.items), "seconds": rollouts.seconds, "version": rollouts.version}, rollouts

@@ -6,7 +6,8 @@
         buffer.json        the replay buffer's waiting groups (ids, examples, versions), counters and preference
                            cursor (pass, row)
         buffer.safetensors the waiting groups' tensors (sampled items, steps, behaviour log-probs, rewards,
-                           advantages), `g<i>.<name>` for the i-th group of buffer.json
+                           advantages; the encoded requests as `batch.<field>`), `g<i>.<name>` for the i-th group of
+                           buffer.json
         driver.json        steps done, weight version, rollout calls already in the buffer, the ledger (ids trained
                            per step), per-step stats, skipped batches, rollout restarts
         config.json        the resolved run config
@@ -37,6 +38,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from catalog.batch import RequestBatch
 from catalog.output import remove_stale_temporaries, temporary_path
 from catalog.requests import Example, Exclude, Prefer, Recency, Request, Require
 from h2po.errors import UserError
@@ -45,6 +47,7 @@ from rollout.generate import Rollouts
 STATE_DIR = "train_state"
 CONSTRAINTS = {"exclude": Exclude, "require": Require, "prefer": Prefer, "recency": Recency}
 GROUP_TENSORS = ("items", "step_of", "behaviour_logp", "rewards", "advantages")
+BATCH_TENSORS = tuple(f.name for f in dataclasses.fields(RequestBatch))
 
 
 @dataclass
@@ -154,6 +157,8 @@ def write_buffer_state(directory: Path, state: dict) -> None:
             value = getattr(rollouts, name)
             value = torch.from_numpy(value) if not isinstance(value, torch.Tensor) else value
             tensors[f"g{i}.{name}"] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
+        for name in BATCH_TENSORS:
+            tensors[f"g{i}.batch.{name}"] = getattr(rollouts.batch, name).clone(memory_format=torch.contiguous_format)
         groups.append({"id": group_id, "version": rollouts.version, "seconds": rollouts.seconds,
                        "examples": [_example_to_json(e) for e in rollouts.examples]})
     save_file(tensors, str(Path(directory) / "buffer.safetensors"))
@@ -171,9 +176,10 @@ def read_buffer_state(directory: Path) -> dict:
         for i, group in enumerate(plain["groups"]):
             parts = {name: tensors[f"g{i}.{name}"] for name in GROUP_TENSORS}
             parts["rewards"] = parts["rewards"].numpy()
-            rollouts = Rollouts([_example_from_json(e) for e in group["examples"]], parts["items"], parts["step_of"],
-                                parts["behaviour_logp"], parts["rewards"], parts["advantages"], int(group["version"]),
-                                float(group["seconds"]))
+            batch = RequestBatch(**{name: tensors[f"g{i}.batch.{name}"] for name in BATCH_TENSORS})
+            rollouts = Rollouts([_example_from_json(e) for e in group["examples"]], batch, parts["items"],
+                                parts["step_of"], parts["behaviour_logp"], parts["rewards"], parts["advantages"],
+                                int(group["version"]), float(group["seconds"]))
             groups.append((str(group["id"]), rollouts))
         stats = {str(key): int(value) for key, value in plain["stats"].items()}
         cursor = plain["preferences"]

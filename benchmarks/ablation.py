@@ -6,7 +6,7 @@ Run:  python benchmarks/ablation.py --run runs/default [--steps 40] [--variants 
 `--run DIR` is a run directory of `h2po run` (it holds most.safetensors and preferences.parquet). Each
 variant is a real distributed run (`actors.driver.train`: local Ray, DeepSpeed learner ranks, async mode) of
 `--steps` learner steps into DIR/ablation/<variant>, with the run's config plus the overrides:
-- hybrid: rollouts (h2po.batch_requests requests x h2po.group_size) and logged pairs (system.pairs_per_step,
+- hybrid: rollouts (h2po.batch_requests requests x h2po.group_size) and logged pairs (h2po.pairs_per_step,
   or h2po.batch_requests when that is -1 or 0: the main job's config trains on-policy only);
 - on: rollouts only (no preference file);
 - off: logged pairs only (the hybrid's pairs per step, h2po.batch_requests=0: no rollouts).
@@ -37,16 +37,17 @@ def variant_config(cfg: RunConfig, name: str) -> RunConfig:
     h2po.batch_requests when it has none (-1 or 0); `off` samples no rollouts; `on` reads no pairs (run_variant)."""
     if name == "on":
         return cfg
-    pairs = cfg.system.pairs(cfg.h2po.batch_requests) or cfg.h2po.batch_requests
-    cfg = dataclasses.replace(cfg, system=dataclasses.replace(cfg.system, pairs_per_step=pairs))
-    return dataclasses.replace(cfg, h2po=dataclasses.replace(cfg.h2po, batch_requests=0)) if name == "off" else cfg
+    pairs = cfg.h2po.pairs() or cfg.h2po.batch_requests
+    h2po = dataclasses.replace(cfg.h2po, pairs_per_step=pairs, batch_requests=0 if name == "off" else
+                               cfg.h2po.batch_requests)
+    return dataclasses.replace(cfg, h2po=h2po)
 
 
 def run_variant(cfg: RunConfig, run: Path, name: str, steps: int) -> tuple[Path, float]:
     """Train one variant (cfg: the run's config).  -> (policy checkpoint, seconds)"""
     prefs = None if name == "on" else run / "preferences.parquet"
     start = time.time()
-    result = train(variant_config(cfg, name), run / "most.safetensors", prefs, steps, "async")
+    result = train(variant_config(cfg, name), run / "most.safetensors", prefs, steps)
     return result.checkpoint, time.time() - start
 
 

@@ -3,9 +3,9 @@
 Run:  python benchmarks/probe.py --run runs/default [--steps 40] [--eval-every 20] [--terms on,off]
       [--freeze item_residual,item_bias] [--rollout-users train|val] [--seed 0] [--out FILE] [key=value ...]
 
-No Ray and no DeepSpeed: one process draws rollouts with the current weights (synchronous, staleness 0), builds
-the H2PO loss with `learner.h2po_step.h2po_losses` (the learner's own loss) and steps torch AdamW with the same
-gradient clip as the engine. It is the cheap way to compare settings before a distributed run: every
+No Ray and no DeepSpeed: one process draws rollouts with the current weights (synchronous, staleness 0) and runs
+the learner's own update loop, `learner.update.h2po_update`, with torch AdamW and the engine's gradient clip as its
+`step_fn` (`learner.update.adamw_step`). It is the cheap way to compare settings before a distributed run: every
 `--eval-every` steps it prints the paired bootstrap difference to MOST on the validation split, and at the end
 on the test split. Decide on validation; the test line is for the record.
 - `--terms`: which data the loss sees, on-policy rollouts and/or logged pairs (the MOST anchor follows
@@ -34,9 +34,11 @@ from evaluation.metrics import paired_bootstrap
 from h2po import pipeline
 from learner.checkpoint import load_checkpoint
 from learner.h2po import lambda_off_at
-from learner.h2po_step import AnchorInputs, h2po_losses
+from learner.pretrain import most_step
+from learner.update import adamw_step, h2po_update
 from rewards.base import RewardContext
 from rewards.registry import build_rewards
+from rollout.buffer import encode_pairs
 from rollout.generate import generate_rollouts
 
 
@@ -90,27 +92,23 @@ def main() -> None:
     users = ws.data if args.rollout_users == "train" else dataclasses.replace(ws.data, train_users=ws.data.val_users)
     relevance, rewards = model.prior_matrix, build_rewards(h2po.rewards)
     reward_ctx = RewardContext.from_dataset(ws.data, ws.features, relevance)
-    anchor = AnchorInputs(ws.data, ws.unit_features, relevance, cfg.requests, cfg.most)
     pairs = [p for b in read_preferences(run / "preferences.parquet", ws.data.catalog) for p in b.pairs] \
         if "off" in args.terms else []
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=h2po.lr, weight_decay=0.0)
+    step_fn = adamw_step(model, h2po.lr, h2po.grad_clip)
     rng, generator = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
+
+    def anchor():  # the MOST loss on a fresh batch of training requests
+        return most_step(model, ws.data, ws.vocab, ws.unit_features, relevance, cfg.requests, cfg.most, rng, generator)
     history, start = [], time.time()
     for step in range(args.steps):
         rollouts = generate_rollouts(model, ws.data.catalog, ws.vocab, training_examples(
             users, cfg.requests, h2po.batch_requests, rng), h2po.group_size, cfg.sampler.steps,
             h2po.rollout_temperature, rewards, reward_ctx, step, generator) if "on" in args.terms else None
-        batch = [pairs[(step * h2po.batch_requests + i) % len(pairs)] for i in range(h2po.batch_requests)] \
-            if pairs else None
-        cache: dict = {}
-        for _ in range(h2po.inner_epochs):
-            loss, stats = h2po_losses(model, reference, ws.data.catalog, ws.vocab, rollouts, cache, batch, anchor,
-                                      h2po, lambda_off_at(step, args.steps, h2po.lambda_off_start,
-                                                          h2po.lambda_off_end), rng, generator)
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.system.grad_clip)
-            optimizer.step()
+        batch = encode_pairs(ws.data.catalog, [pairs[(step * h2po.batch_requests + i) % len(pairs)]
+                                               for i in range(h2po.batch_requests)], ws.vocab) if pairs else None
+        stats = h2po_update(model, reference, rollouts, batch, step_fn, h2po,
+                            lambda_off_at(step, args.steps, h2po.lambda_off_start, h2po.lambda_off_end), cfg.most.eps,
+                            generator, anchor)
         history.append({"step": step + 1, "seconds": time.time() - start, **stats})
         if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             history[-1]["val"] = scores["val"](model, f"step {step + 1}")

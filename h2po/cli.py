@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--preferences", help="logged preference pairs (Parquet, `h2po data preferences`); none = "
                     "no off-policy term")
     tr.add_argument("--steps", type=int, default=None, help="learner steps (weight versions); default h2po.steps")
-    tr.add_argument("--mode", choices=["sync", "async"], default="async", help="overlap rollouts with training")
+    tr.add_argument("--mode", choices=["sync", "async"], default=None, help="async overlaps rollouts with training "
+                    "(h2po.max_staleness steps ahead), sync alternates; default: the driver's (async)")
     tr.add_argument("--resume", action="store_true", help="continue from OUT_DIR/train_state (written every "
                     "h2po.checkpoint_every steps); --steps is the total")
     _config_args(tr)
@@ -168,7 +169,7 @@ def _run_h2po(ws, most_path: Path):
     prefs = ws.out_dir / "preferences.parquet"
     pipeline.make_preferences(ws, prefs)
     try:
-        result = train(ws.cfg, most_path, prefs, ws.cfg.h2po.steps, "async")
+        result = train(ws.cfg, most_path, prefs, ws.cfg.h2po.steps)
     except LearnerFailed as err:
         raise UserError(f"{err} (for this run: h2po train --checkpoint {most_path} --preferences {prefs} --steps "
                         f"{ws.cfg.h2po.steps} --resume out_dir={ws.out_dir}, then h2po eval)") from err

@@ -54,7 +54,6 @@ class DataConfig:
     split_seed: int = option(0, "Seed of the 60/20/20 train/validation/test user split.", low=0, high=SEED_MAX)
     tag_buckets: int = option(64, "Hashed tag buckets in the item feature vector.", low=1, high=4096)
     cf_dim: int = option(64, "Collaborative-factor dimensions (truncated SVD of training positives).", low=0, high=1024)
-    min_year_field: str = option("year", "Name used for the year in constraints (Recency).")
 
 
 @dataclass
@@ -189,7 +188,10 @@ class H2POConfig:
     clip_high: float = option(0.28, "PPO ratio clip: upper bound 1 + clip_high.", low=0.0, high=10.0)
     max_importance_weight: float = option(5.0, "Slots whose pi_prox / pi_behav exceeds this are dropped.",
                                           low=1.0, high=1e6)
-    max_staleness: int = option(4, "Rollouts older than this many weight versions are discarded.", low=0, high=1000)
+    max_staleness: int = option(1, "Async mode: rollouts for up to this many weight versions ahead of the learner are "
+                                "in flight (a call starts only when its rollouts will be at most this many versions "
+                                "old when trained on); older groups in the buffer are dropped. Sync mode: 0.",
+                                low=0, high=1000)
     kl_beta: float = option(0.04, "Weight of the k3 KL to the reference policy.", low=0.0, high=100.0)
     dpo_beta: float = option(0.1, "DPO temperature beta on ELBO differences.", above=0.0, high=100.0)
     vrpo_samples: int = option(8, "Timesteps (one mask each) per ELBO estimate, shared by policy and reference.",
@@ -198,6 +200,10 @@ class H2POConfig:
     lambda_off_end: float = option(0.3, "Weight of the off-policy DPO term at the last step (linear decay).",
                                    low=0.0, high=100.0)
     lambda_sft: float = option(0.1, "Weight of the MOST anchor.", low=0.0, high=100.0)
+    pairs_per_step: int = option(-1, "Logged pairs per learner batch (the off-policy share); -1 = h2po.batch_requests; "
+                                 "0 = on-policy only (a preference file given is not read).", low=-1, high=MAX_BATCH)
+    grad_clip: float = option(1.0, "Global gradient-norm clip of the learner (DeepSpeed engine or the probe's AdamW); "
+                              "0 = none.", low=0.0, high=1e6)
     rollout_temperature: float = option(1.0, "Sampler temperature of rollouts.", above=0.0, high=100.0)
     rewards: list[dict] = option([{"name": "ndcg", "weight": 1.0}],
                                  "Rewards: {name: built-in or dotted path, weight, args: {...}}.", length=(1, 32))
@@ -215,6 +221,10 @@ class H2POConfig:
     seed: int = option(-1, "Seed of H2PO's own draws (rollout requests and sampling, learner noise); -1 = the "
                        "global seed. Another value: another trajectory from the same MOST checkpoint.",
                        low=-1, high=SEED_MAX)
+
+    def pairs(self) -> int:
+        """Logged pairs per learner batch: pairs_per_step, or batch_requests when that is negative."""
+        return self.batch_requests if self.pairs_per_step < 0 else self.pairs_per_step
 
 
 @dataclass
@@ -238,17 +248,10 @@ class SystemConfig:
     rollout_gpus: float = option(0.0, "GPUs per rollout actor.", low=0.0, high=64.0)
     learner_cpus: float = option(1.0, "CPUs per learner rank.", low=0.0, high=1024.0)
     learner_gpus: float = option(0.0, "GPUs per learner rank.", low=0.0, high=64.0)
-    pairs_per_step: int = option(-1, "Logged pairs per learner batch (the off-policy share); -1 = h2po.batch_requests; "
-                                 "0 = on-policy only (a preference file given is not read).", low=-1, high=MAX_BATCH)
-    grad_clip: float = option(1.0, "Gradient-norm clip of the engine.", low=0.0, high=1e6)
     bf16: bool = option(True, "bf16 autocast of rollout and learner forward passes on GPU (fp32 weights, optimiser "
                               "and item head); CPU runs are fp32 whatever this says.")
     ray_cpus: int = option(0, "CPUs of a local Ray instance (0 = all cores, at least what the actors ask).",
                            low=0, high=4096)
-
-    def pairs(self, batch_requests: int) -> int:
-        """Logged pairs per learner batch: pairs_per_step, or batch_requests when that is negative."""
-        return batch_requests if self.pairs_per_step < 0 else self.pairs_per_step
 
 
 @dataclass
@@ -353,13 +356,42 @@ def _check_relations(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+MOVED = {("system", "pairs_per_step"): "h2po", ("system", "grad_clip"): "h2po"}  # old place -> today's section
+DROPPED = {("data", "min_year_field")}  # keys that nothing read, removed
+
+
+def upgrade_recorded(values: dict) -> dict:
+    """A config recorded by an older version (a checkpoint's header) in today's spelling: a MOVED key goes to its new
+    section (where that section does not set it already), a DROPPED key is left out. Recorded configs only: in a
+    file or override the old spelling is an error (`refuse_old_spellings`)."""
+    out = {name: dict(value) if isinstance(value, dict) else value for name, value in values.items()}
+    for (section, key), target in MOVED.items():
+        if isinstance(out.get(section), dict) and key in out[section]:
+            value = out[section].pop(key)
+            if isinstance(out.setdefault(target, {}), dict):
+                out[target].setdefault(key, value)
+    for section, key in DROPPED:
+        if isinstance(out.get(section), dict):
+            out[section].pop(key, None)
+    return out
+
+
+def refuse_old_spellings(values: dict) -> dict:
+    """Config text the user wrote: a key that moved is an error naming its new place.  -> values"""
+    for (section, key), target in MOVED.items():
+        if isinstance(values.get(section), dict) and key in values[section]:
+            raise ConfigError(f"{section}.{key} is now {target}.{key} (an algorithm knob, no longer under "
+                              f"{section}:); write it there")
+    return values
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
     """Load a RunConfig: `base` values (e.g. a checkpoint's config), then a YAML file, then `key=value` overrides."""
     if base is not None and not isinstance(base, dict):
         raise ConfigError(f"base config: expected a mapping, got {quoted(base)}")
-    values = merge(base or {}, read_yaml(Path(path)) if path else {})
+    values = merge(upgrade_recorded(base or {}), refuse_old_spellings(read_yaml(Path(path)) if path else {}))
     for text in overrides:
-        values = merge(values, parse_override(text))
+        values = merge(values, refuse_old_spellings(parse_override(text)))
     return _check_relations(_build(RunConfig, values, ""))
 
 
@@ -369,8 +401,10 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 def config_from_dict(values: dict) -> RunConfig:
-    """Inverse of config_to_dict (validated like a file)."""
-    return _check_relations(_build(RunConfig, values, ""))
+    """Inverse of config_to_dict (validated like a file; an older version's spelling is upgraded)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config: expected a mapping, got {quoted(values)}")
+    return _check_relations(_build(RunConfig, upgrade_recorded(values), ""))
 
 
 def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, Any, str]]:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from catalog.batch import constraint_vocab
 from catalog.schema import Catalog, CatalogError, atomic_write
-from h2po.config import RunConfig, config_from_dict, config_to_dict, load_config
+from h2po.config import RunConfig, config_from_dict, config_to_dict, load_config, refuse_old_spellings
 from h2po.errors import UserError, quoted
 from model.transformer import Retriever
 
@@ -105,9 +105,9 @@ def config_from_checkpoint(path: Path, config_file: str | Path | None = None, ov
         raise UserError(f"{path}: the checkpoint's config is unreadable ({type(err).__name__})") from None
     if not isinstance(base, dict) or not isinstance(base.get("h2po", {}), dict):
         raise UserError(f"{path}: the checkpoint's config is not a mapping of sections")
-    user = read_yaml(Path(config_file)) if config_file else {}
+    user = refuse_old_spellings(read_yaml(Path(config_file)) if config_file else {})
     for text in overrides:
-        user = merge(user, parse_override(text))
+        user = merge(user, refuse_old_spellings(parse_override(text)))
     base["out_dir"] = str(Path(path).parent)
     specs = base.get("h2po", {}).get("rewards", [])
     builtin = {*BUILTINS, *BUILTINS.values()}

@@ -13,7 +13,7 @@ Deliberate simplifications:
   (`model.transformer.precision`, applied by the learner actor), not DeepSpeed's bf16 mode, which would cast the
   module and every float input. `state_dict()` is therefore the module's own parameters (complete on every rank
   for stages 0-2), as fp32 CPU tensors.
-- Constant learning rate (DESIGN default 1e-5), AdamW from torch (`torch_adam`: no JIT-built fused kernel).
+- Constant learning rate (`h2po.lr`), AdamW from torch (`torch_adam`: no JIT-built fused kernel).
 - DeepSpeed's checkpoint files are loaded as tensors only: its checkpoint engine's `load` (every file of a
   checkpoint goes through it) is replaced by `torch.load(weights_only=True)` that allows, besides tensors and
   plain containers, the three plain DeepSpeed types its ZeRO optimiser state holds (`TENSOR_ONLY_GLOBALS`). A
@@ -21,7 +21,7 @@ Deliberate simplifications:
 
 Example (inside a process where `init_distributed` has run, e.g. an `actors.learner.LearnerActor`):
     init_distributed(rank=0, world_size=1, port=29500)
-    engine = Engine(model, EngineConfig(zero_stage=2, lr=1e-5))
+    engine = Engine(model, EngineConfig(zero_stage=2, lr=1e-4, grad_clip=1.0))
     engine.step(loss)
     weights = engine.state_dict()
 """
@@ -41,12 +41,13 @@ from h2po.errors import UserError
 
 @dataclass
 class EngineConfig:
-    """Plain arguments of the engine (the run config's H2PO section and the system options fill them)."""
+    """Plain arguments of the engine, no defaults of its own: the driver fills them from `system.zero_stage`,
+    `h2po.lr` and `h2po.grad_clip`, where the defaults live."""
 
-    zero_stage: int = 2  # ZeRO stage 0, 1 or 2 (3 is rejected: module docstring)
-    lr: float = 1e-5  # AdamW learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    grad_clip: float = 1.0  # global gradient-norm clip (0 = none)
+    zero_stage: int  # ZeRO stage 0, 1 or 2 (3 is rejected: module docstring)
+    lr: float  # AdamW learning rate
+    grad_clip: float  # global gradient-norm clip (0 = none)
+    weight_decay: float = 0.0  # AdamW weight decay (H2PO uses none; there is no knob for it)
 
 
 def backend() -> str:

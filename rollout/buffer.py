@@ -1,12 +1,17 @@
-"""The replay buffer's logic (no Ray; `actors.buffer.ReplayBuffer` is its shell): versioned rollout groups with a
-staleness bound, logged preference pairs streamed from Parquet, and learner batches with the configured mix.
+"""The replay buffer's logic (no Ray; `actors.buffer.ReplayBufferActor` is its shell): versioned rollout groups with
+a staleness bound, logged preference pairs streamed from Parquet, and learner batches with the configured mix.
 
 - A *group* is one request's G rollouts (`split_groups`); the buffer keeps groups first-in first-out, each tagged
   with the weight version that sampled it. `take(current_version, n)` first drops every group older than
-  `max_staleness` versions (AReaL's staleness bound, arXiv:2505.24298) and counts them, then serves the n oldest.
+  `max_staleness` versions (AReaL's staleness bound, arXiv:2505.24298; with the driver's admission control it only
+  binds after a restart) and counts them, then serves the n oldest.
 - `PreferenceStream` reads the logged pairs through the validating reader (`catalog.preferences`) one record batch
   at a time and starts a new pass at the end of the file; bad rows are never served (the reader counts them).
-- `LearnerBatch` = on-policy groups + logged pairs; `shard_batch` splits it over the data-parallel ranks.
+- `ReplayBuffer.take` serves one learner step: a `BatchSummary` for the driver (ids, staleness, rewards, a sample;
+  a few KB) and one `LearnerBatch` per data-parallel rank (its contiguous share of the groups, concatenated once, and
+  of the pairs, encoded here as `PairBatch` tensors). Every tensor a rank needs is encoded: the rollouts carry the
+  request rows their actor encoded, and each shard's request tensors are trimmed to the widths its own rows need
+  (`request_rows`), so a rank sees exactly what encoding its requests itself would give.
 
 Every group and pair carries an id (groups: given by the driver, else their acceptance number; pairs:
 `p<pass>-<row>` of the file), and a batch lists the ids it serves so the driver can keep a ledger of what was
@@ -19,21 +24,53 @@ Deliberate simplification: a concatenated batch carries the oldest version of it
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from catalog.batch import RequestBatch, constraint_vocab, encode_requests
 from catalog.preferences import PreferencePair, read_preferences
 from catalog.schema import Catalog, CatalogError
 from rollout.generate import Rollouts
+
+PADDED = (("seeds", "seed_mask"), ("negatives", "negative_mask"), ("con_kind", "con_mask"), ("con_value", "con_mask"),
+          ("con_scalar", "con_mask"))  # RequestBatch fields padded to a width, with the mask saying which are used
+
+
+def request_rows(batches: list[RequestBatch], rows: list[torch.Tensor] | None = None) -> RequestBatch:
+    """The given rows of each batch, stacked, every padded field cut or zero-padded to the widest row actually used
+    (`catalog.batch.encode_requests` pads with zeros to the longest request), so the result equals encoding those
+    rows' requests together."""
+    parts = [b if r is None else RequestBatch(**{f.name: getattr(b, f.name)[r] for f in fields(b)})
+             for b, r in zip(batches, rows or [None] * len(batches), strict=True)]
+    out = {"valid": torch.cat([p.valid for p in parts])}
+    for name, mask in PADDED:
+        width = max((used_width(getattr(p, mask)) for p in parts), default=0)
+        out[name] = torch.cat([_width(getattr(p, name), width) for p in parts])
+        out[mask] = torch.cat([_width(getattr(p, mask), width) for p in parts])
+    return RequestBatch(**out)
+
+
+def used_width(mask: torch.Tensor) -> int:
+    """(B, W) bool -> 1 + the last column any row uses (0 when none does)."""
+    used = mask.any(0).nonzero()
+    return int(used.max()) + 1 if len(used) else 0
+
+
+def _width(values: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, W) -> (B, width): cut, or padded on the right with zeros (False)."""
+    if values.shape[1] >= width:
+        return values[:, :width]
+    return torch.cat([values, values.new_zeros((values.shape[0], width - values.shape[1]))], dim=1)
 
 
 def split_groups(rollouts: Rollouts) -> list[Rollouts]:
     """One Rollouts per request (its G rows), same version."""
     g = rollouts.group_size
-    return [Rollouts([ex], rollouts.items[b * g:(b + 1) * g], rollouts.step_of[b * g:(b + 1) * g],
+    return [Rollouts([ex], request_rows([rollouts.batch], [torch.arange(b * g, (b + 1) * g)]),
+                     rollouts.items[b * g:(b + 1) * g], rollouts.step_of[b * g:(b + 1) * g],
                      rollouts.behaviour_logp[b * g:(b + 1) * g], rollouts.rewards[b * g:(b + 1) * g],
                      rollouts.advantages[b * g:(b + 1) * g], rollouts.version)
             for b, ex in enumerate(rollouts.examples)]
@@ -43,34 +80,68 @@ def concat_groups(groups: list[Rollouts]) -> Rollouts | None:
     """Groups (same G and k) back into one Rollouts, request-major; its version is the oldest one.  None if empty."""
     if not groups:
         return None
-    return Rollouts([ex for r in groups for ex in r.examples], torch.cat([r.items for r in groups]),
-                    torch.cat([r.step_of for r in groups]), torch.cat([r.behaviour_logp for r in groups]),
-                    np.concatenate([r.rewards for r in groups]), torch.cat([r.advantages for r in groups]),
-                    min(r.version for r in groups))
+    return Rollouts([ex for r in groups for ex in r.examples], request_rows([r.batch for r in groups]),
+                    torch.cat([r.items for r in groups]), torch.cat([r.step_of for r in groups]),
+                    torch.cat([r.behaviour_logp for r in groups]), np.concatenate([r.rewards for r in groups]),
+                    torch.cat([r.advantages for r in groups]), min(r.version for r in groups))
+
+
+@dataclass
+class PairBatch:
+    """P logged pairs as tensors (`learner.update.PairTensors`)."""
+
+    batch: RequestBatch  # (P rows) each pair's request
+    chosen: torch.Tensor  # (P, K) long
+    rejected: torch.Tensor  # (P, K) long
+    weights: torch.Tensor  # (P,) float32
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+
+def encode_pairs(catalog: Catalog, pairs: list[PreferencePair], vocab: dict) -> PairBatch | None:
+    """Logged pairs -> tensors (None for no pairs)."""
+    if not pairs:
+        return None
+    return PairBatch(encode_requests(catalog, [p.request for p in pairs], vocab),
+                     torch.tensor([p.chosen for p in pairs], dtype=torch.long),
+                     torch.tensor([p.rejected for p in pairs], dtype=torch.long),
+                     torch.tensor([p.weight for p in pairs], dtype=torch.float32))
 
 
 @dataclass
 class LearnerBatch:
-    """What one learner step (or one rank's shard of it) trains on; either part may be empty."""
+    """What one learner rank trains on in one step; either part may be absent."""
 
     rollouts: Rollouts | None
-    pairs: list[PreferencePair]
-    staleness: int = 0  # largest (current version - sampling version) among the groups
-    ids: list[str] = field(default_factory=list)  # ids of the served groups, then of the pairs (the ledger)
-    staleness_counts: dict[int, int] = field(default_factory=dict)  # staleness -> groups served with it
-    waiting: int = 0  # groups left in the buffer after this batch was taken
+    pairs: PairBatch | None
 
     @property
     def n_requests(self) -> int:
         return 0 if self.rollouts is None else len(self.rollouts.examples)
 
 
-def shard_batch(batch: LearnerBatch, n: int) -> list[LearnerBatch]:
-    """Split requests and pairs into n contiguous, near-equal shards (data parallelism: each rank takes one)."""
-    groups = split_groups(batch.rollouts) if batch.rollouts is not None else []
+@dataclass
+class BatchSummary:
+    """What the driver sees of one learner step's batch (the tensors go from the buffer to the ranks directly)."""
+
+    ids: list[str]  # ids of the served groups, then of the pairs (the ledger)
+    n_requests: int
+    n_pairs: int
+    staleness: int = 0  # largest (current version - sampling version) among the groups
+    staleness_counts: dict[int, int] = field(default_factory=dict)  # staleness -> groups served with it
+    waiting: int = 0  # groups left in the buffer after this batch was taken
+    rewards: np.ndarray | None = None  # (B*G, C) raw reward components of the served rollouts
+    sample: Rollouts | None = None  # the first served group (the dashboard's sample panel)
+
+
+def shard(groups: list[Rollouts], pairs: list[PreferencePair], n: int, catalog: Catalog | None,
+          vocab: dict | None) -> list[LearnerBatch]:
+    """Split groups and pairs into n contiguous, near-equal shards (data parallelism: each rank takes one)."""
     group_parts = np.array_split(np.arange(len(groups)), n)
-    pair_parts = np.array_split(np.arange(len(batch.pairs)), n)
-    return [LearnerBatch(concat_groups([groups[i] for i in g]), [batch.pairs[i] for i in p], batch.staleness)
+    pair_parts = np.array_split(np.arange(len(pairs)), n)
+    return [LearnerBatch(concat_groups([groups[i] for i in g]),
+                         encode_pairs(catalog, [pairs[i] for i in p], vocab) if len(p) else None)
             for g, p in zip(group_parts, pair_parts, strict=True)]
 
 
@@ -109,9 +180,9 @@ class RolloutQueue:
         self.stats.groups_waiting = len(self.groups)
         return len(self.groups)
 
-    def take_with_ids(self, current_version: int, n: int) -> tuple[Rollouts | None, list[int], list[str]]:
+    def take_with_ids(self, current_version: int, n: int) -> tuple[list[Rollouts], list[int], list[str]]:
         """Drop groups staler than the bound, then serve up to n oldest.
-        -> (rollouts or None, staleness of each served group, their ids)"""
+        -> (the served groups, staleness of each, their ids)"""
         fresh = [(i, r) for i, r in self.groups if current_version - r.version <= self.max_staleness]
         self.stats.groups_dropped_stale += len(self.groups) - len(fresh)
         served, rest = fresh[:n], fresh[n:]
@@ -119,12 +190,7 @@ class RolloutQueue:
         self.stats.groups_served += len(served)
         self.stats.groups_waiting = len(self.groups)
         staleness = [current_version - r.version for _, r in served]
-        return concat_groups([r for _, r in served]), staleness, [i for i, _ in served]
-
-    def take(self, current_version: int, n: int) -> tuple[Rollouts | None, int]:
-        """`take_with_ids` without the ids."""
-        rollouts, staleness, _ = self.take_with_ids(current_version, n)
-        return rollouts, max(staleness, default=0)
+        return [r for _, r in served], staleness, [i for i, _ in served]
 
 
 class PreferenceStream:
@@ -133,6 +199,7 @@ class PreferenceStream:
     The cursor is (pass, file row of the next pair to serve); `seek` restores it after a restart."""
 
     def __init__(self, path: str | Path, catalog: Catalog, batch_rows: int = 1024) -> None:
+        self.catalog = catalog
         self.reader = read_preferences(path, catalog, batch_rows)
         self.pending: deque[tuple[int, PreferencePair]] = deque()  # (file row, pair)
         self.batches = iter(self.reader)
@@ -189,17 +256,24 @@ class ReplayBuffer:
     def __init__(self, max_staleness: int, preferences: PreferenceStream | None = None) -> None:
         self.queue = RolloutQueue(max_staleness)
         self.preferences = preferences
+        self.vocab = constraint_vocab(preferences.catalog) if preferences is not None else None
 
     def put(self, rollouts: Rollouts, ids: list[str] | None = None) -> int:
         return self.queue.put(rollouts, ids)
 
-    def take(self, current_version: int, n_requests: int, n_pairs: int) -> LearnerBatch:
-        """Up to n_requests fresh groups and, when a preference file is attached, exactly n_pairs logged pairs."""
-        rollouts, staleness, ids = self.queue.take_with_ids(current_version, n_requests)
+    def take(self, current_version: int, n_requests: int, n_pairs: int,
+             n_shards: int = 1) -> tuple[BatchSummary, list[LearnerBatch]]:
+        """Up to n_requests fresh groups and, when a preference file is attached, exactly n_pairs logged pairs, split
+        over n_shards ranks.  -> (the summary for the driver, one LearnerBatch per rank)"""
+        groups, staleness, ids = self.queue.take_with_ids(current_version, n_requests)
         pairs = self.preferences.next_pairs(n_pairs) if self.preferences is not None else []
         pair_ids = self.preferences.last_ids if self.preferences is not None else []
         counts = {s: staleness.count(s) for s in sorted(set(staleness))}
-        return LearnerBatch(rollouts, pairs, max(staleness, default=0), ids + pair_ids, counts, len(self.queue.groups))
+        summary = BatchSummary(ids + pair_ids, len(groups), len(pairs), max(staleness, default=0), counts,
+                               len(self.queue.groups), np.concatenate([g.rewards for g in groups]) if groups else None,
+                               groups[0] if groups else None)
+        catalog = self.preferences.catalog if self.preferences is not None else None
+        return summary, shard(groups, pairs, n_shards, catalog, self.vocab)
 
     def state(self) -> dict:
         """What a restart needs: the waiting groups with their ids, the counters, the preference cursor."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from catalog.batch import encode_requests
+from catalog.batch import RequestBatch, encode_requests
 from catalog.requests import Example, Request
 from catalog.schema import Catalog
 from model.transformer import Retriever, precision
@@ -28,6 +28,7 @@ class Rollouts:
     """B requests x G sampled lists, flattened request-major (row b * G + g)."""
 
     examples: list[Example]  # (B,)
+    batch: RequestBatch  # (B*G rows) each row's request, encoded once (the sampler's input; CPU)
     items: torch.Tensor  # (B*G, K) long
     step_of: torch.Tensor  # (B*G, K) long
     behaviour_logp: torch.Tensor  # (B*G, K) float
@@ -56,14 +57,14 @@ def generate_rollouts(model: Retriever, catalog: Catalog, vocab: dict, examples:
     start = time.perf_counter()
     model.eval()
     repeated = [e for e in examples for _ in range(group_size)]
-    batch = encode_requests(catalog, [e.request for e in repeated], vocab).to(model.device)
+    batch = encode_requests(catalog, [e.request for e in repeated], vocab)
     k = examples[0].request.k
     with precision(model, bf16):
-        samples = sample_lists(model, batch, k, steps, temperature, generator)
+        samples = sample_lists(model, batch.to(model.device), k, steps, temperature, generator)
     items = samples.items.cpu()
     scored = score_rewards([r for r, _ in rewards], RewardBatch([e.request for e in repeated], items.numpy(),
                                                 [e.targets for e in repeated]), ctx)  # (B*G, C)
     weights = np.array([w for _, w in rewards], dtype=np.float64)
     adv = group_advantages(scored.reshape(len(examples), group_size, -1), weights).reshape(-1)
-    return Rollouts(examples, items, samples.step_of.cpu(), samples.logp.float().cpu(), scored,
+    return Rollouts(examples, batch, items, samples.step_of.cpu(), samples.logp.float().cpu(), scored,
                     torch.from_numpy(adv).float(), version, time.perf_counter() - start)

@@ -19,12 +19,14 @@ import numpy as np
 import pytest
 import ray
 import torch
+from conftest import make_tiny_catalog
 from safetensors.torch import load_file
 from test_security import Payload
 
+from catalog.batch import constraint_vocab, encode_requests
 from catalog.behaviour import generate_preferences
 from catalog.dataset import Dataset
-from catalog.preferences import write_preferences
+from catalog.preferences import PreferencePair, write_preferences
 from catalog.requests import Example, Request
 from catalog.schema import CatalogError
 from evaluation.baselines import EASE
@@ -32,7 +34,7 @@ from h2po.cli import main
 from h2po.config import DataConfig, RequestConfig, load_config
 from learner.checkpoint import read_header
 from rewards.registry import RewardError
-from rollout.buffer import LearnerBatch, PreferenceStream, ReplayBuffer, RolloutQueue, shard_batch, split_groups
+from rollout.buffer import PreferenceStream, ReplayBuffer, RolloutQueue, request_rows, shard, split_groups
 from rollout.generate import Rollouts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,24 +44,37 @@ TINY_H2PO = ["threads=1", "requests.k=8", "h2po.group_size=2", "h2po.batch_reque
 
 
 def fake_rollouts(first_seed: int, n_requests: int, version: int, g: int = 2, k: int = 3) -> Rollouts:
-    """n requests x g rows; request b has seed item first_seed + b, row r holds items 10 r .. 10 r + k - 1."""
-    examples = [Example(Request((first_seed + b,), k=k), (), 0, "A", 1) for b in range(n_requests)]
+    """n requests x g rows; request b has seed items first_seed + b, ..., first_seed + 2b (b + 1 seeds), row r holds
+    items 10 r .. 10 r + k - 1; the request rows are encoded on the 50-item test catalog."""
+    examples = [Example(Request(tuple(range(first_seed + b, first_seed + 2 * b + 1)), k=k), (), 0, "A", 1)
+                for b in range(n_requests)]
     rows = n_requests * g
     items = torch.arange(rows * k).reshape(rows, k) + 10
-    return Rollouts(examples, items, torch.zeros(rows, k, dtype=torch.long), torch.zeros(rows, k),
+    catalog = make_tiny_catalog()
+    batch = encode_requests(catalog, [e.request for e in examples for _ in range(g)], constraint_vocab(catalog))
+    return Rollouts(examples, batch, items, torch.zeros(rows, k, dtype=torch.long), torch.zeros(rows, k),
                     np.zeros((rows, 1)), torch.arange(rows, dtype=torch.float32), version)
 
 
-def test_split_and_shard_keep_groups_together():
-    """3 requests x G=2 split into groups of 2 rows; 2 shards take requests [0, 1] and [2], pairs [0, 1] and [2]."""
+def test_split_and_shard_keep_groups_together(tiny_catalog, tiny_vocab):
+    """3 requests x G=2 (1, 2 and 3 seeds) split into groups of 2 rows; 2 shards take requests [0, 1] and [2], pairs
+    [0, 1] and [2]. Each shard's request tensors equal encoding its own requests (seed width 2, then 3), and
+    encoded pairs keep their lists and weights."""
     rollouts = fake_rollouts(0, 3, version=5)
     groups = split_groups(rollouts)
     assert [len(g.items) for g in groups] == [2, 2, 2] and all(g.version == 5 for g in groups)
-    assert torch.equal(groups[1].items, rollouts.items[2:4])
-    shards = shard_batch(LearnerBatch(rollouts, ["p0", "p1", "p2"], 0), 2)
-    assert [s.n_requests for s in shards] == [2, 1] and [s.pairs for s in shards] == [["p0", "p1"], ["p2"]]
+    assert torch.equal(groups[1].items, rollouts.items[2:4]) and groups[0].batch.seeds.shape == (2, 1)
+    pairs = [PreferencePair(e.request, (40, 41, 42), (43, 44, 45), w, "test")
+             for e, w in zip(fake_rollouts(5, 3, 0).examples, (1.0, 2.0, 0.5))]
+    shards = shard(groups, pairs, 2, tiny_catalog, tiny_vocab)
+    assert [s.n_requests for s in shards] == [2, 1] and [len(s.pairs) for s in shards] == [2, 1]
     assert torch.equal(torch.cat([s.rollouts.advantages for s in shards]), rollouts.advantages)
-    assert shard_batch(LearnerBatch(None, [], 0), 2)[1].rollouts is None
+    for part, requests in ((shards[0], rollouts.examples[:2]), (shards[1], rollouts.examples[2:])):
+        expected = encode_requests(tiny_catalog, [e.request for e in requests for _ in range(2)], tiny_vocab)
+        assert all(torch.equal(getattr(part.rollouts.batch, name), value) for name, value in vars(expected).items())
+    assert shards[1].pairs.weights.tolist() == [0.5] and shards[0].pairs.chosen.tolist() == [[40, 41, 42]] * 2
+    assert request_rows([rollouts.batch], [torch.tensor([0])]).seeds.shape == (1, 1)
+    assert shard([], [], 2, None, None)[1].rollouts is None
 
 
 def test_queue_drops_stale_groups_and_serves_oldest_first():
@@ -68,11 +83,11 @@ def test_queue_drops_stale_groups_and_serves_oldest_first():
     queue.put(fake_rollouts(0, 2, version=1))
     queue.put(fake_rollouts(10, 1, version=2))
     queue.put(fake_rollouts(20, 2, version=3))
-    served, staleness = queue.take(current_version=3, n=2)
-    assert [e.request.seeds for e in served.examples] == [(10,), (20,)]
-    assert staleness == 1 and served.version == 2
+    served, staleness, ids = queue.take_with_ids(current_version=3, n=2)
+    assert [g.examples[0].request.seeds for g in served] == [(10,), (20,)] and ids == ["g2", "g3"]
+    assert staleness == [1, 0] and [g.version for g in served] == [2, 3]
     assert (queue.stats.groups_dropped_stale, queue.stats.groups_served, queue.stats.groups_waiting) == (2, 2, 1)
-    assert queue.take(current_version=5, n=4) == (None, 0) and queue.stats.groups_dropped_stale == 3
+    assert queue.take_with_ids(current_version=5, n=4) == ([], [], []) and queue.stats.groups_dropped_stale == 3
 
 
 def test_preference_stream_serves_pairs_pass_after_pass(tiny_catalog, tmp_path):
@@ -89,8 +104,9 @@ def test_preference_stream_serves_pairs_pass_after_pass(tiny_catalog, tmp_path):
     assert stream.passes == 2 and pairs[0] == pairs[stats.pairs] and stream.served == 2 * stats.pairs + 1
     buffer = ReplayBuffer(0, stream)
     buffer.put(fake_rollouts(0, 1, version=0))
-    batch = buffer.take(0, 4, 3)
-    assert batch.n_requests == 1 and len(batch.pairs) == 3 and buffer.stats().pairs_served == 2 * stats.pairs + 4
+    summary, (batch,) = buffer.take(0, 4, 3)
+    assert batch.n_requests == summary.n_requests == 1 and len(batch.pairs) == summary.n_pairs == 3
+    assert buffer.stats().pairs_served == 2 * stats.pairs + 4
     bad = tmp_path / "bad.parquet"
     write_preferences(table.set_column(table.schema.get_field_index("k"), "k", [[2] * len(table)]), bad)
     with pytest.raises(CatalogError, match="no valid preference pairs"):
@@ -219,14 +235,16 @@ def check_feed(run_dir: Path, cfg) -> None:
 
 
 @pytest.mark.slow
-def test_async_run_trains_on_one_version_old_rollouts(run_dir, cluster):
-    """Async: the first batch is fresh, later ones were sampled by the previous version (staleness 1), none dropped."""
+@pytest.mark.parametrize("max_staleness, pattern", [(1, [0, 1, 1]), (2, [0, 1, 2])])
+def test_async_run_trains_on_rollouts_up_to_max_staleness_old(run_dir, cluster, max_staleness, pattern):
+    """Async: the first batch is fresh; with h2po.max_staleness 1 later ones were sampled by the previous version,
+    with 2 the calls of two steps ahead start at once (all three with version 0); none is dropped."""
     from actors.driver import train
     from h2po.config import SystemConfig
 
-    result = train(h2po_config(run_dir), run_dir / "most.safetensors", None, steps=3, mode="async",
-                   system=SystemConfig(learners=2, zero_stage=2))
-    assert [s["rollout/staleness"] for s in result.history] == [0, 1, 1]
+    result = train(h2po_config(run_dir, f"h2po.max_staleness={max_staleness}"), run_dir / "most.safetensors", None,
+                   steps=3, mode="async", system=SystemConfig(learners=2, zero_stage=2))
+    assert [s["rollout/staleness"] for s in result.history] == pattern
     assert all(s["pairs"] == 0 and s["loss/off"] == 0 for s in result.history)
     assert result.rollout_versions == [3] and result.buffer.groups_dropped_stale == 0
 
@@ -241,17 +259,17 @@ def test_actors_publish_weights_and_checkpoint(run_dir, cluster):
     actors = place_actors(h2po_config(run_dir), str(run_dir / "most.safetensors"), None,
                           SystemConfig(learners=2, zero_stage=2))
     rollout = actors.rollouts[0]
-    before = ray.get(rollout.generate.remote(2, 7))
-    assert before.version == 0
-    shards = shard_batch(LearnerBatch(before, [], 0), 2)
-    ray.get([a.train_step.remote(s.rollouts, s.pairs, 1.0) for a, s in zip(actors.learners, shards)])
+    summary, before = ray.get(list(rollout.generate.remote(2, 7)))
+    assert before.version == summary["version"] == 0 and summary["lists"] == 4
+    shards = shard(split_groups(before), [], 2, None, None)
+    ray.get([a.train_step.remote(s, 1.0) for a, s in zip(actors.learners, shards)])
     state_ref, version_ref = actors.learners[0].weights.remote()
     assert ray.get(rollout.set_weights.remote(state_ref, ray.get(version_ref))) == 1
-    after = ray.get(rollout.generate.remote(2, 7))
+    after = ray.get(rollout.generate.remote(2, 7)[1])
     assert after.version == 1 and not torch.equal(after.behaviour_logp, before.behaviour_logp)
     ckpt = str(run_dir / "deepspeed")
     ray.get([a.save_checkpoint.remote(ckpt) for a in actors.learners])
-    ray.get([a.train_step.remote(s.rollouts, s.pairs, 1.0) for a, s in zip(actors.learners, shards)])
+    ray.get([a.train_step.remote(s, 1.0) for a, s in zip(actors.learners, shards)])
     marker = run_dir / "rng_marker"  # a pickle planted where the old format kept rank 0's RNG state: never opened
     torch.save(Payload(marker), Path(ckpt) / "rng_rank0.pt")
     assert ray.get([a.load_checkpoint.remote(ckpt) for a in actors.learners]) == [1, 1]
@@ -279,19 +297,24 @@ def test_failing_reward_stops_or_skips_with_its_name(run_dir, cluster, tmp_path)
     """A reward returning NaN: generate raises RewardError naming it; the driver re-raises it ("stop") or counts
     the dropped batch ("skip")."""
     from actors.buffer import ReplayBufferActor
-    from actors.calls import Actors, collect_rollouts, launch_rollouts
+    from actors.calls import RayWorkers
     from actors.rollout import RolloutActor
+    from actors.scheduler import RolloutScheduler
 
     (tmp_path / "broken_reward.py").write_text(BROKEN_REWARD)
     cfg = h2po_config(run_dir, 'h2po.rewards=[{"name": "broken_reward:BrokenReward", "weight": 1.0}]')
     rollout = RolloutActor.options(runtime_env={"env_vars": {"PYTHONPATH": str(tmp_path)}}).remote(
         cfg, str(run_dir / "most.safetensors"), 0)
     with pytest.raises(RewardError, match="'broken' returned 2 NaN"):
-        ray.get(rollout.generate.remote(1, 0))
-    actors = Actors([], [rollout], ReplayBufferActor.options(num_cpus=0).remote(cfg, None))
+        ray.get(rollout.generate.remote(1, 0)[0])
+    buffer = ReplayBufferActor.options(num_cpus=0).remote(cfg, None)
+    stop = RolloutScheduler(RayWorkers([rollout], buffer), 1, 0, "stop")
+    stop.admit(0)
     with pytest.raises(RewardError) as err:
-        collect_rollouts(launch_rollouts(actors, 1, 0), actors.buffer, "stop")
+        stop.collect(0)
     assert err.value.reward == "broken"
-    assert collect_rollouts(launch_rollouts(actors, 1, 1), actors.buffer, "skip") == 1
+    skip = RolloutScheduler(RayWorkers([rollout], buffer), 1, 0, "skip")
+    skip.admit(0)
+    assert skip.collect(0)[0].done is None and skip.skipped == 1
     ray.kill(rollout)
-    ray.kill(actors.buffer)
+    ray.kill(buffer)

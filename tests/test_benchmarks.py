@@ -116,7 +116,7 @@ def test_probe_differences_are_paired_against_most(tiny_run, tmp_path, monkeypat
 
 
 def test_ablation_variants_take_pairs_although_the_main_job_has_none():
-    """configs/default.yaml trains on-policy only (system.pairs_per_step=0); from its config the ablation's hybrid
+    """configs/default.yaml trains on-policy only (h2po.pairs_per_step=0); from its config the ablation's hybrid
     still takes h2po.batch_requests pairs per step next to the rollouts, off-policy only the same pairs and no
     rollouts, on-policy only the config as it is. An explicit pair count is kept."""
     import ablation
@@ -126,13 +126,13 @@ def test_ablation_variants_take_pairs_although_the_main_job_has_none():
     default = str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
     cfg = load_config(default)
     requests = cfg.h2po.batch_requests
-    assert cfg.system.pairs_per_step == 0 and requests > 0
+    assert cfg.h2po.pairs_per_step == 0 and requests > 0
     variants = {name: ablation.variant_config(cfg, name) for name in ablation.VARIANTS}
-    assert (variants["hybrid"].system.pairs_per_step, variants["hybrid"].h2po.batch_requests) == (requests, requests)
-    assert (variants["off"].system.pairs_per_step, variants["off"].h2po.batch_requests) == (requests, 0)
+    assert (variants["hybrid"].h2po.pairs_per_step, variants["hybrid"].h2po.batch_requests) == (requests, requests)
+    assert (variants["off"].h2po.pairs_per_step, variants["off"].h2po.batch_requests) == (requests, 0)
     assert variants["on"] == cfg
-    explicit = load_config(default, ["system.pairs_per_step=4"])
-    assert ablation.variant_config(explicit, "off").system.pairs_per_step == 4
+    explicit = load_config(default, ["h2po.pairs_per_step=4"])
+    assert ablation.variant_config(explicit, "off").h2po.pairs_per_step == 4
 
 
 def test_pooled_averages_runs_then_resamples_users():

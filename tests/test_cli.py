@@ -115,10 +115,10 @@ def test_run_main_job(tmp_path, capsys):
     read), H2PO on a local Ray instance (2 learner ranks, ZeRO-2; stopped by its time budget after one step), then
     the table with MOST and H2PO and the report. A second run with the same settings reuses the MOST checkpoint."""
     assert main(["run", "--config", TINY, f"out_dir={tmp_path}", "threads=1", "h2po.steps=4",
-                 "h2po.max_minutes=1e-6", "system.pairs_per_step=0"]) == 0
+                 "h2po.max_minutes=1e-6", "h2po.pairs_per_step=0"]) == 0
     out, err = capsys.readouterr()
     assert all(name in out for name in (*BASELINES, "MOST", "H2PO", "NDCG@10", "dNDCG@10 vs MOST"))
-    assert f"logged pairs: {tmp_path / 'preferences.parquet'} not read (system.pairs_per_step=0" in out
+    assert f"logged pairs: {tmp_path / 'preferences.parquet'} not read (h2po.pairs_per_step=0" in out
     assert "dashboard: http://127.0.0.1:" in out
     assert "WARNING: h2po.max_minutes (1e-06) spent: stopping after step 1 of 4" in err  # loud, and recorded:
     assert json.loads(read_header(tmp_path / "h2po.safetensors")["meta"])["stopped_by"] == "max_minutes"

@@ -218,3 +218,21 @@ def test_rival_grids_are_checked_when_the_config_is_read(override, message):
 def test_test_draws_below_one_is_refused_when_the_config_is_read():
     with pytest.raises(ConfigError, match=r"eval\.test_draws = 0 is outside its range \[1, 1000\]"):
         load_config(None, ["eval.test_draws=0"])
+
+
+def test_moved_knobs_old_spelling_refused_in_text_and_read_from_recorded_configs(tmp_path):
+    """system.pairs_per_step and system.grad_clip moved to h2po: written by the user (override or file) they are an
+    error naming the new key; in a recorded config (a checkpoint's header, `config_from_dict`) they are read as
+    h2po.*, and data.min_year_field, which nothing read, is ignored."""
+    with pytest.raises(ConfigError, match=r"system\.pairs_per_step is now h2po\.pairs_per_step"):
+        load_config(None, ["system.pairs_per_step=0"])
+    (tmp_path / "old.yaml").write_text("system:\n  grad_clip: 0.5\n")
+    with pytest.raises(ConfigError, match=r"system\.grad_clip is now h2po\.grad_clip"):
+        load_config(tmp_path / "old.yaml")
+    recorded = config_to_dict(load_config(None, []))
+    recorded["system"].update(pairs_per_step=0, grad_clip=0.5)
+    del recorded["h2po"]["pairs_per_step"], recorded["h2po"]["grad_clip"]
+    recorded["data"]["min_year_field"] = "year"
+    cfg = config_from_dict(recorded)
+    assert (cfg.h2po.pairs_per_step, cfg.h2po.grad_clip, cfg.h2po.pairs()) == (0, 0.5, 0)
+    assert load_config(None, ["h2po.pairs_per_step=3"], base=recorded).h2po.pairs_per_step == 3

@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from catalog.batch import encode_requests
 from catalog.dataset import Dataset, training_examples
 from catalog.preferences import PreferencePair
 from catalog.requests import valid_mask
 from h2po.config import DataConfig, H2POConfig, MostConfig, RequestConfig
-from learner.h2po_step import AnchorInputs, h2po_losses, rollout_log_probs
+from learner.pretrain import most_step
+from learner.update import batch_loss, fixed_log_probs, rollout_log_probs
 from rewards.base import RewardContext
 from rewards.registry import build_rewards
+from rollout.buffer import encode_pairs
 from rollout.generate import Rollouts, generate_rollouts
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -39,7 +40,12 @@ def inputs(tiny_catalog, tiny_vocab, tiny_prior_model):
     allowed = [np.flatnonzero(valid_mask(tiny_catalog, e.request)).tolist() for e in examples[:2]]
     pairs = [PreferencePair(e.request, tuple(a[:K]), tuple(a[-K:]), 1.0, "test") for e, a in zip(examples, allowed)]
     relevance = tiny_prior_model.prior_matrix
-    anchor = AnchorInputs(data, np.eye(tiny_catalog.n_items, 8), relevance, requests, MostConfig(batch_size=3))
+    rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
+
+    def anchor():
+        return most_step(tiny_prior_model, data, tiny_vocab, np.eye(tiny_catalog.n_items, 8), relevance, requests,
+                         MostConfig(batch_size=3), rng, generator)
+    pairs = encode_pairs(tiny_catalog, pairs, tiny_vocab)
     ctx = RewardContext.from_dataset(data, np.eye(tiny_catalog.n_items, 8), relevance)
     reference = copy.deepcopy(tiny_prior_model).requires_grad_(False)
     return tiny_prior_model, reference, examples, pairs, anchor, ctx
@@ -55,9 +61,9 @@ def rollouts_and_loss(inputs, tiny_catalog, tiny_vocab, device: str, bf16: bool,
     with autocast:
         rollouts = generate_rollouts(model, tiny_catalog, tiny_vocab, examples, 2, 2, 1.0, rewards, ctx, 0,
                                      generator)
-        loss, stats = h2po_losses(model, reference, tiny_catalog, tiny_vocab, rollouts, {}, pairs, anchor,
-                                  H2POConfig(vrpo_samples=2), 1.0, np.random.default_rng(seed),
-                                  torch.Generator().manual_seed(seed))
+        fixed = fixed_log_probs(model, reference, rollouts)
+        loss, stats = batch_loss(model, reference, rollouts, fixed, pairs, H2POConfig(vrpo_samples=2), 1.0, 1e-3,
+                                 torch.Generator().manual_seed(seed), anchor)
     return rollouts, loss, stats
 
 
@@ -81,10 +87,9 @@ def test_bf16_autocast_keeps_fp32_weights_head_and_finite_gradients(inputs, tiny
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     with torch.no_grad():
-        fp32 = rollout_log_probs(model, tiny_catalog, tiny_vocab, rollouts)
+        fp32 = rollout_log_probs(model, rollouts)
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-            batch = encode_requests(tiny_catalog, rollouts.requests, tiny_vocab)
-            ctx = model.encode(batch)
+            ctx = model.encode(rollouts.batch)
             assert model.logits(ctx, model.hidden(ctx, rollouts.items)).dtype == torch.float32
     assert rollouts.behaviour_logp.dtype == torch.float32
     assert_bf16_close(fp32, rollouts.behaviour_logp)
@@ -108,7 +113,7 @@ def test_rollouts_and_losses_on_cuda(inputs, tiny_catalog, tiny_vocab, bf16):
     model = inputs[0]
     assert model.device.type == "cuda" and all(p.grad.is_cuda for p in model.parameters() if p.grad is not None)
     with torch.no_grad():
-        fp32 = rollout_log_probs(model, tiny_catalog, tiny_vocab, rollouts).cpu()
+        fp32 = rollout_log_probs(model, rollouts).cpu()
     if bf16:
         assert_bf16_close(fp32, rollouts.behaviour_logp)
     else:
@@ -130,7 +135,7 @@ def test_engine_steps_on_cuda_with_nccl(inputs, tiny_catalog, tiny_vocab):
     try:
         assert backend() == "nccl"
         model = inputs[0]
-        engine = Engine(model, EngineConfig(zero_stage=2, lr=1e-3))
+        engine = Engine(model, EngineConfig(zero_stage=2, lr=1e-3, grad_clip=1.0))
         assert engine.module.device.type == "cuda"
         before = engine.state_dict(buffers=False)
         _, loss, _ = rollouts_and_loss(inputs, tiny_catalog, tiny_vocab, "cuda", bf16=True)

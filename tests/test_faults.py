@@ -55,11 +55,11 @@ def test_buffer_state_restores_groups_and_preference_cursor(tiny_catalog, tmp_pa
         return buffer
 
     reference, saved = fresh(), fresh()
-    expected = [reference.take(1, 2, 4).ids for _ in range(4)]
-    assert [saved.take(1, 2, 4).ids for _ in range(2)] == expected[:2]
+    expected = [reference.take(1, 2, 4)[0].ids for _ in range(4)]
+    assert [saved.take(1, 2, 4)[0].ids for _ in range(2)] == expected[:2]
     restored = ReplayBuffer(2, PreferenceStream(prefs, tiny_catalog, batch_rows=2))
     restored.restore(saved.state())
-    assert [restored.take(1, 2, 4).ids for _ in range(2)] == expected[2:]
+    assert [restored.take(1, 2, 4)[0].ids for _ in range(2)] == expected[2:]
     assert expected[0][:2] == ["a", "b"] and expected[2][:1] == ["e"] and expected[3][0].startswith("p")
     pass0 = [i for ids in expected for i in ids if i.startswith("p0-")]
     assert len(pass0) == 9 == len(set(pass0)) and restored.stats() == reference.stats()

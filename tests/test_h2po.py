@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -161,37 +160,6 @@ def test_unchanged_weights_give_ratio_one(tiny_catalog, tiny_vocab, tiny_model, 
     with torch.no_grad():
         ref_logp = trajectory_log_probs(reference, reference.encode(batch), out.items, out.step_of)
     assert torch.equal(k3_kl(logp.detach(), ref_logp), torch.zeros_like(ref_logp))
-
-
-def test_on_policy_terms_fix_prox_and_reference_on_the_first_epoch(tiny_catalog, tiny_vocab, tiny_model, requests):
-    """The per-batch cache: the first call stores pi_prox (its own log-probs, detached: ratio 1) and the reference's
-    log-probs; after an update the second call reuses both (same tensors) and the ratio moves away from 1."""
-    from catalog.requests import Example
-    from h2po.config import H2POConfig
-    from learner.h2po_step import on_policy_terms
-    from rollout.generate import Rollouts
-
-    model, reference = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
-    batch = encode_requests(tiny_catalog, requests, tiny_vocab)
-    out = sample_lists(model, batch, K, 3, temperature=1.0, generator=torch.Generator().manual_seed(3))
-    examples = [Example(r, (), 0, "A", len(r.seeds)) for r in requests]
-    rollouts = Rollouts(examples, out.items, out.step_of, out.logp, np.zeros((len(requests), 1)),
-                        torch.linspace(-1, 1, len(requests)), 0)
-    cache: dict = {}
-    _, kl, stats = on_policy_terms(model, reference, tiny_catalog, tiny_vocab, rollouts, cache, H2POConfig())
-    prox, ref = cache["prox"], cache["ref"]
-    torch.testing.assert_close(prox, out.logp, atol=1e-5, rtol=0)
-    assert stats["ppo/ratio_mean"].item() == pytest.approx(1.0, abs=1e-6) and kl.item() == pytest.approx(0, abs=1e-6)
-    generator = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    _, kl, stats = on_policy_terms(model, reference, tiny_catalog, tiny_vocab, rollouts, cache, H2POConfig())
-    assert cache["prox"] is prox and cache["ref"] is ref
-    assert abs(stats["ppo/ratio_mean"].item() - 1.0) > 1e-3 and kl.item() > 0
-    other = Rollouts(examples, out.items, out.step_of, out.logp, np.zeros((len(requests), 1)), rollouts.advantages, 0)
-    with pytest.raises(ValueError, match="another learner batch"):
-        on_policy_terms(model, reference, tiny_catalog, tiny_vocab, other, cache, H2POConfig())
 
 
 # ---------------------------------------------------------------- VRPO ELBO and DPO

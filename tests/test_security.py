@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_catalog
 from safetensors.torch import save_file
 
 from actors.train_state import DriverState, find_train_state, read_train_state, write_train_state
+from catalog.batch import constraint_vocab, encode_requests
 from catalog.dataset import load_catalog
 from catalog.requests import Example, Exclude, Prefer, Recency, Request
 from h2po.cli import main
@@ -57,7 +59,9 @@ def rollouts_with_everything(version: int) -> Rollouts:
                         ("Comedy", 1990)),
                 Example(Request((6,), k=3), (8,), 9, "A", 1)]
     items = torch.arange(12).reshape(4, 3)
-    return Rollouts(examples, items, torch.ones(4, 3, dtype=torch.long), torch.full((4, 3), -0.5),
+    catalog = make_tiny_catalog()
+    batch = encode_requests(catalog, [e.request for e in examples for _ in range(2)], constraint_vocab(catalog))
+    return Rollouts(examples, batch, items, torch.ones(4, 3, dtype=torch.long), torch.full((4, 3), -0.5),
                     np.arange(8, dtype=np.float64).reshape(4, 2), torch.tensor([1.0, -1.0, 0.5, -0.5]), version, 1.25)
 
 
@@ -81,6 +85,8 @@ def test_resume_never_unpickles_the_buffer(tmp_path):
         for name in ("items", "step_of", "behaviour_logp", "advantages"):
             assert torch.equal(getattr(a, name), getattr(b, name)) and getattr(a, name).dtype == getattr(b, name).dtype
         assert np.array_equal(a.rewards, b.rewards) and a.rewards.dtype == b.rewards.dtype
+        for name, value in vars(a.batch).items():
+            assert torch.equal(value, getattr(b.batch, name)) and value.dtype == getattr(b.batch, name).dtype
     assert restored.stats() == buffer.stats()
 
 
@@ -140,7 +146,7 @@ with socket.socket() as s:
     port = s.getsockname()[1]
 init_distributed(0, 1, port)
 torch.manual_seed(0)
-engine = Engine(torch.nn.Linear(3, 2), EngineConfig(zero_stage=2, lr=0.1))
+engine = Engine(torch.nn.Linear(3, 2), EngineConfig(zero_stage=2, lr=0.1, grad_clip=1.0))
 engine.step(sum(p.sum() for p in engine.module.parameters()))
 engine.save_checkpoint(directory, {"version": 7})
 out = {"genuine": engine.load_checkpoint(directory)["version"]}
