@@ -1,4 +1,5 @@
 # `make run` / `make test`: each creates .venv on first use (and again when pyproject.toml changes).
+# `make test` is the full suite (what CI runs); `make unit` the tests on synthetic data only (under a minute).
 PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
@@ -6,7 +7,7 @@ ARGS ?=
 # `make run CONFIG=configs/movietweetings.yaml`: the main job on the second dataset
 CONFIG ?= configs/default.yaml
 
-.PHONY: run test bench clean
+.PHONY: run test unit bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 is needed"; exit 1; }
@@ -19,6 +20,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q $(ARGS)
+
+unit: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m unit $(ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/sampler.py $(ARGS)

@@ -68,6 +68,32 @@ def make_tiny_model(catalog: Catalog, prior: bool = False, seed: int = 0) -> Ret
     return randomise(model, seed)
 
 
+# `make unit` (pytest -m unit): the tests of these modules that run on synthetic data only (the in-memory catalog
+# below, hand-made tensors, fake workers), not marked slow; well under a minute together. `make test` runs everything.
+UNIT_MODULES = {"test_update.py", "test_scheduler.py", "test_h2po.py", "test_model.py", "test_most.py",
+                "test_evaluation.py", "test_rewards.py", "test_intent_prior.py", "test_device.py", "test_config.py",
+                "test_config_ranges.py", "test_config_fuzz.py", "test_header_fuzz.py", "test_request_fuzz.py",
+                "test_actors.py", "test_faults.py"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "unit: synthetic data only, seconds (`make unit`: the edit-test loop)")
+
+
+def pytest_ignore_collect(collection_path, config):
+    """With `-m unit`, the other test modules are not even imported (fast start; no heavy imports)."""
+    if config.getoption("markexpr") == "unit" and collection_path.name.startswith("test_") \
+            and collection_path.suffix == ".py":
+        return collection_path.name not in UNIT_MODULES
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in UNIT_MODULES and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.unit)
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """One torch thread for tiny models: thread start-up and contention on a busy 2-core box cost 10-30x."""
