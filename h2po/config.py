@@ -280,10 +280,11 @@ class ServeConfig:
                                  low=1, high=MAX_BATCH)
     batch_wait_ms: float = option(5.0, "How long the batcher waits to fill a batch after its first request, ms.",
                                   low=0.0, high=10_000.0)
-    max_ongoing: int = option(32, "Requests a replica works on at once (Ray Serve max_ongoing_requests).",
+    max_ongoing: int = option(128, "Requests a replica holds at once, its batcher's queue included (Ray Serve "
+                              "max_ongoing_requests); beyond them requests wait in Ray Serve's router.",
                               low=1, high=100_000)
-    max_queued: int = option(64, "Requests waiting for a replica before new ones are shed with 503 + Retry-After "
-                             "(Ray Serve max_queued_requests).", low=1, high=1_000_000)
+    max_queued: int = option(128, "Requests waiting in the router for a replica before new ones are shed with 503 + "
+                             "Retry-After (Ray Serve max_queued_requests).", low=1, high=1_000_000)
     retry_after_s: int = option(1, "Retry-After, seconds, sent with a shed request.", low=0, high=3600)
     max_body_bytes: int = option(1_000_000, "Largest request body; a larger one gets 413.", low=1024,
                                  high=100_000_000)
