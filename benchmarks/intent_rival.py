@@ -23,6 +23,7 @@ from harness import format_rows, machine, output_file, write_result
 
 from catalog.intent import IntentIndex
 from catalog.requests import valid_mask
+from core.numerics import masked_zscore
 from evaluation.baselines import EASE, best_k
 from evaluation.metrics import bootstrap_ci, item_mask, paired_bootstrap, ranking_metrics
 from evaluation.report import example_groups
@@ -42,10 +43,7 @@ def rival_ndcg(ease: EASE, intent: IntentIndex, examples: list, weights: tuple[f
         part = examples[start:start + CHUNK]
         raw = ease.scores(part)  # (R, N)
         allowed = np.stack([valid_mask(cat, e.request) for e in part])
-        count = allowed.sum(1, keepdims=True)
-        mean = (raw * allowed).sum(1, keepdims=True) / count
-        std = np.sqrt((((raw - mean) ** 2) * allowed).sum(1, keepdims=True) / count).clip(1e-6)
-        z = (raw - mean) / std
+        z = masked_zscore(raw, allowed)
         boost = intent.scores([e.request.seeds for e in part])
         relevant = item_mask([e.targets for e in part], cat.n_items)
         for j, w in enumerate(weights):

@@ -31,6 +31,7 @@ from catalog.dataset import Dataset, training_example
 from catalog.preferences import PREFERENCES_SCHEMA
 from catalog.requests import Example, request_to_json, valid_mask
 from catalog.schema import Catalog
+from core.numerics import masked_zscore
 from h2po.config import RequestConfig
 
 USER_BLOCK = 32  # users whose requests are scored in one (R, N) matrix
@@ -99,10 +100,7 @@ def draw_pairs(catalog: Catalog, examples: Sequence[Example], scores: np.ndarray
     allowed = np.stack([valid_mask(catalog, e.request) for e in examples])  # (R, N)
     if (allowed.sum(1) < k).any():
         raise ValueError(f"a request allows fewer than k={k} items")
-    count = allowed.sum(1, keepdims=True)
-    mean = np.where(allowed, scores, 0.0).sum(1, keepdims=True) / count  # (R, 1)
-    std = np.sqrt((np.where(allowed, scores - mean, 0.0) ** 2).sum(1, keepdims=True) / count)
-    z = (scores - mean) / np.maximum(std, 1e-12)  # (R, N)
+    z = masked_zscore(scores, allowed)  # (R, N)
     targets = np.zeros(allowed.shape, dtype=bool)
     for r, e in enumerate(examples):
         targets[r, list(e.targets)] = True

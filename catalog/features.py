@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from catalog.dataset import Dataset, stable_hash
+from core.numerics import unit_rows
 
 DECADES = np.arange(1900, 2030, 10)
 
@@ -21,7 +22,7 @@ def item_features(data: Dataset) -> np.ndarray:
         for n, values in enumerate(cat.attributes["tag"]):
             for v in values:
                 tags[n, stable_hash(v) % cfg.tag_buckets] += 1.0
-        blocks.append(tags / np.maximum(np.linalg.norm(tags, axis=1, keepdims=True), 1e-6))
+        blocks.append(unit_rows(tags))
     years = cat.years.astype(np.float32)
     known = years > 0
     decade = np.zeros((cat.n_items, len(DECADES)), dtype=np.float32)
@@ -43,4 +44,4 @@ def cf_factors(train_matrix: np.ndarray, dim: int) -> np.ndarray:
     _, s, v = torch.svd_lowrank(torch.from_numpy(train_matrix), q=dim, niter=4)
     torch.random.set_rng_state(generator_state)
     factors = (v * s.sqrt()).numpy()
-    return factors / np.maximum(np.linalg.norm(factors, axis=1, keepdims=True), 1e-6)
+    return unit_rows(factors)

@@ -15,6 +15,8 @@ import json
 import time
 from pathlib import Path
 
+from core.table import cell
+
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.html"
 COMPARISON_COLUMNS = [  # (header, key): the columns of evaluation.report.COLUMNS shown on the page
@@ -77,17 +79,6 @@ def latest_sample(records: list[dict]) -> dict | None:
             "seeds": [str(t) for t in sample.get("seeds") or []], "list": [str(t) for t in sample.get("list") or []]}
 
 
-def _cell(summary: dict, key: str, with_ci: bool = False) -> str:
-    if summary.get(key) is None:
-        return "-"
-    signed = "_vs_" in key
-    text = f"{summary[key]:+.3f}" if signed else f"{summary[key]:.3f}"
-    if with_ci and summary.get(f"{key}_ci"):
-        lo, hi = summary[f"{key}_ci"]
-        text += f" [{lo:+.3f}, {hi:+.3f}]" if signed else f" [{lo:.3f}, {hi:.3f}]"
-    return text
-
-
 def comparison(run_dir: str | Path) -> list[dict]:
     """OUT_DIR/results.json as one table per group: methods as rows, NDCG@10 with its CI first, then the other
     metrics and the paired differences to each reference method.  [] without the file."""
@@ -102,8 +93,8 @@ def comparison(run_dir: str | Path) -> list[dict]:
         header = ["method", "NDCG@10 [95% CI]", *(h for h, _ in COMPARISON_COLUMNS)]
         header += [f"Δ{metric.upper()} vs {reference} [95% CI]" for metric, reference in
                    (key.split("_vs_") for key in vs_keys)]
-        rows = [[method, _cell(summary, "ndcg@10", with_ci=True), *(_cell(summary, k) for _, k in COMPARISON_COLUMNS),
-                 *(_cell(summary, key, with_ci=True) for key in vs_keys)] for method, summary in by_method.items()]
+        rows = [[method, cell(summary, "ndcg@10", with_ci=True), *(cell(summary, k) for _, k in COMPARISON_COLUMNS),
+                 *(cell(summary, key, with_ci=True) for key in vs_keys)] for method, summary in by_method.items()]
         tables.append({"group": group, "n": next(iter(by_method.values()), {}).get("n"), "header": header,
                        "rows": rows})
     return tables

@@ -26,6 +26,7 @@ import torch
 from catalog.dataset import Dataset
 from catalog.requests import Example, valid_mask
 from catalog.schema import Catalog
+from core.numerics import unit_rows
 from evaluation.metrics import item_mask, ranking_metrics
 from h2po.config import EvalConfig
 
@@ -58,11 +59,6 @@ def best_k(scores: np.ndarray, k: int) -> np.ndarray:
 def top_k(scores: np.ndarray, examples: Sequence[Example], catalog: Catalog, k: int) -> np.ndarray:
     """(R, k) int64 lists: the best k items of `scores` (R, N) among those each request allows."""
     return best_k(filtered_scores(scores, examples, catalog, k), k).astype(np.int64)
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (zero rows stay zero)."""
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 class Baseline:

@@ -27,6 +27,7 @@ import numpy as np
 from catalog.dataset import Dataset
 from catalog.requests import Example, Request, valid_mask
 from catalog.schema import Catalog
+from core.numerics import unit_rows
 
 
 def item_mask(item_sets: Sequence[Sequence[int]], n_items: int) -> np.ndarray:
@@ -92,8 +93,7 @@ def intra_list_diversity(lists: np.ndarray, features: np.ndarray) -> np.ndarray:
     """(R,) mean over position pairs i < j of 1 - cosine(features[l_i], features[l_j]); 0 for lists of one item."""
     if lists.shape[1] < 2:
         return np.zeros(len(lists))
-    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)  # (N, F)
-    x = unit[lists]  # (R, K, F)
+    x = unit_rows(features)[lists]  # (R, K, F)
     sim = x @ x.transpose(0, 2, 1)  # (R, K, K)
     upper_i, upper_j = np.triu_indices(lists.shape[1], k=1)
     return (1.0 - sim[:, upper_i, upper_j]).mean(1).astype(np.float64)

@@ -24,6 +24,7 @@ import numpy as np
 from catalog.dataset import Dataset
 from catalog.features import item_features
 from catalog.requests import Example
+from core.table import cell
 from evaluation.metrics import bootstrap_ci, coverage, list_metrics, paired_bootstrap
 from h2po.config import EvalConfig
 
@@ -98,13 +99,7 @@ COLUMNS = [  # (header, key, width)
 
 
 def _cell(summary: dict[str, object], key: str, width: int, with_ci: bool = False) -> str:
-    if key not in summary:
-        return "-".rjust(width)
-    text = f"{summary[key]:+.3f}" if "_vs_" in key else f"{summary[key]:.3f}"
-    if with_ci:
-        lo, hi = summary[f"{key}_ci"]
-        text += f" [{lo:.3f}, {hi:.3f}]" if "_vs_" not in key else f" [{lo:+.3f}, {hi:+.3f}]"
-    return text.rjust(width)
+    return cell(summary, key, with_ci).rjust(width)
 
 
 def format_table(results: dict[str, dict[str, dict[str, object]]]) -> str:

@@ -35,6 +35,7 @@ from catalog.dataset import Dataset
 from catalog.intent import IntentIndex
 from catalog.requests import Example, valid_mask
 from catalog.schema import atomic_write
+from core.numerics import masked_zscore
 from evaluation.baselines import EASE, Baseline, filtered_scores, mmr_rerank, seed_matrix
 from evaluation.neural_rivals import MultVAE, NeuralRival, TwoTower, fit_neural
 from evaluation.tuning import Params, Tuned, ValidationSet, objective, tune
@@ -47,10 +48,7 @@ LIMITS = {"factors": (2, 512), "regularization": (1e-6, 1e6), "alpha": (1e-3, 1e
 
 def standardise(scores: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     """(R, N) z-scores of `scores`, with mean and standard deviation over each row's allowed items."""
-    n = np.maximum(allowed.sum(1, keepdims=True), 1)
-    mean = np.where(allowed, scores, 0.0).sum(1, keepdims=True) / n
-    var = np.where(allowed, (scores - mean) ** 2, 0.0).sum(1, keepdims=True) / n
-    return ((scores - mean) / np.sqrt(np.maximum(var, 1e-12))).astype(np.float32)
+    return masked_zscore(scores, allowed).astype(np.float32)
 
 
 class IntentBoost(Baseline):

@@ -28,6 +28,7 @@ from catalog.intent import IntentIndex
 from catalog.preferences import ValidationReport, read_preferences, write_preferences
 from catalog.requests import Example
 from catalog.schema import atomic_write
+from core.numerics import unit_rows
 from evaluation.baselines import EASE, CentroidKNN, build_baselines, tune_ease
 from evaluation.metrics import item_mask, ranking_metrics
 from evaluation.report import evaluate_methods, format_table
@@ -64,8 +65,7 @@ def prepare(cfg: RunConfig) -> Workspace:
     out_dir = Path(cfg.out_dir)
     data = Dataset.build(load_catalog(cfg.data, out_dir), cfg.data)
     features = item_features(data)
-    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-6)
-    return Workspace(cfg, data, features, unit, constraint_vocab(data.catalog), out_dir)
+    return Workspace(cfg, data, features, unit_rows(features), constraint_vocab(data.catalog), out_dir)
 
 
 def examples(ws: Workspace, split: str) -> list[Example]:

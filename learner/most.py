@@ -12,12 +12,13 @@ import numpy as np
 import torch
 
 from catalog.requests import Example
+from core.numerics import masked_zscore
 
 
 def metric_scores(relevance: np.ndarray, bonus: np.ndarray, features: np.ndarray,
                   negatives: tuple[int, ...]) -> np.ndarray:
     """M(i) for all items: z-scored relevance + soft bonus - max cosine to a negative.  (N,) -> (N,)"""
-    z = (relevance - relevance.mean()) / max(relevance.std(), 1e-6)
+    z = masked_zscore(relevance)
     if negatives:
         z = z - (features @ features[list(negatives)].T).max(1)
     return z + bonus

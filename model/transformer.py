@@ -26,17 +26,11 @@ from torch import nn
 
 from catalog.batch import CONSTRAINT_KINDS, RequestBatch
 from catalog.intent import intent_counts, shared_values
+from core.numerics import masked_zscore, seed_row_sum
 from h2po.config import ModelConfig
 
 MASK = -1
 SEGMENTS = {"constraint": 0, "negative": 1, "seed": 2, "slot": 3}
-
-
-def seed_row_sum(matrix: torch.Tensor, seeds: torch.Tensor, seed_mask: torch.Tensor) -> torch.Tensor:
-    """Relevance of every item to a seed set: the sum of the seeds' rows of an item-item matrix (e.g. EASE's B).
-
-    matrix (N, N); seeds, seed_mask (B, S) padded -> (B, N) float32."""
-    return (matrix[seeds].float() * seed_mask[..., None]).sum(1)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -151,11 +145,7 @@ class Retriever(nn.Module):
         prior = torch.zeros(batch.valid.shape, device=batch.valid.device)
         if self.prior_matrix is not None:
             raw = seed_row_sum(self.prior_matrix, batch.seeds, batch.seed_mask)  # (B, N)
-            valid = batch.valid.float()
-            count = valid.sum(1, keepdim=True).clamp_min(1)
-            mean = (raw * valid).sum(1, keepdim=True) / count
-            std = (((raw - mean) ** 2 * valid).sum(1, keepdim=True) / count).sqrt().clamp_min(1e-6)
-            prior = self.prior_scale * ((raw - mean) / std)
+            prior = self.prior_scale * masked_zscore(raw, batch.valid)
         if self.intent_values is not None:
             shared = shared_values(self.intent_values, batch.seeds, batch.seed_mask)  # (B, V)
             prior = prior + intent_counts(self.intent_values, shared, self.intent_scale[self.intent_parts])

@@ -17,7 +17,7 @@ import torch
 from catalog.dataset import Dataset
 from catalog.requests import Request
 from catalog.schema import Catalog
-from evaluation.baselines import unit_rows
+from core.numerics import unit_rows
 
 
 @dataclass(frozen=True, eq=False)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from catalog.requests import Request, valid_mask
+from core.numerics import masked_zscore, seed_row_sum, unit_rows
 from rewards.base import Reward, RewardBatch, RewardContext
 
 
@@ -22,15 +23,16 @@ def standardised_relevance(request: Request, ctx: RewardContext) -> np.ndarray:
         return np.zeros(ctx.catalog.n_items)
     if ctx.relevance is not None:
         with torch.no_grad():
-            raw = ctx.relevance[seeds].float().sum(0).cpu().numpy().astype(np.float64)  # (N,)
+            index = torch.tensor([seeds], device=ctx.relevance.device)
+            raw = seed_row_sum(ctx.relevance, index, torch.ones_like(index, dtype=torch.bool))[0]
+        raw = raw.cpu().numpy().astype(np.float64)  # (N,)
     else:
         centroid = ctx.features[seeds].mean(0).astype(np.float64)  # (F,)
-        raw = ctx.features @ (centroid / max(np.linalg.norm(centroid), 1e-12))  # (N,)
+        raw = ctx.features @ unit_rows(centroid)  # (N,)
     valid = valid_mask(ctx.catalog, request)
     if not valid.any():
         return np.zeros(ctx.catalog.n_items)
-    mean, std = raw[valid].mean(), raw[valid].std()
-    return (raw - mean) / max(std, 1e-6)
+    return masked_zscore(raw, valid)
 
 
 class RelevanceReward(Reward):

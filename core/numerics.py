@@ -1,0 +1,45 @@
+"""The relevance numerics that the model's prior, the rewards, the rivals and MOST's targets share.
+
+One definition each, so that a reward and the prior it mirrors cannot drift apart:
+- `seed_row_sum`: relevance of every item to a seed set, the sum of the seeds' rows of an item-item matrix;
+- `masked_zscore`: rows standardised over the entries a mask allows (population std, floored at STD_FLOOR);
+- `unit_rows`: rows scaled to unit L2 norm (zero rows stay zero).
+`masked_zscore` and `unit_rows` take a numpy array or a torch tensor and return the same kind (and dtype).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+STD_FLOOR = 1e-6  # a row whose allowed entries are all equal gets z = 0, not NaN
+NORM_FLOOR = 1e-12
+
+Array = np.ndarray | torch.Tensor
+
+
+def seed_row_sum(matrix: torch.Tensor, seeds: torch.Tensor, seed_mask: torch.Tensor) -> torch.Tensor:
+    """Relevance of every item to a seed set: the sum of the seeds' rows of an item-item matrix (e.g. EASE's B).
+
+    matrix (N, N); seeds, seed_mask (B, S) padded -> (B, N) float32."""
+    return (matrix[seeds].float() * seed_mask[..., None]).sum(1)
+
+
+def masked_zscore(raw: Array, allowed: Array | None = None) -> Array:
+    """(R, N) z-scores of `raw` (R, N), with mean and standard deviation over each row's allowed entries (all when
+    `allowed` is None); a row allowing nothing is standardised as if it allowed one entry."""
+    if isinstance(raw, np.ndarray):
+        mask = None if allowed is None else torch.from_numpy(np.asarray(allowed))
+        return masked_zscore(torch.from_numpy(raw), mask).numpy()
+    weight = torch.ones_like(raw) if allowed is None else allowed.to(raw.dtype)
+    count = weight.sum(-1, keepdim=True).clamp_min(1)
+    mean = (raw * weight).sum(-1, keepdim=True) / count
+    std = (((raw - mean) ** 2 * weight).sum(-1, keepdim=True) / count).sqrt().clamp_min(STD_FLOOR)
+    return (raw - mean) / std
+
+
+def unit_rows(x: Array) -> Array:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    if isinstance(x, np.ndarray):
+        return unit_rows(torch.from_numpy(x)).numpy()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_FLOOR)
