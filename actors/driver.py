@@ -289,13 +289,17 @@ def run_loop(actors: Actors, cfg: RunConfig, opts: LoopOptions, state: DriverSta
             opts.on_step(step, actors)
         if stop:
             state.stopped_by = "max_minutes"
-            print(f"WARNING: h2po.max_minutes ({h2po.max_minutes:g}) spent: stopping after step {state.step} of "
-                  f"{steps}. The budget is in steps (h2po.steps); the clock ended this run, so its policy depends on "
-                  "the machine's speed. Raise h2po.max_minutes (a safety net) to let the steps decide.",
-                  file=sys.stderr, flush=True)
+            warn_time_cap(state.step, steps, h2po.max_minutes)
             break
     state.rollout_restarts, state.skipped = scheduler.restarts, scheduler.skipped
     return state
+
+
+def warn_time_cap(step: int, steps: int, max_minutes: float) -> None:
+    """The loud line of an H2PO run that the wall clock, not its step budget, ended."""
+    print(f"WARNING: h2po.max_minutes ({max_minutes:g}) spent: stopping after step {step} of {steps}. The budget is "
+          "in steps (h2po.steps); the clock ended this run, so its policy depends on the machine's speed. Raise "
+          "h2po.max_minutes (a safety net) to let the steps decide.", file=sys.stderr, flush=True)
 
 
 def restore_state(actors: Actors, cfg: RunConfig, timeout: float) -> tuple[DriverState, object]:
