@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from h2po.config_check import check_limits, check_value, range_help
-from h2po.config_yaml import ConfigError, key_text, merge, parse_override, read_yaml
+from h2po.config_yaml import (
+    ConfigError,
+    key_text,
+    merge,
+    parse_override,
+    read_yaml,
+    refuse_old_spellings,
+    upgrade_recorded,
+)
 from h2po.errors import quoted
 
 MAX_K = 64  # = catalog.requests.MAX_K and MAX_SEEDS (this leaf package cannot import catalog/; a test ties them)
@@ -355,35 +363,6 @@ def _check_relations(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"h2po.lambda_off_end = {h2po.lambda_off_end!r} is above h2po.lambda_off_start = "
                           f"{h2po.lambda_off_start!r} (lambda_off decays linearly from start to end)")
     return cfg
-
-
-MOVED = {("system", "pairs_per_step"): "h2po", ("system", "grad_clip"): "h2po"}  # old place -> today's section
-DROPPED = {("data", "min_year_field")}  # keys that nothing read, removed
-
-
-def upgrade_recorded(values: dict) -> dict:
-    """A config recorded by an older version (a checkpoint's header) in today's spelling: a MOVED key goes to its new
-    section (where that section does not set it already), a DROPPED key is left out. Recorded configs only: in a
-    file or override the old spelling is an error (`refuse_old_spellings`)."""
-    out = {name: dict(value) if isinstance(value, dict) else value for name, value in values.items()}
-    for (section, key), target in MOVED.items():
-        if isinstance(out.get(section), dict) and key in out[section]:
-            value = out[section].pop(key)
-            if isinstance(out.setdefault(target, {}), dict):
-                out[target].setdefault(key, value)
-    for section, key in DROPPED:
-        if isinstance(out.get(section), dict):
-            out[section].pop(key, None)
-    return out
-
-
-def refuse_old_spellings(values: dict) -> dict:
-    """Config text the user wrote: a key that moved is an error naming its new place.  -> values"""
-    for (section, key), target in MOVED.items():
-        if isinstance(values.get(section), dict) and key in values[section]:
-            raise ConfigError(f"{section}.{key} is now {target}.{key} (an algorithm knob, no longer under "
-                              f"{section}:); write it there")
-    return values
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:

@@ -153,3 +153,32 @@ def parse_override(text: str) -> dict:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
     return out
+
+
+MOVED = {("system", "pairs_per_step"): "h2po", ("system", "grad_clip"): "h2po"}  # old place -> today's section
+DROPPED = {("data", "min_year_field")}  # keys that nothing read, removed
+
+
+def upgrade_recorded(values: dict) -> dict:
+    """A config recorded by an older version (a checkpoint's header) in today's spelling: a MOVED key goes to its new
+    section (where that section does not set it already), a DROPPED key is left out. Recorded configs only: in a
+    file or override the old spelling is an error (`refuse_old_spellings`)."""
+    out = {name: dict(value) if isinstance(value, dict) else value for name, value in values.items()}
+    for (section, key), target in MOVED.items():
+        if isinstance(out.get(section), dict) and key in out[section]:
+            value = out[section].pop(key)
+            if isinstance(out.setdefault(target, {}), dict):
+                out[target].setdefault(key, value)
+    for section, key in DROPPED:
+        if isinstance(out.get(section), dict):
+            out[section].pop(key, None)
+    return out
+
+
+def refuse_old_spellings(values: dict) -> dict:
+    """Config text the user wrote: a key that moved is an error naming its new place.  -> values"""
+    for (section, key), target in MOVED.items():
+        if isinstance(values.get(section), dict) and key in values[section]:
+            raise ConfigError(f"{section}.{key} is now {target}.{key} (an algorithm knob, no longer under "
+                              f"{section}:); write it there")
+    return values

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from catalog.batch import constraint_vocab
 from catalog.schema import Catalog, CatalogError, atomic_write
-from h2po.config import RunConfig, config_from_dict, config_to_dict, load_config, refuse_old_spellings
+from h2po.config import RunConfig, config_from_dict, config_to_dict, load_config
+from h2po.config_yaml import refuse_old_spellings
 from h2po.errors import UserError, quoted
 from model.transformer import Retriever
 

@@ -10,7 +10,7 @@ hot-swap when the file is replaced by a newer version (training writes it atomic
 catalog is refused with one line and the current one keeps serving.
 
 Ray: `address` (or $RAY_ADDRESS) joins a running cluster, where the applications stay after the command ends with
-`detach`; otherwise a local Ray instance starts on loopback only (as `actors.driver.loopback_only` does) and stops
+`detach`; otherwise a local Ray instance starts on loopback only (`actors.driver.loopback_only`) and stops
 with the command. The HTTP proxy binds serve.host:serve.port; beyond loopback every request needs the bearer token.
 """
 
@@ -90,11 +90,9 @@ def connect(address: str | None, cpus: float) -> bool:
     if address:
         ray.init(address=address, logging_level="WARNING")
         return False
-    from ray._private import ray_constants
+    from actors.driver import loopback_only
 
-    # loopback only, as `actors.driver.loopback_only` does for training (its docstring says why this variable)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() in ("1", "true")
+    loopback_only()
     ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus + 0.999)), include_dashboard=False, logging_level="WARNING")
     return True
 
