@@ -156,12 +156,17 @@ def is_loopback(host: str) -> bool:
 
 
 def dashboard_token(host: str, token: str | None) -> str | None:
-    """The token a dashboard on `host` requires: the given one, else $H2PO_DASHBOARD_TOKEN, else (beyond loopback)
-    a fresh one; None = no token (loopback, none asked for). A given token must match TOKEN_PATTERN."""
-    token = token or os.environ.get(TOKEN_ENV) or None
+    """The token a dashboard on `host` requires (`required_token` with $H2PO_DASHBOARD_TOKEN)."""
+    return required_token(host, token, TOKEN_ENV, "dashboard token")
+
+
+def required_token(host: str, token: str | None, env: str, what: str) -> str | None:
+    """The token a service on `host` requires: the given one, else $`env`, else (beyond loopback) a fresh one;
+    None = no token (loopback, none asked for). A given token must match TOKEN_PATTERN."""
+    token = token or os.environ.get(env) or None
     if token is not None and not re.fullmatch(TOKEN_PATTERN, token):
-        raise UserError(f"dashboard token (--token or ${TOKEN_ENV}) must be 16..200 URL-safe characters "
-                        f"(letters, digits, - _ . ~), got {len(token)} characters")
+        raise UserError(f"{what} (--token or ${env}) must be 16..200 URL-safe characters (letters, digits, - _ . ~), "
+                        f"got {len(token)} characters")
     if token is None and not is_loopback(host):
         token = secrets.token_urlsafe(24)
     return token

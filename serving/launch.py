@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -30,7 +28,6 @@ from h2po.errors import UserError
 from serving.lists import MODEL, RIVALS, catalog_of, checkpoint_stamp
 
 TOKEN_ENV = "H2PO_SERVE_TOKEN"
-TOKEN_PATTERN = r"[A-Za-z0-9_\-.~]{16,200}"
 LOGGING = {"log_level": "WARNING", "enable_access_log": False}  # the replicas' logs: problems only
 
 
@@ -67,15 +64,9 @@ def app_name(method: str) -> str:
 
 def serve_token(host: str, token: str | None) -> str | None:
     """The token the server requires: the given one, else $H2PO_SERVE_TOKEN, else (beyond loopback) a fresh one."""
-    from dashboard.server import is_loopback
+    from dashboard.server import required_token
 
-    token = token or os.environ.get(TOKEN_ENV) or None
-    if token is not None and not re.fullmatch(TOKEN_PATTERN, token):
-        raise UserError(f"serve token (--token or ${TOKEN_ENV}) must be 16..200 URL-safe characters (letters, digits, "
-                        f"- _ . ~), got {len(token)} characters")
-    if token is None and not is_loopback(host):
-        token = secrets.token_urlsafe(24)
-    return token
+    return required_token(host, token, TOKEN_ENV, "serve token")
 
 
 def connect(address: str | None, cpus: float) -> bool:
