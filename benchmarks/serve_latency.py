@@ -1,7 +1,7 @@
 """Serving latency and throughput against quality: h2po at S = 1, 4, 10 beside EASE and the two-tower (and EASE +
 intent), all served the same way by `h2po serve` (Ray Serve, serve.batch, loopback HTTP), in one run.
 
-Run:  nice -n 5 python benchmarks/serving.py --checkpoint runs/g_intent10/h2po.safetensors [--steps 1 4 10]
+Run:  nice -n 5 python benchmarks/serve_latency.py --checkpoint runs/g_intent10/h2po.safetensors [--steps 1 4 10]
       [--clients 1 10 100] [--seconds 10] [--out serving.json] [key=value ...]
 
 For every row:
@@ -25,7 +25,6 @@ import asyncio
 import dataclasses
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -39,16 +38,11 @@ from catalog.requests import request_to_json
 from evaluation.metrics import item_mask, ranking_metrics
 from h2po import pipeline
 from learner.checkpoint import config_from_checkpoint
+from serving.launch import reload, replica_threads, start
+from serving.lists import load_policy, load_rival
 
 DEFAULT_CHECKPOINT = "runs/g_intent10/h2po.safetensors"
 RIVAL_NAMES = ("EASE", "EASE + intent", "two-tower")  # serving.lists.RIVALS
-
-
-def prefer_packages() -> None:
-    """Take this script's directory off sys.path (harness and sampler are imported): this file's name would shadow
-    the `serving` package."""
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
 
 
 def quality(lister, examples: list, n_items: int) -> dict[str, float]:
@@ -118,10 +112,6 @@ def arguments() -> argparse.Namespace:
 
 
 def main() -> None:
-    prefer_packages()
-    from serving.launch import reload, replica_threads, start
-    from serving.lists import load_policy, load_rival
-
     args = arguments()
     checkpoint = Path(args.checkpoint)
     cfg = config_from_checkpoint(checkpoint, None, args.overrides, rewards=False)
