@@ -73,7 +73,7 @@ def make_tiny_model(catalog: Catalog, prior: bool = False, seed: int = 0) -> Ret
 UNIT_MODULES = {"test_update.py", "test_scheduler.py", "test_h2po.py", "test_model.py", "test_most.py",
                 "test_evaluation.py", "test_rewards.py", "test_intent_prior.py", "test_device.py", "test_config.py",
                 "test_config_ranges.py", "test_config_fuzz.py", "test_header_fuzz.py", "test_request_fuzz.py",
-                "test_actors.py", "test_faults.py", "test_serve_lists.py"}
+                "test_actors.py", "test_faults.py", "test_serve_lists.py", "test_layers.py"}
 
 
 def pytest_configure(config):
