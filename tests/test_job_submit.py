@@ -84,23 +84,31 @@ def kill_session(sid: int) -> list[int]:
     return session_pids(sid)
 
 
-@pytest.fixture(scope="module")
-def head():
-    """A token-authenticated Ray head on loopback: yields (dashboard address, token)."""
-    token = secrets.token_hex(32)
-    port, dashboard, client, metrics = free_ports(4)
-    low = random.randrange(20000, 30000, 200)
-    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths live under it
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+def start_head(cpus: int, ports: list[int], low: int, prefix: str):
+    """`ray start --head` on loopback with token authentication, on `ports` (GCS, dashboard, client, metrics) and
+    worker ports low..low+199.  -> (its process, its clients' environment, its temp dir, its open log file)"""
+    port, dashboard, client, metrics = ports
+    temp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     log = open(Path(temp) / "head.log", "w")
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
          "--metrics-export-port", str(metrics), "--min-worker-port", str(low), "--max-worker-port", str(low + 199),
-         "--num-cpus", "4", "--num-gpus", "0", "--temp-dir", temp, "--disable-usage-stats"],
+         "--num-cpus", str(cpus), "--num-gpus", "0", "--temp-dir", temp, "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
+    return proc, env, temp, log
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A token-authenticated Ray head on loopback: yields (dashboard address, token)."""
+    ports = free_ports(4)
+    proc, env, temp, log = start_head(4, ports, random.randrange(20000, 30000, 200), "rj")
+    token = env["RAY_AUTH_TOKEN"]
+    address = f"http://127.0.0.1:{ports[1]}"
     try:
         deadline = time.time() + 90
         while True:

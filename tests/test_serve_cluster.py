@@ -9,13 +9,10 @@ catalog is refused with one line naming both fingerprints. Run: `python -m pytes
 from __future__ import annotations
 
 import json
-import os
 import random
-import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_tiny_catalog, make_tiny_model, write_tiny_checkpoint
-from test_job_submit import RAY, free_ports, kill_session
+from test_job_submit import free_ports, kill_session, start_head
 from test_serve import other_catalog
 
 from learner.checkpoint import load_checkpoint, save_checkpoint
@@ -35,21 +32,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cluster():
     """A token-authenticated Ray head on loopback: yields (GCS address, environment for its clients)."""
-    port, dashboard, client, metrics = free_ports(4)
-    low = random.randrange(30000, 40000, 200)
-    temp = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's socket paths live under it
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    log = open(Path(temp) / "head.log", "w")
-    proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
-         "--metrics-export-port", str(metrics), "--min-worker-port", str(low), "--max-worker-port", str(low + 199),
-         "--num-cpus", "2", "--num-gpus", "0", "--temp-dir", temp, "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ports = free_ports(4)
+    proc, env, temp, log = start_head(2, ports, random.randrange(30000, 40000, 200), "rs")
     try:
-        yield f"127.0.0.1:{port}", env
+        yield f"127.0.0.1:{ports[0]}", env
     finally:
         left = kill_session(proc.pid)
         proc.wait(timeout=10)
