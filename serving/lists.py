@@ -85,7 +85,7 @@ def load_policy(path: Path, steps: int = 0, catalog: Catalog | None = None) -> L
     if catalog is None:
         catalog = load_catalog_for(path)[0]
     model, cfg, meta = load_checkpoint(path, catalog)
-    freeze_item_embeddings(model)
+    model.freeze_items()
     sampler = replace(cfg.sampler, steps=steps or cfg.sampler.steps)
     vocab = constraint_vocab(catalog)
 
@@ -96,18 +96,6 @@ def load_policy(path: Path, steps: int = 0, catalog: Catalog | None = None) -> L
     facts = {"steps": sampler.steps, "temperature": sampler.temperature, "stamp": stamp,
              "complete": meta.get("complete", True), "parameters": sum(p.numel() for p in model.parameters())}
     return Lister(MODEL, catalog, lists, cfg.requests.k, cfg.model.max_k, str(path), facts)
-
-
-def freeze_item_embeddings(model) -> None:
-    """Compute the item embeddings E = LayerNorm(W_f x) + u (N, D) once per loaded checkpoint instead of once per
-    batch: `Retriever.encode` recomputes them for training, where they change, but a served model's weights do not,
-    and at serving's small batches E would be a large share of each call (2 N F D FLOPs: with MovieLens's F = 163
-    features, as many as 8 steps of one request's item head at k = 20, 2 k D N each). The values are the same."""
-    import torch
-
-    with torch.inference_mode():
-        items = model.item_embeddings()  # (N, D)
-    model.item_embeddings = lambda: items
 
 
 def rival_parameters(name: str, directory: Path) -> tuple[dict, str]:
