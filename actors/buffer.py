@@ -13,11 +13,11 @@ from pathlib import Path
 
 import ray
 
-from actors.workspace import ActorProcess
+from actors.policy import ActorProcess
 from catalog.dataset import load_catalog
-from h2po.config import RunConfig
+from core.carriers import Rollouts
+from core.config import RunConfig
 from rollout.buffer import BufferStats, PreferenceStream, ReplayBuffer
-from rollout.generate import Rollouts
 
 
 @ray.remote

@@ -60,8 +60,8 @@ from actors.train_state import DriverState, find_train_state, read_train_state, 
 from catalog.dataset import load_catalog
 from catalog.preferences import read_preferences
 from catalog.schema import CatalogError
-from h2po.config import RunConfig, SystemConfig
-from h2po.errors import UserError
+from core.config import RunConfig, SystemConfig
+from core.errors import UserError
 from learner.checkpoint import read_header
 from learner.engine import EngineConfig
 from learner.h2po import lambda_off_at

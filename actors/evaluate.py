@@ -2,8 +2,8 @@
 every `h2po.eval_every` learner steps, and of the baselines once (drawn as reference lines next to the curve).
 
 The driver holds one `ValidationProbe`: a workspace, a policy copy it loads published weights into, and the
-validation requests (`h2po.pipeline.examples(ws, "val")`). It runs in the driver between learner steps; the
-test-split table of `h2po run` is computed separately (`h2po.pipeline.run_evaluation`).
+validation requests (`h2po.workspace.examples(ws, "val")`). It runs in the driver between learner steps; the
+test-split table of `h2po run` is computed separately (`app.pipeline.run_evaluation`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actors.workspace import load_policy, load_weights
+from actors.policy import load_policy, load_weights
+from core.config import RunConfig
 from evaluation.baselines import build_baselines
 from evaluation.metrics import item_mask, ranking_metrics
-from h2po import pipeline
-from h2po.config import RunConfig
+from learner import workspace
 
 
 class ValidationProbe:
@@ -27,7 +27,7 @@ class ValidationProbe:
     def __init__(self, cfg: RunConfig, checkpoint: str | Path) -> None:
         self.policy = load_policy(cfg, checkpoint)
         ws = self.policy.ws
-        self.examples = pipeline.examples(ws, "val")
+        self.examples = workspace.examples(ws, "val")
         self.relevant = item_mask([e.targets for e in self.examples], ws.data.catalog.n_items)
         self.families = np.array([e.family for e in self.examples])
 
@@ -40,7 +40,7 @@ class ValidationProbe:
 
     def baselines(self) -> list[dict]:
         ws = self.policy.ws
-        found = build_baselines(ws.data, ws.features, ws.cfg.eval, pipeline.ease_lambda(ws))
+        found = build_baselines(ws.data, ws.features, ws.cfg.eval, workspace.ease_lambda(ws))
         k = ws.cfg.requests.k
         return [r for name, b in found.items() for r in self.records(name, functools.partial(b.recommend, k=k), None)]
 
@@ -48,4 +48,4 @@ class ValidationProbe:
         """Load published weights (step 0: the MOST checkpoint as loaded) and evaluate them."""
         if state:
             load_weights(self.policy.model, state)
-        return self.records(method, pipeline.model_recommender(self.policy.ws, self.policy.model), step)
+        return self.records(method, workspace.model_recommender(self.policy.ws, self.policy.model), step)

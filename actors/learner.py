@@ -20,15 +20,15 @@ import ray
 import torch
 from safetensors.torch import load_file, save_file
 
-from actors.workspace import ActorProcess, frozen_copy, load_policy
+from actors.policy import ActorProcess, frozen_copy, load_policy
 from catalog.schema import atomic_write
-from h2po.config import RunConfig
-from h2po.errors import UserError
+from core.carriers import LearnerBatch
+from core.config import RunConfig
+from core.errors import UserError
 from learner.checkpoint import save_checkpoint
 from learner.engine import Engine, EngineConfig, init_distributed
 from learner.pretrain import most_step
 from learner.update import h2po_update
-from rollout.buffer import LearnerBatch
 
 
 def save_rng(path: Path, rng: np.random.Generator, generator: torch.Generator) -> None:

@@ -18,9 +18,9 @@ import ray
 
 from actors.evaluate import ValidationProbe
 from catalog.requests import request_to_json
+from core.config import RunConfig
+from core.errors import UserError
 from dashboard.feed import MetricsLog, set_aside
-from h2po.config import RunConfig
-from h2po.errors import UserError
 from rollout.buffer import BatchSummary
 
 

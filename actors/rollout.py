@@ -14,12 +14,13 @@ import numpy as np
 import ray
 import torch
 
-from actors.workspace import ActorProcess, load_policy, load_weights
+from actors.policy import ActorProcess, load_policy, load_weights
 from catalog.dataset import training_examples
-from h2po.config import RunConfig
+from core.carriers import Rollouts
+from core.config import RunConfig
 from rewards.base import RewardContext
 from rewards.registry import build_rewards
-from rollout.generate import Rollouts, generate_rollouts
+from rollout.generate import generate_rollouts
 
 
 @ray.remote

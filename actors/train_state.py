@@ -38,11 +38,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from catalog.batch import RequestBatch
 from catalog.output import remove_stale_temporaries, temporary_path
-from catalog.requests import Example, Exclude, Prefer, Recency, Request, Require
-from h2po.errors import UserError
-from rollout.generate import Rollouts
+from core.carriers import Example, Exclude, Prefer, Recency, Request, RequestBatch, Require, Rollouts
+from core.errors import UserError
 
 STATE_DIR = "train_state"
 CONSTRAINTS = {"exclude": Exclude, "require": Require, "prefer": Prefer, "recency": Recency}

@@ -10,7 +10,7 @@ variant is a real distributed run (`actors.driver.train`: local Ray, DeepSpeed l
   or h2po.batch_requests when that is -1 or 0: the main job's config trains on-policy only);
 - on: rollouts only (no preference file);
 - off: logged pairs only (the hybrid's pairs per step, h2po.batch_requests=0: no rollouts).
-Afterwards MOST and every variant are evaluated on the test split (`h2po.pipeline.run_evaluation`): the
+Afterwards MOST and every variant are evaluated on the test split (`app.pipeline.run_evaluation`): the
 printed table has each variant's NDCG@10 with its paired bootstrap difference to MOST and to EASE, plus the
 wall time of each variant's training. The dashboard, validation probes and train-state checkpoints are off.
 """
@@ -25,8 +25,8 @@ from pathlib import Path
 from harness import add_run_arguments, h2po_run_config, machine, write_result
 
 from actors.driver import train
-from h2po import pipeline
-from h2po.config import RunConfig
+from app import pipeline
+from core.config import RunConfig
 from learner.checkpoint import load_checkpoint
 
 VARIANTS = ("hybrid", "on", "off")

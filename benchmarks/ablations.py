@@ -19,7 +19,7 @@ read from the sampler's trajectories (`rollout.sampler.Samples.step_of`):
   so at S = 1 every slot committed after the first pass is one that collided: the one-shot duplicate rate of
   DESIGN section 9, per slot; `lists` is the share of lists with at least one such slot.
 
-Scoring is that of `h2po.pipeline.run_evaluation` (`evaluation.report.evaluate_methods`: bootstrap over users,
+Scoring is that of `app.pipeline.run_evaluation` (`evaluation.report.evaluate_methods`: bootstrap over users,
 `eval.test_draws` requests per user and group, `eval.bootstrap` resamples unless `--bootstrap` is given).
 """
 
@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from harness import format_rows, machine, output_file, write_result
 
-from catalog.batch import RequestBatch, encode_requests
-from catalog.requests import Example
+from app import pipeline
+from catalog.batch import encode_requests
+from core.carriers import Example, RequestBatch
+from core.config import config_to_dict
 from evaluation.report import evaluate_methods, example_groups
-from h2po import pipeline
-from h2po.config import config_to_dict
 from learner.checkpoint import config_from_checkpoint, load_checkpoint
 from model.transformer import MASK, Retriever
 from rollout.sampler import draw, sample_lists
@@ -71,7 +71,7 @@ def one_pass(model: Retriever, batch: RequestBatch, k: int) -> torch.Tensor:
 
 def decode(ws: pipeline.Workspace, model: Retriever, examples: list[Example],
            steps: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(lists (R, K), step_of (R, K)): the lists `h2po.pipeline.model_recommender` gives at `steps` sampler steps
+    """(lists (R, K), step_of (R, K)): the lists `learner.workspace.model_recommender` gives at `steps` sampler steps
     (the config's temperature and batch size), with the pass in which each slot was committed; steps None: the
     greedy `one_pass` lists (all slots in pass 0). Every benchmark request asks for k = requests.k, so the batches
     are plain slices."""

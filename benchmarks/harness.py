@@ -1,8 +1,8 @@
 """What the benchmark scripts share: the machine description, the workspace and model, tables and JSON output.
 
-`sampler.py` and `training.py` load the run configuration exactly like `h2po run` (`h2po.config.load_config`:
-defaults, an optional YAML file, `key=value` overrides), prepare the real catalog with `h2po.pipeline.prepare`
-into a scratch run directory, and build the model with `h2po.pipeline.build_model`, so they measure the code and
+`sampler.py` and `training.py` load the run configuration exactly like `h2po run` (`core.config.load_config`:
+defaults, an optional YAML file, `key=value` overrides), prepare the real catalog with `learner.workspace.prepare`
+into a scratch run directory, and build the model with `learner.workspace.build_model`, so they measure the code and
 model sizes that the pipeline uses. `system.py` and `ablation.py` run real H2PO (`actors.driver.train`) from an
 `h2po run` directory with the config of its MOST checkpoint (`add_run_arguments`, `h2po_run_config`).
 """
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
+from app import pipeline
 from catalog.output import atomic_write, check_output
+from core.config import RunConfig, load_config
+from core.errors import UserError
 from evaluation.baselines import EASE
-from h2po import pipeline
-from h2po.config import RunConfig, load_config
-from h2po.errors import UserError
 from learner.checkpoint import config_from_checkpoint
 
 DEFAULT_WORKDIR = "runs/bench"

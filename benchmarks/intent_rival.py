@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 from harness import format_rows, machine, output_file, write_result
 
+from app import pipeline
 from catalog.intent import IntentIndex
 from catalog.requests import valid_mask
+from core.config import load_config
 from core.numerics import masked_zscore
 from evaluation.baselines import EASE, best_k
 from evaluation.metrics import bootstrap_ci, item_mask, paired_bootstrap, ranking_metrics
 from evaluation.report import example_groups
-from h2po import pipeline
-from h2po.config import load_config
 from learner.checkpoint import load_checkpoint, read_header
 
 WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 50.0)

@@ -5,7 +5,7 @@ Run:  python benchmarks/pooled.py RUN[:POLICY] RUN[:POLICY] ... [--out FILE] [--
 Each RUN is a run directory holding most.safetensors (its MOST start) and an H2PO policy: `h2po.safetensors`, or
 POLICY relative to RUN (`ablation/on/h2po.safetensors` for an ablation variant). Every run's MOST and policy are
 scored on the test split with the config of its MOST checkpoint and the `--set` overrides (greedy lists, NDCG@10
-per request, as `h2po.pipeline.run_evaluation` does; `--set eval.test_draws=5` scores five requests per user and
+per request, as `app.pipeline.run_evaluation` does; `--set eval.test_draws=5` scores five requests per user and
 group); the runs must share the test requests (the same data split and request seed), which is checked. The
 per-request differences H2PO - MOST are averaged over the runs, and the mean gets the evaluation's paired bootstrap
 interval over users (a user's requests are resampled together). The interval covers the test users' sampling; the
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from harness import format_rows, machine, output_file, write_result
 
+from app import pipeline
 from evaluation.metrics import paired_bootstrap
 from evaluation.report import example_groups
-from h2po import pipeline
 from learner.checkpoint import config_from_checkpoint, load_checkpoint
 
 

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from harness import add_run_arguments, h2po_run_config, machine, set_threads, write_result
 
-from actors.workspace import frozen_copy
+from actors.policy import frozen_copy
+from app import pipeline
 from catalog.dataset import training_examples
 from catalog.preferences import read_preferences
 from evaluation.metrics import paired_bootstrap
-from h2po import pipeline
 from learner.checkpoint import load_checkpoint
 from learner.h2po import lambda_off_at
 from learner.pretrain import most_step

@@ -5,7 +5,7 @@ Run:  python benchmarks/rivals.py [--config configs/default.yaml] [--workdir run
 
 Tunes every rival of `evaluation/rivals.py` on the validation requests (or reads the tuning that WORKDIR/rivals.json
 cached for the same data and settings: `h2po run` writes it into its run directory too), fits them, and prints the
-table of `h2po.pipeline.run_evaluation` with the baselines, the rivals and the best rival per family (chosen on
+table of `app.pipeline.run_evaluation` with the baselines, the rivals and the best rival per family (chosen on
 validation), each with its 95% bootstrap interval over users and its paired NDCG@10 difference to EASE and to the
 best rival. `--models` adds the MOST / H2PO checkpoints found in WORKDIR (most.safetensors, h2po.safetensors), so
 their differences to the best rival are in the same table. This is the command behind the README's rival table; it
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from harness import add_common_arguments, machine, set_threads, workspace, write_result
 
-from h2po import pipeline
+from app import pipeline
 from learner.checkpoint import load_checkpoint
 
 

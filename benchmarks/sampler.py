@@ -3,7 +3,7 @@
 Run:  python benchmarks/sampler.py [--checkpoint C] [--batch 256] [--k 20] [--steps 10] [--repeats 3] [--threads 0]
       [--requests 0] [--out results.json] [key=value ...]
 
-Three numbers on the same real validation requests (`h2po.pipeline.examples(ws, "val")`), greedy (T=0) and T=1:
+Three numbers on the same real validation requests (`learner.workspace.examples(ws, "val")`), greedy (T=0) and T=1:
 - batched: `rollout.retrieve.recommend` -> `rollout.sampler.sample_lists`, `--batch` requests per batch;
 - reference: `reference_lists` below, the straightforward version one writes first: a loop over requests and,
   per request, a loop over steps, each computing the logits of that one request (batch of 1, all K slots);
@@ -39,11 +39,12 @@ from harness import (
     write_result,
 )
 
+from app import pipeline
 from catalog.batch import encode_requests
-from catalog.requests import Request, valid_mask
+from catalog.requests import valid_mask
 from catalog.schema import Catalog
-from h2po import pipeline
-from h2po.config import SamplerConfig
+from core.carriers import Request
+from core.config import SamplerConfig
 from model.transformer import MASK, Retriever
 from rollout.retrieve import recommend
 

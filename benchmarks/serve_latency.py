@@ -5,7 +5,7 @@ Run:  nice -n 5 python benchmarks/serve_latency.py --checkpoint runs/g_intent10/
       [--clients 1 10 100] [--seconds 10] [--out serving.json] [key=value ...]
 
 For every row:
-- quality: NDCG@10 of the served method's lists on the test requests of the checkpoint's run (`h2po.pipeline.
+- quality: NDCG@10 of the served method's lists on the test requests of the checkpoint's run (`app.pipeline.
   examples(ws, "test")`, eval.test_draws draws per user, families A and B; `evaluation.metrics.ranking_metrics`),
   computed in this process by the same listers the replicas run (`serving.lists`): greedy sampling, so the served
   lists are these lists;
@@ -34,9 +34,9 @@ import torch
 from harness import format_rows, machine, output_file, write_result
 from sampler import flops_per_list, matmul_rate
 
+from app import pipeline
 from catalog.requests import request_to_json
 from evaluation.metrics import item_mask, ranking_metrics
-from h2po import pipeline
 from learner.checkpoint import config_from_checkpoint
 from serving.launch import reload, replica_threads, start
 from serving.lists import load_policy, load_rival

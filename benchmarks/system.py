@@ -24,8 +24,8 @@ import numpy as np
 from harness import add_run_arguments, format_rows, h2po_run_config, machine, write_result
 
 from actors.driver import train
+from core.config import RunConfig
 from dashboard.feed import read_records
-from h2po.config import RunConfig
 
 
 def measure(cfg: RunConfig, run: Path, mode: str, steps: int) -> dict:

@@ -36,7 +36,7 @@ from harness import (
     write_result,
 )
 
-from h2po import pipeline
+from app import pipeline
 from learner.pretrain import most_step
 from model.transformer import Retriever
 

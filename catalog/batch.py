@@ -7,42 +7,18 @@ every (field, value) pair of the catalog, 0 meaning "no value" (Recency).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 import numpy as np
 import torch
 
-from catalog.requests import Exclude, Prefer, Recency, Request, Require, valid_mask
+from catalog.requests import valid_mask
 from catalog.schema import Catalog
-
-CONSTRAINT_KINDS = {"pad": 0, "exclude": 1, "require": 2, "prefer": 3, "min_year": 4, "half_life": 5}
+from core.carriers import CONSTRAINT_KINDS, Exclude, Prefer, Recency, Request, RequestBatch, Require
 
 
 def constraint_vocab(catalog: Catalog) -> dict[tuple[str, str], int]:
     """(field, value) -> id >= 1, deterministic for a catalog."""
     pairs = [(f, v) for f in sorted(catalog.attributes) for v in catalog.values(f)]
     return {pair: n + 1 for n, pair in enumerate(pairs)}
-
-
-@dataclass
-class RequestBatch:
-    """Tensors of B requests; `valid` is DESIGN 3.3's V (seeds, negatives, hard-constraint violators excluded)."""
-
-    seeds: torch.Tensor  # (B, S) long, padded with 0
-    seed_mask: torch.Tensor  # (B, S) bool
-    negatives: torch.Tensor  # (B, M) long
-    negative_mask: torch.Tensor  # (B, M) bool
-    con_kind: torch.Tensor  # (B, C) long
-    con_value: torch.Tensor  # (B, C) long
-    con_scalar: torch.Tensor  # (B, C) float
-    con_mask: torch.Tensor  # (B, C) bool
-    valid: torch.Tensor  # (B, N) bool
-
-    def to(self, device: torch.device | str) -> RequestBatch:
-        return RequestBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
-    def __len__(self) -> int:
-        return self.seeds.shape[0]
 
 
 def _pad(rows: list[list], fill, dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,10 +29,11 @@ from tqdm import tqdm
 
 from catalog.dataset import Dataset, training_example
 from catalog.preferences import PREFERENCES_SCHEMA
-from catalog.requests import Example, request_to_json, valid_mask
+from catalog.requests import request_to_json, valid_mask
 from catalog.schema import Catalog
+from core.carriers import Example
+from core.config import RequestConfig
 from core.numerics import masked_zscore
-from h2po.config import RequestConfig
 
 USER_BLOCK = 32  # users whose requests are scored in one (R, N) matrix
 TRIES = 4  # draws per wanted request before a user is given fewer (family B often finds no facet)

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from catalog import movielens, movietweetings
-from catalog.requests import Example, Exclude, Recency, Request, valid_mask
+from catalog.requests import valid_mask
 from catalog.schema import Catalog, CatalogError, read_catalog
-from h2po.config import ConfigError, DataConfig, RequestConfig
+from core.carriers import Example, Exclude, Recency, Request
+from core.config import ConfigError, DataConfig, RequestConfig
 
 FACET_FIELD = "genre"
 NO_GENRE = "(no genres listed)"

@@ -20,27 +20,9 @@ import numpy as np
 import torch
 
 from catalog.schema import Catalog
+from core.numerics import intent_counts, shared_values
 
 DECADE = "decade"
-
-
-def shared_values(values: torch.Tensor, seeds: torch.Tensor, seed_mask: torch.Tensor) -> torch.Tensor:
-    """(B, V) bool: the values that every seed of a request has (a request without seeds shares none).
-
-    values (N, V) multi-hot (any dtype, non-zero = has); seeds, seed_mask (B, S) padded."""
-    has = (values[seeds] != 0) | ~seed_mask[..., None]  # (B, S, V): padding has every value
-    return has.all(1) & seed_mask.any(1, keepdim=True)
-
-
-def intent_counts(values: torch.Tensor, shared: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, N) float32: sum over the request's shared values v of weights[v] * values[i, v] (weights (V,), default 1:
-    the number of shared values item i has). values (N, V), shared (B, V) bool.
-
-    Only the columns some request shares enter the product (a seed set shares a few values of thousands), so the
-    cost is B x N x (shared columns), not B x N x V."""
-    cols = shared.any(0).nonzero().squeeze(1)  # (C,)
-    mine = shared[:, cols].float() if weights is None else shared[:, cols].float() * weights[cols]
-    return mine @ values[:, cols].float().T
 
 
 class IntentIndex:

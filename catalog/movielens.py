@@ -33,7 +33,7 @@ from catalog.schema import (
     find_source,
     write_catalog,
 )
-from h2po.errors import quoted
+from core.errors import quoted
 
 DATASET = "ml-latest-small"
 URL = "https://files.grouplens.org/datasets/movielens/ml-latest-small.zip"

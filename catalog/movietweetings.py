@@ -34,7 +34,7 @@ from catalog.schema import (
     find_source,
     write_catalog,
 )
-from h2po.errors import quoted
+from core.errors import quoted
 
 DATASET = "movietweetings-100k"
 URL = "https://github.com/sidooms/MovieTweetings"

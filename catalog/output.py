@@ -24,7 +24,7 @@ import socket
 import stat
 from pathlib import Path
 
-from h2po.errors import UserError, quoted
+from core.errors import UserError, quoted
 
 NAME_ROOM = 200  # characters of the target's name kept in a temporary's name (file names stop at 255 bytes)
 HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]

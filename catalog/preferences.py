@@ -49,9 +49,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalog.requests import Request, request_from_json, valid_mask
+from catalog.requests import request_from_json, valid_mask
 from catalog.schema import Catalog, CatalogError, atomic_write
-from h2po.errors import quoted
+from core.carriers import Request
+from core.errors import quoted
 
 PREFERENCES_SCHEMA = pa.schema([
     ("user_id", pa.int64()), ("seeds", pa.list_(pa.int64())), ("negatives", pa.list_(pa.int64())),

@@ -14,13 +14,14 @@ import math
 import numbers
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import numpy as np
 
 from catalog.schema import Catalog, CatalogError
-from h2po.errors import quoted
+from core.carriers import CONSTRAINT_TYPES, Constraint, Exclude, Prefer, Recency, Request, Require
+from core.errors import quoted
 
 # limits of a user request (the edge refuses anything beyond them with one line naming the limit)
 MAX_SEEDS = 32
@@ -33,65 +34,6 @@ MAX_LINE_BYTES = 1_000_000  # a line of a JSONL requests file
 MAX_WEIGHT = 100.0  # |Prefer weight|
 MAX_HALF_LIFE = 1000.0  # Recency half_life, years
 YEAR_RANGE = (1, 9999)  # Recency min_year (0 means "unknown year" in the catalog)
-
-
-@dataclass(frozen=True)
-class Exclude:
-    """Hard: no output item has `value` in `field`."""
-
-    field: str
-    value: str
-
-
-@dataclass(frozen=True)
-class Require:
-    """Hard: every output item has `value` in `field`."""
-
-    field: str
-    value: str
-
-
-@dataclass(frozen=True)
-class Prefer:
-    """Soft: items with `value` in `field` should rank higher, by `weight`."""
-
-    field: str
-    value: str
-    weight: float = 1.0
-
-
-@dataclass(frozen=True)
-class Recency:
-    """Hard with `min_year` (items of unknown year fail it); soft with `half_life` (years)."""
-
-    min_year: int | None = None
-    half_life: float | None = None
-
-
-Constraint = Exclude | Require | Prefer | Recency
-CONSTRAINT_TYPES = (Exclude, Require, Prefer, Recency)
-
-
-@dataclass(frozen=True)
-class Request:
-    """What a user asks for; items are catalog indices."""
-
-    seeds: tuple[int, ...]
-    negatives: tuple[int, ...] = ()
-    constraints: tuple[Constraint, ...] = ()
-    k: int = 20
-
-
-@dataclass(frozen=True)
-class Example:
-    """A request with the held-out items it is judged against (benchmark and training)."""
-
-    request: Request
-    targets: tuple[int, ...]
-    user: int
-    family: str  # "A" seed-set completion, "B" fine-grained intent
-    seed_size: int
-    facet: tuple[str, int] | None = None  # family B: the (genre, decade) the request was drawn from
 
 
 def valid_mask(catalog: Catalog, request: Request) -> np.ndarray:

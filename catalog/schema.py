@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from catalog.output import atomic_write  # noqa: F401  (re-exported: the writer of every catalog file)
-from h2po.errors import UserError, quoted
+from core.errors import UserError, quoted
 
 ITEMS_SCHEMA = pa.schema([
     ("item_id", pa.int64()),

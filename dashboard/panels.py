@@ -6,7 +6,7 @@
 
 Nothing here is HTML: every string is shown through Jinja2 autoescape (`templates/`), so a catalog title or an
 error message holding markup is displayed as text. The comparison table is OUT_DIR/results.json (written by the
-evaluation, `h2po.pipeline.run_evaluation`) in the layout of `evaluation.report.format_table`.
+evaluation, `app.pipeline.run_evaluation`) in the layout of `evaluation.report.format_table`.
 """
 
 from __future__ import annotations

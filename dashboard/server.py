@@ -35,10 +35,10 @@ from pathlib import Path
 
 from aiohttp import web
 
+from core.errors import UserError
 from dashboard.feed import METRICS_FILE, read_records
 from dashboard.page import STATIC, csp, inline_scripts, page_state, plotly_js_path, render_page
 from dashboard.panels import REPORT_FILE, RESULTS_FILE
-from h2po.errors import UserError
 
 ASSETS = {"page.js": "text/javascript", "page.css": "text/css"}
 TOKEN_ENV = "H2PO_DASHBOARD_TOKEN"

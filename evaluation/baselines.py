@@ -24,11 +24,12 @@ import numpy as np
 import torch
 
 from catalog.dataset import Dataset
-from catalog.requests import Example, valid_mask
+from catalog.requests import valid_mask
 from catalog.schema import Catalog
+from core.carriers import Example
+from core.config import EvalConfig
 from core.numerics import unit_rows
 from evaluation.metrics import item_mask, ranking_metrics
-from h2po.config import EvalConfig
 
 
 def seed_matrix(examples: Sequence[Example], n_items: int) -> np.ndarray:

@@ -25,8 +25,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from catalog.dataset import Dataset
-from catalog.requests import Example, Request, valid_mask
+from catalog.requests import valid_mask
 from catalog.schema import Catalog
+from core.carriers import Example, Request
 from core.numerics import unit_rows
 
 

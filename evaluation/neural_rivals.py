@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from catalog.requests import Example
 from catalog.schema import Catalog
+from core.carriers import Example
 from evaluation.baselines import Baseline, seed_matrix
 
 EpochHook = Callable[[int, "NeuralRival"], None]  # (epochs done, model) after every epoch

@@ -23,10 +23,10 @@ import numpy as np
 
 from catalog.dataset import Dataset
 from catalog.features import item_features
-from catalog.requests import Example
+from core.carriers import Example
+from core.config import EvalConfig
 from core.table import cell
 from evaluation.metrics import bootstrap_ci, coverage, list_metrics, paired_bootstrap
-from h2po.config import EvalConfig
 
 Recommender = Callable[[Sequence[Example]], np.ndarray]
 

@@ -33,8 +33,9 @@ import scipy.sparse as sp
 
 from catalog.dataset import Dataset
 from catalog.intent import IntentIndex
-from catalog.requests import Example, valid_mask
+from catalog.requests import valid_mask
 from catalog.schema import atomic_write
+from core.carriers import Example
 from core.numerics import masked_zscore
 from evaluation.baselines import EASE, Baseline, filtered_scores, mmr_rerank, seed_matrix
 from evaluation.neural_rivals import MultVAE, NeuralRival, TwoTower, fit_neural

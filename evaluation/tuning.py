@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from catalog.requests import Example, valid_mask
+from catalog.requests import valid_mask
 from catalog.schema import Catalog
+from core.carriers import Example
 from evaluation.baselines import best_k
 from evaluation.metrics import item_mask, ranking_metrics
 

@@ -17,9 +17,9 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from catalog.batch import constraint_vocab
 from catalog.schema import Catalog, CatalogError, atomic_write
-from h2po.config import RunConfig, config_from_dict, config_to_dict, load_config
-from h2po.config_yaml import refuse_old_spellings
-from h2po.errors import UserError, quoted
+from core.config import RunConfig, config_from_dict, config_to_dict, load_config
+from core.config_yaml import refuse_old_spellings
+from core.errors import UserError, quoted
 from model.transformer import Retriever
 
 
@@ -97,7 +97,7 @@ def config_from_checkpoint(path: Path, config_file: str | Path | None = None, ov
     - `h2po.rewards` of the header is kept only when every reward it names is a built-in. Otherwise the user must
       give h2po.rewards (a UserError says so) when the command builds rewards (`rewards`), and the defaults take
       its place when it does not."""
-    from h2po.config_yaml import merge, parse_override, read_yaml
+    from core.config_yaml import merge, parse_override, read_yaml
     from rewards.registry import BUILTINS
 
     try:

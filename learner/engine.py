@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from h2po.errors import UserError
+from core.errors import UserError
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from catalog.requests import Example
+from core.carriers import Example
 from core.numerics import masked_zscore
 
 

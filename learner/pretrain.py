@@ -23,8 +23,8 @@ from tqdm import tqdm
 from catalog.batch import encode_requests
 from catalog.dataset import Dataset, facet_mask, training_examples
 from catalog.requests import soft_bonus
+from core.config import MostConfig, RequestConfig
 from core.numerics import seed_row_sum
-from h2po.config import MostConfig, RequestConfig
 from learner.most import build_targets, most_loss
 from model.diffusion import elbo_nll, stratified_times
 from model.transformer import Retriever

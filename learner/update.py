@@ -32,8 +32,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from catalog.batch import RequestBatch
-from h2po.config import H2POConfig
+from core.carriers import RequestBatch
+from core.config import H2POConfig
 from learner.h2po import decoupled_ppo_loss, dpo_loss, h2po_objective, k3_kl, sample_vrpo_noise, vrpo_elbo
 from model.diffusion import trajectory_log_probs
 from model.transformer import Retriever, precision

@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from catalog.batch import CONSTRAINT_KINDS, RequestBatch
-from catalog.intent import intent_counts, shared_values
-from core.numerics import masked_zscore, seed_row_sum
-from h2po.config import ModelConfig
+from core.carriers import CONSTRAINT_KINDS, RequestBatch
+from core.config import ModelConfig
+from core.numerics import intent_counts, masked_zscore, seed_row_sum, shared_values
 
 MASK = -1
 SEGMENTS = {"constraint": 0, "negative": 1, "seed": 2, "slot": 3}

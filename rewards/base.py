@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from catalog.dataset import Dataset
-from catalog.requests import Request
 from catalog.schema import Catalog
+from core.carriers import Request
 from core.numerics import unit_rows
 
 

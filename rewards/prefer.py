@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from catalog.requests import Prefer, Request, soft_bonus
+from catalog.requests import soft_bonus
+from core.carriers import Prefer, Request
 from rewards.base import Reward, RewardBatch, RewardContext
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from catalog.requests import Recency, Request, soft_bonus
+from catalog.requests import soft_bonus
+from core.carriers import Recency, Request
 from rewards.base import Reward, RewardBatch, RewardContext
 
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from h2po.errors import UserError
+from core.errors import UserError
 from rewards.base import Reward, RewardBatch, RewardContext
 
 BUILTINS = {

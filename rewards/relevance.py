@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from catalog.requests import Request, valid_mask
+from catalog.requests import valid_mask
+from core.carriers import Request
 from core.numerics import masked_zscore, seed_row_sum, unit_rows
 from rewards.base import Reward, RewardBatch, RewardContext
 

@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from catalog.batch import RequestBatch, constraint_vocab, encode_requests
+from catalog.batch import constraint_vocab, encode_requests
 from catalog.preferences import PreferencePair, read_preferences
 from catalog.schema import Catalog, CatalogError
-from rollout.generate import Rollouts
+from core.carriers import LearnerBatch, PairBatch, RequestBatch, Rollouts
 
 PADDED = (("seeds", "seed_mask"), ("negatives", "negative_mask"), ("con_kind", "con_mask"), ("con_value", "con_mask"),
           ("con_scalar", "con_mask"))  # RequestBatch fields padded to a width, with the mask saying which are used
@@ -86,19 +86,6 @@ def concat_groups(groups: list[Rollouts]) -> Rollouts | None:
                     torch.cat([r.advantages for r in groups]), min(r.version for r in groups))
 
 
-@dataclass
-class PairBatch:
-    """P logged pairs as tensors (`learner.update.PairTensors`)."""
-
-    batch: RequestBatch  # (P rows) each pair's request
-    chosen: torch.Tensor  # (P, K) long
-    rejected: torch.Tensor  # (P, K) long
-    weights: torch.Tensor  # (P,) float32
-
-    def __len__(self) -> int:
-        return len(self.chosen)
-
-
 def encode_pairs(catalog: Catalog, pairs: list[PreferencePair], vocab: dict) -> PairBatch | None:
     """Logged pairs -> tensors (None for no pairs)."""
     if not pairs:
@@ -107,18 +94,6 @@ def encode_pairs(catalog: Catalog, pairs: list[PreferencePair], vocab: dict) -> 
                      torch.tensor([p.chosen for p in pairs], dtype=torch.long),
                      torch.tensor([p.rejected for p in pairs], dtype=torch.long),
                      torch.tensor([p.weight for p in pairs], dtype=torch.float32))
-
-
-@dataclass
-class LearnerBatch:
-    """What one learner rank trains on in one step; either part may be absent."""
-
-    rollouts: Rollouts | None
-    pairs: PairBatch | None
-
-    @property
-    def n_requests(self) -> int:
-        return 0 if self.rollouts is None else len(self.rollouts.examples)
 
 
 @dataclass

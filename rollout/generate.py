@@ -9,42 +9,17 @@ gives the advantage (DESIGN section 5).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from catalog.batch import RequestBatch, encode_requests
-from catalog.requests import Example, Request
+from catalog.batch import encode_requests
 from catalog.schema import Catalog
+from core.carriers import Example, Rollouts
 from model.transformer import Retriever, precision
 from rewards.base import Reward, RewardBatch, RewardContext
 from rewards.registry import group_advantages, score_rewards
 from rollout.sampler import sample_lists
-
-
-@dataclass
-class Rollouts:
-    """B requests x G sampled lists, flattened request-major (row b * G + g)."""
-
-    examples: list[Example]  # (B,)
-    batch: RequestBatch  # (B*G rows) each row's request, encoded once (the sampler's input; CPU)
-    items: torch.Tensor  # (B*G, K) long
-    step_of: torch.Tensor  # (B*G, K) long
-    behaviour_logp: torch.Tensor  # (B*G, K) float
-    rewards: np.ndarray  # (B*G, C) raw reward components
-    advantages: torch.Tensor  # (B*G,) float
-    version: int  # weight version of the policy that sampled them
-    seconds: float = 0.0  # wall time of sampling and scoring them (0 for groups split off a batch)
-
-    @property
-    def group_size(self) -> int:
-        return len(self.items) // max(len(self.examples), 1)
-
-    @property
-    def requests(self) -> list[Request]:
-        """The request of every row (each example's request G times, request-major)."""
-        return [e.request for e in self.examples for _ in range(self.group_size)]
 
 
 def generate_rollouts(model: Retriever, catalog: Catalog, vocab: dict, examples: list[Example], group_size: int,

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from catalog.batch import encode_requests
-from catalog.requests import Request
 from catalog.schema import Catalog
-from h2po.config import SamplerConfig
+from core.carriers import Request
+from core.config import SamplerConfig
 from model.transformer import Retriever
 from rollout.sampler import sample_lists
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from catalog.batch import RequestBatch
+from core.carriers import RequestBatch
 from model.transformer import MASK, Retriever, allowed_items
 
 

@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from h2po.config import ServeConfig
-from h2po.errors import UserError
+from core.config import ServeConfig
+from core.errors import UserError
 from serving.lists import MODEL, RIVALS, catalog_of, checkpoint_stamp
 
 TOKEN_ENV = "H2PO_SERVE_TOKEN"

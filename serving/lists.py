@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from catalog.requests import Example, Request, request_from_json
+from catalog.requests import request_from_json
 from catalog.schema import Catalog, CatalogError
-from h2po.errors import UserError, quoted
+from core.carriers import Example, Request
+from core.errors import UserError, quoted
 
 RIVALS = {"EASE": "ease", "EASE + intent": "ease-intent", "two-tower": "two-tower"}  # name -> route
 MODEL = "h2po"
@@ -65,7 +66,7 @@ def catalog_of(path: Path) -> tuple[str, dict]:
 def load_catalog_for(path: Path):
     """(catalog, config) a checkpoint was made on: its config's data section, read relative to its directory."""
     from catalog.dataset import load_catalog
-    from h2po.config import config_from_dict
+    from core.config import config_from_dict
 
     cfg = config_from_dict(catalog_of(path)[1])
     return load_catalog(cfg.data, Path(path).parent), cfg

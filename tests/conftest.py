@@ -23,7 +23,7 @@ import torch
 
 from catalog.batch import constraint_vocab
 from catalog.schema import Catalog, Interactions
-from h2po.config import DataConfig, ModelConfig, RunConfig
+from core.config import DataConfig, ModelConfig, RunConfig
 from model.transformer import Retriever
 
 N_ITEMS = 50

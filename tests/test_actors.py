@@ -23,19 +23,18 @@ from conftest import make_tiny_catalog
 from safetensors.torch import load_file
 from test_security import Payload
 
+from app.cli import main
 from catalog.batch import constraint_vocab, encode_requests
 from catalog.behaviour import generate_preferences
 from catalog.dataset import Dataset
 from catalog.preferences import PreferencePair, write_preferences
-from catalog.requests import Example, Request
 from catalog.schema import CatalogError
+from core.carriers import Example, Request, Rollouts
+from core.config import DataConfig, RequestConfig, load_config
 from evaluation.baselines import EASE
-from h2po.cli import main
-from h2po.config import DataConfig, RequestConfig, load_config
 from learner.checkpoint import read_header
 from rewards.registry import RewardError
 from rollout.buffer import PreferenceStream, ReplayBuffer, RolloutQueue, request_rows, shard, split_groups
-from rollout.generate import Rollouts
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -182,7 +181,7 @@ def test_sync_run_trains_and_publishes_weights(run_dir, cluster):
     """3 sync steps, 2 ranks, ZeRO 2: finite stats, versions 1..3, staleness 0, every sampled group and 2 pairs per
     step served, the rollout actor at the final version, and h2po.safetensors holding the moved final weights."""
     from actors.driver import train
-    from h2po.config import SystemConfig
+    from core.config import SystemConfig
 
     cfg = h2po_config(run_dir, "h2po.eval_every=2", "dashboard.enabled=true")
     result = train(cfg, run_dir / "most.safetensors", run_dir / "prefs.parquet", steps=3, mode="sync",
@@ -240,7 +239,7 @@ def test_async_run_trains_on_rollouts_up_to_max_staleness_old(run_dir, cluster, 
     """Async: the first batch is fresh; with h2po.max_staleness 1 later ones were sampled by the previous version,
     with 2 the calls of two steps ahead start at once (all three with version 0); none is dropped."""
     from actors.driver import train
-    from h2po.config import SystemConfig
+    from core.config import SystemConfig
 
     result = train(h2po_config(run_dir, f"h2po.max_staleness={max_staleness}"), run_dir / "most.safetensors", None,
                    steps=3, mode="async", system=SystemConfig(learners=2, zero_stage=2))
@@ -254,7 +253,7 @@ def test_actors_publish_weights_and_checkpoint(run_dir, cluster):
     """Placed actors: one step changes the published weights, the rollout actor samples with them (new version,
     new behaviour log-probs for the same seed), and a DeepSpeed checkpoint restores weights and version."""
     from actors.driver import place_actors
-    from h2po.config import SystemConfig
+    from core.config import SystemConfig
 
     actors = place_actors(h2po_config(run_dir), str(run_dir / "most.safetensors"), None,
                           SystemConfig(learners=2, zero_stage=2))

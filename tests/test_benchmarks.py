@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from catalog.batch import encode_requests
-from catalog.requests import Exclude, Recency, Request, valid_mask
+from catalog.requests import valid_mask
+from core.carriers import Exclude, Recency, Request
 from rollout.sampler import sample_lists
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -82,7 +83,7 @@ def test_flops_per_list_hand_computed():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     """A tiny MOST checkpoint and logged preferences on the real data, laid out as `h2po run` leaves them."""
-    from h2po.cli import main
+    from app.cli import main
 
     run = tmp_path_factory.mktemp("probe_run")
     overrides = [f"out_dir={run}", "threads=1"]
@@ -121,7 +122,7 @@ def test_ablation_variants_take_pairs_although_the_main_job_has_none():
     rollouts, on-policy only the config as it is. An explicit pair count is kept."""
     import ablation
 
-    from h2po.config import load_config
+    from core.config import load_config
 
     default = str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
     cfg = load_config(default)
@@ -141,7 +142,7 @@ def test_pooled_averages_runs_then_resamples_users():
     equal on both requests (a zero-width interval); family B's are 0.1 and 0.2, so its interval lies between."""
     import pooled
 
-    from catalog.requests import Example, Request
+    from core.carriers import Example, Request
 
     test = [Example(Request((i,)), (9,), user, family, 1) for i, (user, family) in
             enumerate([(0, "A"), (1, "A"), (0, "B"), (1, "B")])]
@@ -219,7 +220,7 @@ def test_ablations_scores_checkpoints_at_several_steps(tiny_run, tmp_path, monke
     at the same S; the S = 1 and one-pass rows are valid lists; an unknown --reference is a usage error naming it."""
     import ablations
 
-    from h2po import pipeline
+    from app import pipeline
 
     checkpoint = tiny_run / "most.safetensors"
     _, ws, model = ablations.load(str(checkpoint), [])

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from h2po import pipeline
-from h2po.cli import main
-from h2po.config import load_config
+from app import pipeline
+from app.cli import main
+from core.config import load_config
 from learner.checkpoint import read_header
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("restore_threads")  # conftest.py
 def capped_run(tmp_path_factory) -> tuple[Path, str]:
     """`h2po pretrain` on the tiny config whose clock runs out after the first step: (run dir, its stderr)."""
     run = tmp_path_factory.mktemp("capped")
-    command = [sys.executable, "-m", "h2po.cli", "pretrain", "--config", TINY, f"out_dir={run}", "threads=1",
+    command = [sys.executable, "-m", "app.cli", "pretrain", "--config", TINY, f"out_dir={run}", "threads=1",
                "most.max_minutes=1e-6"]
     proc = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=300)
@@ -60,7 +60,7 @@ def test_time_cap_warns_and_is_recorded(capped_run):
 
 def test_unfinished_pretraining_is_marked_and_retrieve_warns(capped_run, tmp_path, capsys):
     run = tmp_path / "killed"
-    command = [sys.executable, "-m", "h2po.cli", "pretrain", "--config", TINY, f"out_dir={run}", "threads=1",
+    command = [sys.executable, "-m", "app.cli", "pretrain", "--config", TINY, f"out_dir={run}", "threads=1",
                "most.max_steps=100000", "most.eval_every=2", "most.patience=100000"]
     proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

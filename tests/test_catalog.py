@@ -14,18 +14,7 @@ import pytest
 
 from catalog.dataset import Dataset, benchmark_examples, family_a, family_b, training_examples
 from catalog.movielens import import_movielens, locate
-from catalog.requests import (
-    Exclude,
-    Prefer,
-    Recency,
-    Request,
-    Require,
-    check_request,
-    request_from_json,
-    request_to_json,
-    soft_bonus,
-    valid_mask,
-)
+from catalog.requests import check_request, request_from_json, request_to_json, soft_bonus, valid_mask
 from catalog.schema import (
     INTERACTIONS_SCHEMA,
     ITEMS_SCHEMA,
@@ -35,7 +24,8 @@ from catalog.schema import (
     read_catalog,
     write_catalog,
 )
-from h2po.config import DataConfig, RequestConfig
+from core.carriers import Exclude, Prefer, Recency, Request, Require
+from core.config import DataConfig, RequestConfig
 
 # ---------------------------------------------------------------- a tiny catalog built in the test
 

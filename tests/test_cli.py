@@ -21,8 +21,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from app.cli import main
 from catalog.schema import read_catalog, write_catalog
-from h2po.cli import main
 from learner.checkpoint import read_header
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,8 +68,8 @@ def other_catalog(tmp_path_factory) -> Path:
 
 
 def h2po(*args) -> subprocess.CompletedProcess:
-    """`python -m h2po.cli ARGS` in a fresh process (one torch thread)."""
-    return subprocess.run([sys.executable, "-m", "h2po.cli", *map(str, args)], check=False, capture_output=True,
+    """`python -m app.cli ARGS` in a fresh process (one torch thread)."""
+    return subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], check=False, capture_output=True,
                           text=True,
                           env=ENV, cwd=ROOT, timeout=300)
 
@@ -273,7 +273,7 @@ def test_interrupted_batch_keeps_previous_output(checkpoint, tmp_path, monkeypat
 def test_interrupted_eval_leaves_no_output(checkpoint, tmp_path, monkeypatch):
     """An eval interrupted while writing results.json leaves neither it nor a temporary file (evaluation stubbed)."""
     out = tmp_path / "results.json"
-    monkeypatch.setattr("h2po.pipeline.evaluate_methods", lambda *args, **kwargs: {"A": {}})
+    monkeypatch.setattr("app.pipeline.evaluate_methods", lambda *args, **kwargs: {"A": {}})
     torn_writes(monkeypatch, out)
     assert main(["eval", "--checkpoint", str(checkpoint), "--out", str(out)]) == 130
     assert list(tmp_path.iterdir()) == []

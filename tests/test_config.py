@@ -13,16 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from h2po.config import (
-    ConfigError,
-    RunConfig,
-    config_from_dict,
-    config_to_dict,
-    describe,
-    load_config,
-    parse_override,
-)
-from h2po.pipeline import MOST_KEYS, most_settings
+from app.pipeline import MOST_KEYS, most_settings
+from core.config import ConfigError, RunConfig, config_from_dict, config_to_dict, describe, load_config, parse_override
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 

@@ -19,7 +19,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from h2po.config import ConfigError, RunConfig, config_from_dict, config_to_dict, describe, load_config
+from core.config import ConfigError, RunConfig, config_from_dict, config_to_dict, describe, load_config
 
 KEYS = [key for key, _, _ in describe()]
 SECTIONS = sorted({key.split(".")[0] for key in KEYS if "." in key})

@@ -22,8 +22,8 @@ import pytest
 from catalog.dataset import Dataset, training_examples
 from catalog.requests import MAX_K, MAX_SEEDS
 from catalog.schema import CatalogError
-from h2po import config as config_module
-from h2po.config import (
+from core import config as config_module
+from core.config import (
     ConfigError,
     DataConfig,
     RequestConfig,
@@ -33,7 +33,7 @@ from h2po.config import (
     describe,
     load_config,
 )
-from h2po.config_yaml import MAX_CONFIG_BYTES, MAX_OVERRIDE_CHARS
+from core.config_yaml import MAX_CONFIG_BYTES, MAX_OVERRIDE_CHARS
 
 
 def refused(overrides: list[str]) -> str:

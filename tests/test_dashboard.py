@@ -33,13 +33,13 @@ from pathlib import Path
 
 import pytest
 
+from app.cli import main
+from core.errors import UserError
 from dashboard.charts import CHARTS, build_figures, latest_steps
 from dashboard.feed import METRICS_FILE, MetricsLog, read_records
 from dashboard.panels import build_panels
 from dashboard.report import write_report
 from dashboard.server import start_dashboard
-from h2po.cli import main
-from h2po.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -78,7 +78,7 @@ def write_feed(run_dir: Path, steps: int = 6, first: int = 1, ray_metrics: bool 
 
 
 def results_json(run_dir: Path) -> None:
-    """A results.json of two groups and three methods, in the layout `h2po.pipeline.run_evaluation` writes."""
+    """A results.json of two groups and three methods, in the layout `app.pipeline.run_evaluation` writes."""
     def summary(v: float, vs: bool) -> dict:
         out = {"n": 40, "ndcg@10": v, "ndcg@10_ci": [v - 0.02, v + 0.02], "recall_min@10": v / 2, "coverage": 0.1}
         return {**out, "ndcg@10_vs_EASE": v - 0.3, "ndcg@10_vs_EASE_ci": [v - 0.32, v - 0.28]} if vs else out
@@ -328,8 +328,8 @@ def test_local_ray_listens_on_loopback_only(monkeypatch):
     from ray._private import ray_constants
 
     from actors.driver import LOOPBACK_ENV, connect_ray
+    from core.config import SystemConfig
     from dashboard.server import reachable_address
-    from h2po.config import SystemConfig
 
     assert not ray.is_initialized()
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -429,7 +429,7 @@ def write_marked_catalog(directory: Path, scratch: Path) -> list[str]:
 
     from catalog.dataset import load_catalog
     from catalog.schema import write_catalog
-    from h2po.config import load_config
+    from core.config import load_config
 
     load_catalog(load_config(TINY).data, scratch)
     source = scratch / "catalog"
@@ -466,7 +466,7 @@ def start_training(run: Path, steps: int) -> tuple[subprocess.Popen, list[str]]:
     """`h2po train` on the tiny config in its own process session; its output lines collect in the list."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "h2po.cli", "train", "--checkpoint", str(run / "most.safetensors"),
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "train", "--checkpoint", str(run / "most.safetensors"),
                              "--preferences", str(run / "prefs.parquet"), "--steps", str(steps), "--config", TINY,
                              *run_overrides(run), "h2po.checkpoint_every=0"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

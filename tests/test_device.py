@@ -18,13 +18,14 @@ import torch
 from catalog.dataset import Dataset, training_examples
 from catalog.preferences import PreferencePair
 from catalog.requests import valid_mask
-from h2po.config import DataConfig, H2POConfig, MostConfig, RequestConfig
+from core.carriers import Rollouts
+from core.config import DataConfig, H2POConfig, MostConfig, RequestConfig
 from learner.pretrain import most_step
 from learner.update import batch_loss, fixed_log_probs, rollout_log_probs
 from rewards.base import RewardContext
 from rewards.registry import build_rewards
 from rollout.buffer import encode_pairs
-from rollout.generate import Rollouts, generate_rollouts
+from rollout.generate import generate_rollouts
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 K = 4

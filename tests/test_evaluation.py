@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from catalog.dataset import Dataset
-from catalog.requests import Example, Exclude, Recency, Request, Require, valid_mask
+from catalog.requests import valid_mask
 from catalog.schema import Catalog, Interactions
+from core.carriers import Example, Exclude, Recency, Request, Require
+from core.config import EvalConfig
 from evaluation.baselines import EASE, build_baselines, ease_weights, top_k, tune_ease
 from evaluation.metrics import (
     bootstrap_ci,
@@ -28,7 +30,6 @@ from evaluation.metrics import (
     seed_leak_rate,
 )
 from evaluation.report import evaluate_methods, format_table
-from h2po.config import EvalConfig
 
 GENRES = ("Action", "Comedy", "Drama", "Horror")
 

@@ -28,9 +28,9 @@ from catalog.behaviour import generate_preferences
 from catalog.dataset import Dataset
 from catalog.preferences import write_preferences
 from catalog.schema import Catalog
+from core.config import DataConfig, RequestConfig
 from dashboard.feed import read_records
 from evaluation.baselines import EASE
-from h2po.config import DataConfig, RequestConfig
 from rollout.buffer import PreferenceStream, ReplayBuffer
 
 
@@ -124,7 +124,7 @@ def test_driver_killed_after_checkpoint_resumes_without_loss_or_duplicates(run_d
             import shutil
             shutil.rmtree(run_dir / name)
     overrides = [*TINY_H2PO, "h2po.checkpoint_every=2"]
-    command = [sys.executable, "-m", "h2po.cli", "train", "--checkpoint", str(run_dir / "most.safetensors"),
+    command = [sys.executable, "-m", "app.cli", "train", "--checkpoint", str(run_dir / "most.safetensors"),
                "--preferences", str(run_dir / "prefs.parquet"), "--steps", "4", "--mode", "async", *overrides]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     log = open(tmp_path / "driver.log", "w")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from catalog.batch import encode_requests
-from catalog.requests import Exclude, Recency, Request
+from core.carriers import Exclude, Recency, Request
 from learner.h2po import (
     decoupled_ppo_loss,
     dpo_loss,

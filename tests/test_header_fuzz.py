@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from h2po.errors import UserError
+from core.errors import UserError
 from learner.checkpoint import config_from_checkpoint, load_checkpoint, read_header
 
 CASES = settings(max_examples=150, deadline=timedelta(seconds=3), derandomize=True,

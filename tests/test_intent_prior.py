@@ -14,8 +14,8 @@ from conftest import N_FEATURES, randomise
 
 from catalog.batch import constraint_vocab, encode_requests
 from catalog.intent import IntentIndex
-from catalog.requests import Exclude, Recency, Request
-from h2po.config import DataConfig, ModelConfig, RunConfig
+from core.carriers import Exclude, Recency, Request
+from core.config import DataConfig, ModelConfig, RunConfig
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from model.transformer import MASK, Retriever, masked_log_softmax
 from rollout.sampler import sample_lists

@@ -31,8 +31,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.cli import main
 from catalog.movielens import locate
-from h2po.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -164,7 +164,7 @@ def test_h2po_train_job_succeeds(head, run_dir):
     address, token = head
     runtime_env = {"working_dir": str(ROOT), "excludes": EXCLUDES,
                    "env_vars": {"H2PO_MOVIELENS": str(locate()), "OMP_NUM_THREADS": "1"}}
-    entrypoint = [sys.executable, "-m", "h2po.cli", "train", "--checkpoint", str(run_dir / "most.safetensors"),
+    entrypoint = [sys.executable, "-m", "app.cli", "train", "--checkpoint", str(run_dir / "most.safetensors"),
                   "--steps", "2", "--mode", "sync", f"out_dir={run_dir}", "system.learners=1", "system.zero_stage=2",
                   "system.rollout_actors=1", "h2po.checkpoint_every=0", *TINY_H2PO]
     start = time.time()

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from catalog.batch import encode_requests
-from catalog.requests import Exclude, Prefer, Recency, Request, Require, valid_mask
+from catalog.requests import valid_mask
+from core.carriers import Exclude, Prefer, Recency, Request, Require
 from model.diffusion import corrupt, elbo_nll, slot_log_probs, stratified_times, trajectory_log_probs
 from model.transformer import MASK, allowed_items, masked_log_softmax
 from rollout.sampler import resolve_collisions, sample_lists

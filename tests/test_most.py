@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from catalog.batch import encode_requests
-from catalog.requests import Example, Exclude, Recency, Request, valid_mask
+from catalog.requests import valid_mask
+from core.carriers import Example, Exclude, Recency, Request
 from learner.most import build_targets, metric_scores, mmr_order, most_loss
 from model.diffusion import elbo_nll, stratified_times
 

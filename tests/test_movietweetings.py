@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from catalog.dataset import license_note, locate_source
 from catalog.movietweetings import import_movietweetings, locate
 from catalog.schema import CatalogError, read_catalog
-from h2po.config import ConfigError, DataConfig
+from core.config import ConfigError, DataConfig
 
 LICENSE = "The MIT License (MIT)\n\nCopyright (c) 2013 Simon Dooms\n\nPermission is hereby granted...\n"
 MOVIES = [  # (file id text, title, genres field)
@@ -88,7 +88,7 @@ def test_round_trip(tmp_path):
 
 
 def test_cli_import_and_config_switch(tmp_path, monkeypatch):
-    from h2po.cli import main
+    from app.cli import main
 
     source = write_snapshot(tmp_path / "mt", movie_lines(), ratings_lines())
     assert main(["data", "import", "--format", "movietweetings", "--source", str(source),

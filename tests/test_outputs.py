@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
+from app.cli import main
 from catalog.output import TEMPORARY, check_output, check_output_dir, remove_stale_temporaries, temporary_path
 from catalog.schema import atomic_write
-from h2po.cli import main
-from h2po.errors import UserError
+from core.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 

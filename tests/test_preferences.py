@@ -19,14 +19,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from app.cli import main
 from catalog.behaviour import draw_pairs, generate_preferences, gumbel_top_k
 from catalog.dataset import Dataset
 from catalog.preferences import PREFERENCES_SCHEMA, read_preferences, write_preferences
-from catalog.requests import Example, Exclude, Recency, Request, valid_mask
+from catalog.requests import valid_mask
 from catalog.schema import CatalogError, read_catalog
+from core.carriers import Example, Exclude, Recency, Request
+from core.config import DataConfig, RequestConfig
 from evaluation.baselines import EASE, top_k
-from h2po.cli import main
-from h2po.config import DataConfig, RequestConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")

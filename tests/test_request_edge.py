@@ -19,23 +19,19 @@ import pytest
 import torch
 from conftest import time_limit
 
+from app.cli import main
 from catalog.batch import encode_requests
 from catalog.requests import (
     MAX_CONSTRAINTS,
     MAX_LINE_BYTES,
     MAX_NEGATIVES,
     MAX_TITLE_CHARS,
-    Exclude,
-    Prefer,
-    Recency,
-    Request,
-    Require,
     check_request,
     request_from_json,
     valid_mask,
 )
 from catalog.schema import CatalogError
-from h2po.cli import main
+from core.carriers import Exclude, Prefer, Recency, Request, Require
 from rollout.sampler import sample_lists
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -28,11 +28,12 @@ from conftest import GENRES, N_ITEMS, make_tiny_catalog, make_tiny_model, time_l
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from app.cli import _constraints, build_parser, main
 from catalog.batch import constraint_vocab, encode_requests
-from catalog.requests import Exclude, Prefer, Recency, Request, Require, parse_request_line, resolve_items, valid_mask
+from catalog.requests import parse_request_line, resolve_items, valid_mask
 from catalog.schema import CatalogError
-from h2po.cli import _constraints, build_parser, main
-from h2po.config import SamplerConfig
+from core.carriers import Exclude, Prefer, Recency, Request, Require
+from core.config import SamplerConfig
 from rollout.retrieve import recommend
 from rollout.sampler import sample_lists
 

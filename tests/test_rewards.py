@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from catalog.dataset import Dataset
-from catalog.requests import Prefer, Recency, Request, valid_mask
-from h2po.config import DataConfig, load_config
-from h2po.errors import UserError
+from catalog.requests import valid_mask
+from core.carriers import Prefer, Recency, Request
+from core.config import DataConfig, load_config
+from core.errors import UserError
 from rewards.base import Reward, RewardBatch, RewardContext
 from rewards.intent import IntentReward
 from rewards.ndcg import NDCGReward

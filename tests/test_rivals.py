@@ -14,14 +14,15 @@ from test_evaluation import make_catalog, random_examples, tiny_dataset
 
 from catalog.dataset import Dataset
 from catalog.intent import IntentIndex
-from catalog.requests import Example, Request, valid_mask
+from catalog.requests import valid_mask
+from core.carriers import Example, Request
+from core.config import EvalConfig
 from evaluation.baselines import EASE, Popularity, build_baselines
 from evaluation.metrics import list_metrics
 from evaluation.neural_rivals import MultVAE, TwoTower, fit_neural
 from evaluation.report import evaluate_methods
 from evaluation.rivals import ALS, IntentBoost, Rivals, best_per_family, load_or_tune, standardise
 from evaluation.tuning import ValidationSet, tune
-from h2po.config import EvalConfig
 
 TINY_GRIDS = {"ALS": {"factors": [4], "regularization": [1.0], "alpha": [2.0]},
               "two-tower": {"temperature": [0.1], "dim": [8], "epochs": [3]},

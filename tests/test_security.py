@@ -29,14 +29,13 @@ from conftest import make_tiny_catalog
 from safetensors.torch import save_file
 
 from actors.train_state import DriverState, find_train_state, read_train_state, write_train_state
+from app.cli import main
 from catalog.batch import constraint_vocab, encode_requests
 from catalog.dataset import load_catalog
-from catalog.requests import Example, Exclude, Prefer, Recency, Request
-from h2po.cli import main
-from h2po.config import DataConfig, config_to_dict, load_config
-from h2po.errors import UserError
+from core.carriers import Example, Exclude, Prefer, Recency, Request, Rollouts
+from core.config import DataConfig, config_to_dict, load_config
+from core.errors import UserError
 from rollout.buffer import ReplayBuffer
-from rollout.generate import Rollouts
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")

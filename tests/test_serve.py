@@ -26,7 +26,7 @@ import pytest
 from conftest import make_tiny_catalog, make_tiny_model, write_tiny_checkpoint
 from test_dashboard import ARTIFACTS, CHROMEDRIVER, CHROMIUM, browser, free_port, save_screenshot, wait_for  # noqa: F401
 
-from h2po.cli import main
+from app.cli import main
 from learner.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def server(tmp_path_factory):
     out, err = directory / "stdout.txt", directory / "stderr.txt"
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     with open(out, "w") as stdout, open(err, "w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "h2po.cli", "serve", "--checkpoint", str(checkpoint),
+        process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--checkpoint", str(checkpoint),
                                     "--token", TOKEN, f"serve.port={port}", *OPTIONS], stdout=stdout, stderr=stderr,
                                    cwd=ROOT, env=env, start_new_session=True)
     try:

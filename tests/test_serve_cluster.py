@@ -45,7 +45,7 @@ def cluster():
 
 
 def serve(checkpoint: Path, address: str, env: dict, port: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "h2po.cli", "serve", "--checkpoint", str(checkpoint), "--address",
+    return subprocess.run([sys.executable, "-m", "app.cli", "serve", "--checkpoint", str(checkpoint), "--address",
                            address, "--detach", f"serve.port={port}", "serve.rivals=[]", "serve.replica_cpus=0.5",
                            "serve.threads=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 

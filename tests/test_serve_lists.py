@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from catalog.dataset import Dataset
-from catalog.requests import Example, Exclude, Request
+from core.carriers import Example, Exclude, Request
+from core.config import DataConfig, ServeConfig
+from core.errors import UserError
 from evaluation.baselines import EASE
-from h2po.config import DataConfig, ServeConfig
-from h2po.errors import UserError
 from serving.launch import serve_token, start
 from serving.lists import BadRequest, answer, complete_titles, load_policy, load_rival, parse_body
 

@@ -23,7 +23,7 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 def test_run_serves_its_new_policy_after_training(tmp_path):
     out_dir, port = tmp_path / "run", free_port()
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    command = [sys.executable, "-m", "h2po.cli", "run", "--config", TINY, f"out_dir={out_dir}", "threads=1",
+    command = [sys.executable, "-m", "app.cli", "run", "--config", TINY, f"out_dir={out_dir}", "threads=1",
                "dashboard.enabled=false", "dashboard.report=false", "eval.rivals=false", "serve.after_training=true",
                f"serve.port={port}", "serve.rivals=[]", "serve.replica_cpus=0.5"]
     with open(out, "w") as stdout, open(err, "w") as stderr:

@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import N_FEATURES, TINY_MODEL_CONFIG, randomise
 
-from catalog.batch import RequestBatch
-from h2po.config import H2POConfig
+from core.carriers import RequestBatch
+from core.config import H2POConfig
 from learner.update import (
     OffPolicyTerms,
     OnPolicyTerms,

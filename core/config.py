@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from h2po.config_check import check_limits, check_value, range_help
-from h2po.config_yaml import (
+from core.config_check import check_limits, check_value, range_help
+from core.config_yaml import (
     ConfigError,
     key_text,
     merge,
@@ -26,7 +26,7 @@ from h2po.config_yaml import (
     refuse_old_spellings,
     upgrade_recorded,
 )
-from h2po.errors import quoted
+from core.errors import quoted
 
 MAX_K = 64  # = catalog.requests.MAX_K and MAX_SEEDS (this leaf package cannot import catalog/; a test ties them)
 MAX_SEEDS = 32

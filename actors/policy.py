@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from h2po.config import RunConfig
-from h2po.pipeline import Workspace, ease_lambda, prepare
+from core.config import RunConfig
 from learner.checkpoint import load_checkpoint
+from learner.workspace import Workspace, ease_lambda, prepare
 from model.transformer import Retriever
 
 

@@ -10,11 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from app.cli_parser import build_parser
 from catalog.output import check_output, check_output_dir
-from catalog.requests import Exclude, Prefer, Recency, Request, Require, request_from_refs
-from h2po.cli_parser import build_parser
-from h2po.config import describe, load_config
-from h2po.errors import UserError, quoted
+from catalog.requests import request_from_refs
+from core.carriers import Exclude, Prefer, Recency, Request, Require
+from core.config import describe, load_config
+from core.errors import UserError, quoted
 
 # what `run`, `pretrain` and `train` write into OUT_DIR: each must be absent or a regular file before work starts
 RUN_FILES = ("ease.json", "most.safetensors", "pretrain.json", "preferences.parquet", "h2po.safetensors",
@@ -47,8 +48,8 @@ def _constraints(args) -> tuple:
 
 
 def cmd_run(args, pretrain_only: bool = False) -> None:
+    from app import pipeline
     from evaluation.baselines import EASE
-    from h2po import pipeline
     from learner.checkpoint import load_checkpoint
 
     start = time.time()
@@ -85,7 +86,7 @@ def _run_h2po(ws, most_path: Path):
     """Logged preferences, then H2PO on a local Ray instance from the MOST checkpoint.  -> the trained policy"""
     from actors.calls import LearnerFailed
     from actors.driver import train
-    from h2po import pipeline
+    from app import pipeline
     from learner.checkpoint import load_checkpoint
 
     prefs = ws.out_dir / "preferences.parquet"
@@ -113,7 +114,7 @@ def _ensure_data(cfg) -> None:
 
 
 def cmd_eval(args) -> None:
-    from h2po import pipeline
+    from app import pipeline
     from learner.checkpoint import config_from_checkpoint, load_checkpoint
 
     check_output(args.out, "--out")  # before the minutes of scoring, not after
@@ -128,7 +129,7 @@ def cmd_eval(args) -> None:
 def _load_for_retrieval(checkpoint: str):
     from catalog.batch import constraint_vocab
     from catalog.dataset import load_catalog
-    from h2po.config import config_from_dict
+    from core.config import config_from_dict
     from learner.checkpoint import load_checkpoint, read_header
 
     path = Path(checkpoint)
@@ -202,7 +203,7 @@ def _retrieve_batch(args) -> int:
 
 def cmd_preferences(args) -> int:
     """Generate logged preference pairs on the training users, write them, and re-read them with the validator."""
-    from h2po import pipeline
+    from app import pipeline
 
     check_output(args.out, "--out")
     cfg = load_config(args.config, args.overrides)

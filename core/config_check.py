@@ -15,8 +15,8 @@ import types
 import typing
 from typing import Any, Literal
 
-from h2po.config_yaml import MAX_DEPTH, ConfigError, key_text
-from h2po.errors import quoted
+from core.config_yaml import MAX_DEPTH, ConfigError, key_text
+from core.errors import quoted
 
 MAX_TEXT = 4096  # a string value (paths, host names)
 

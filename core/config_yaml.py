@@ -4,7 +4,7 @@ What a config file or override may hold is bounded before anything is built from
 MAX_CONFIG_BYTES and an override MAX_OVERRIDE_CHARS, YAML aliases are refused (a few lines of `&a` / `*a` expand to
 gigabytes when the config is saved with a checkpoint: the "billion laughs"), collections nest at most MAX_DEPTH
 deep (deeper ones exhaust PyYAML's recursive composer), and at most MAX_BASES files are chained by `base:`. Every
-failure is one ConfigError line with a bounded quote of the offending text. `h2po.config` types and checks the
+failure is one ConfigError line with a bounded quote of the offending text. `core.config` types and checks the
 result.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from h2po.errors import UserError, quoted
+from core.errors import UserError, quoted
 
 MAX_CONFIG_BYTES = 1 << 20  # one config file; more is refused before it is parsed
 MAX_OVERRIDE_CHARS = 10_000  # one `key=value` override

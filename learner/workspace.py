@@ -1,0 +1,97 @@
+"""A process's workspace: everything derived from the run config and the data once per process (the catalog read or
+imported into the run directory, the user split, item features, the constraint vocabulary), and what every stage
+computes from it: benchmark examples, the EASE lambda (configured, cached in `ease.json` or tuned on validation),
+the model, and the greedy lists and NDCG@10 of a model on examples.
+
+The app (`app.pipeline`) and the actors (`actors.policy`) both build one; nothing here starts Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from catalog.batch import constraint_vocab
+from catalog.dataset import Dataset, benchmark_examples, load_catalog
+from catalog.features import item_features
+from catalog.intent import IntentIndex
+from catalog.schema import atomic_write
+from core.carriers import Example
+from core.config import RunConfig
+from core.numerics import unit_rows
+from evaluation.baselines import EASE, tune_ease
+from evaluation.metrics import item_mask, ranking_metrics
+from model.transformer import Retriever
+from rollout.retrieve import recommend
+
+
+@dataclass
+class Workspace:
+    """Everything derived from the data once per process."""
+
+    cfg: RunConfig
+    data: Dataset
+    features: np.ndarray  # (N, F) item features x_i
+    unit_features: np.ndarray  # (N, F) rows L2-normalised (cosines)
+    vocab: dict
+    out_dir: Path
+
+def write_json(path: Path, value: dict) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(value, indent=2)))
+
+def prepare(cfg: RunConfig) -> Workspace:
+    """Seed, set threads, import/load the catalog into the run directory, split users, compute features."""
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    out_dir = Path(cfg.out_dir)
+    data = Dataset.build(load_catalog(cfg.data, out_dir), cfg.data)
+    features = item_features(data)
+    return Workspace(cfg, data, features, unit_rows(features), constraint_vocab(data.catalog), out_dir)
+
+def examples(ws: Workspace, split: str) -> list[Example]:
+    users = {"val": ws.data.val_users, "test": ws.data.test_users}[split]
+    draws = ws.cfg.eval.test_draws if split == "test" else 1
+    return benchmark_examples(ws.data, users, ws.cfg.requests, ws.cfg.eval.request_seed, draws)
+
+def ease_lambda(ws: Workspace) -> float:
+    """The EASE lambda: configured, cached in the run directory, or tuned on validation family A."""
+    if ws.cfg.model.prior_lambda > 0:
+        return ws.cfg.model.prior_lambda
+    path = ws.out_dir / "ease.json"
+    key = {"catalog": ws.data.catalog.fingerprint, "split_seed": ws.cfg.data.split_seed,
+           "lambdas": ws.cfg.eval.ease_lambdas}
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["lambda"]
+    lam, table = tune_ease(ws.data, examples(ws, "val"), ws.cfg.eval.ease_lambdas)
+    print(f"EASE lambda tuned on validation: {lam:g} (NDCG@10 by lambda: "
+          + ", ".join(f"{k:g}: {v:.4f}" for k, v in table.items()) + ")")
+    write_json(path, {"key": key, "lambda": lam, "validation_ndcg@10": {str(k): v for k, v in table.items()}})
+    return lam
+
+def build_model(ws: Workspace, ease: EASE | None) -> Retriever:
+    prior = ease.B.half() if ease is not None and ws.cfg.model.prior in ("ease", "ease+intent") else None
+    intent = IntentIndex(ws.data.catalog) if ws.cfg.model.prior == "ease+intent" else None
+    return Retriever(ws.cfg.model, torch.from_numpy(ws.features), len(ws.vocab), prior,
+                     *((torch.from_numpy(intent.values), torch.from_numpy(intent.parts)) if intent else ()))
+
+def model_recommender(ws: Workspace, model: Retriever):
+    """examples -> (R, k) lists, for the evaluation table."""
+    def run(batch: list[Example]) -> np.ndarray:
+        return np.stack(recommend(model, ws.data.catalog, ws.vocab, [e.request for e in batch], ws.cfg.sampler))
+    return run
+
+def request_ndcg(ws: Workspace, examples: list[Example], model: Retriever) -> np.ndarray:
+    """(R,) NDCG@10 of the model's greedy list for each example."""
+    relevant = item_mask([e.targets for e in examples], ws.data.catalog.n_items)
+    return ranking_metrics(model_recommender(ws, model)(examples), relevant, [10])["ndcg@10"]
+
+def validation_score(ws: Workspace, val: list[Example], model: Retriever) -> float:
+    """Mean NDCG@10 of greedy lists on the validation requests."""
+    return float(request_ndcg(ws, val, model).mean())
