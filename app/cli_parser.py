@@ -1,4 +1,4 @@
-"""The `h2po` command line's arguments: one builder per subcommand (the commands themselves: h2po/cli.py)."""
+"""The `h2po` command line's arguments: one builder per subcommand (the commands themselves: app/cli.py)."""
 
 from __future__ import annotations
 

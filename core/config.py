@@ -4,7 +4,7 @@ Every default lives in a dataclass field below, with its help text in the field'
 `h2po config --help`). A YAML file may name a `base:` file it overrides; `key=value` overrides from the command
 line address any field by its dotted path (`most.lr=3e-4`). Unknown keys, values of the wrong type and numbers
 outside a field's range (declared with the field: `option(..., low=, high=)`) raise `ConfigError` naming the key, the
-value and the range; `_check_relations` adds the few rules that join two fields. h2po/config_yaml.py reads the
+value and the range; `_check_relations` adds the few rules that join two fields. core/config_yaml.py reads the
 text (size, alias and nesting bounds).
 """
 

@@ -1,4 +1,4 @@
-"""Typing and range checks of single config values (h2po/config.py builds the dataclasses with them).
+"""Typing and range checks of single config values (core/config.py builds the dataclasses with them).
 
 A value is converted to its field's annotation (an int or numeric text to a float, nothing else), then checked
 against the range declared in the field's metadata: `low` <= x or `above` < x, x <= `high` or x < `below`, and a

@@ -1,4 +1,4 @@
-"""Tests of the typed run configuration (h2po/config.py).
+"""Tests of the typed run configuration (core/config.py).
 
 Every YAML in `configs/` loads; unknown keys, wrong types and out-of-choice values raise ConfigError naming the
 dotted key (from a file and from a `key=value` override); `base:` inheritance and override precedence; the

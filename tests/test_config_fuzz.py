@@ -1,4 +1,4 @@
-"""Fuzz test of config loading (h2po/config.py, h2po/config_yaml.py) with hypothesis.
+"""Fuzz test of config loading (core/config.py, core/config_yaml.py) with hypothesis.
 
 Generated YAML files, `key=value` overrides and base mappings (a checkpoint's saved config) mix the real dotted
 keys of `describe()` with unknown ones, and values of every type: NaN, infinities, huge integers, text with odd

@@ -1,4 +1,4 @@
-"""Range and size checks of the run configuration at the edge (h2po/config.py), and the bounded request loop.
+"""Range and size checks of the run configuration at the edge (core/config.py), and the bounded request loop.
 
 Every numeric field has a declared range (`option(..., low=, high=)`) and every value outside it, non-finite or
 huge is refused with one line naming the dotted key, the value and the range; a few cross-field rules
