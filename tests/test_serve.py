@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_tiny_catalog, make_tiny_model, write_tiny_checkpoint
-from test_dashboard import ARTIFACTS, CHROMEDRIVER, CHROMIUM, browser, free_port, save_screenshot, wait_for  # noqa: F401
+from test_dashboard import free_port
+from test_dashboard_browser import ARTIFACTS, browser, save_screenshot, wait_for  # noqa: F401
 
 from app.cli import main
 from learner.checkpoint import load_checkpoint, save_checkpoint
