@@ -236,6 +236,15 @@ def cmd_data(args) -> int:
     if args.data_command == "download":
         path = movielens.download(Path(args.dest) if args.dest else None)
         print(f"MovieLens {movielens.DATASET} verified in {path}")
+    elif args.data_command == "synth":
+        from catalog.synth import SynthSpec, write_synth
+
+        spec = SynthSpec(args.items, args.users, args.clusters, args.per_user, args.seed)
+        spec.check()  # before the output check: a bad argument is named first
+        check_output_dir(args.out, ("items.parquet", "interactions.parquet", "LICENSE.txt"), "--out")
+        out = write_synth(spec, Path(args.out), progress=True)
+        print(f"synthetic catalog written to {out} (items.parquet, interactions.parquet, LICENSE.txt); use it with "
+              f"data.catalog={out}")
     else:
         locate, import_files, _ = FORMATS[args.format]
         check_output_dir(args.out, ("items.parquet", "interactions.parquet", "LICENSE.txt"), "--out")

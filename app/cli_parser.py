@@ -76,6 +76,14 @@ def _data_parser(sub) -> None:
     im.add_argument("--source", default="", help="ml-latest-small or MovieTweetings directory (default: located "
                     "automatically, e.g. ../shared/data/<dataset>)")
     im.add_argument("--out", required=True, help="output directory for items/interactions Parquet")
+    sy = dsub.add_parser("synth", help="generate a synthetic catalog with planted structure (clusters, correlated "
+                         "genres and years, power-law popularity) in the Parquet schema; deterministic from --seed")
+    sy.add_argument("--items", type=int, required=True, help="number of items N")
+    sy.add_argument("--users", type=int, required=True, help="number of users U")
+    sy.add_argument("--clusters", type=int, default=0, help="latent clusters C (default: about sqrt(N) / 3)")
+    sy.add_argument("--per-user", type=int, default=40, help="mean interactions per user, before repeats are dropped")
+    sy.add_argument("--seed", type=int, default=0, help="random seed (the same arguments give identical files)")
+    sy.add_argument("--out", required=True, help="output directory for items/interactions Parquet")
     pf = dsub.add_parser("preferences", help="logged preference pairs from the configured behaviour policy")
     pf.add_argument("--out", required=True, help="output Parquet file (schema: catalog/preferences.py)")
     _config_args(pf)

@@ -15,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 
 from catalog import movielens, movietweetings
 from catalog.requests import valid_mask
@@ -100,16 +101,24 @@ class Dataset:
 
     @cached_property
     def train_matrix(self) -> np.ndarray:
-        """(U_train, N) float32 binary matrix of training users' positives."""
-        x = np.zeros((len(self.train_users), self.catalog.n_items), dtype=np.float32)
-        for row, user in enumerate(self.train_users):
-            x[row, self.user_positives(user)] = 1.0
-        return x
+        """(U_train, N) float32 binary matrix of training users' positives (dense: U_train x N; at large N use
+        `train_sparse`)."""
+        return self.train_sparse.toarray()
+
+    @cached_property
+    def train_sparse(self) -> sp.csr_matrix:
+        """(U_train, N) float32 CSR matrix of training users' positives: `train_matrix`'s entries in memory linear
+        in the positives."""
+        rows = [self.user_positives(user) for user in self.train_users]
+        indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows], dtype=np.int64)])
+        indices = np.concatenate(rows) if rows else np.empty(0, np.int64)
+        return sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr),
+                             shape=(len(self.train_users), self.catalog.n_items))
 
     @cached_property
     def train_popularity(self) -> np.ndarray:
-        """(N,) positive counts among training users."""
-        return self.train_matrix.sum(0)
+        """(N,) float32 positive counts among training users."""
+        return np.bincount(self.train_sparse.indices, minlength=self.catalog.n_items).astype(np.float32)
 
     @cached_property
     def genres(self) -> tuple[np.ndarray, list[str]]:
