@@ -2,8 +2,8 @@
 
 Every actor process builds its own `Workspace` from the run config (the catalog is read from the run directory,
 which must be shared storage on a multi-node cluster) and loads the MOST checkpoint, which must have been made on
-that catalog. The relevance matrix of the MOST anchor and the rewards is the model's EASE prior when it has one
-(the same matrix pretraining used), else EASE with the configured or tuned lambda.
+that catalog. The relevance of the MOST anchor and the rewards is the model's sparse EASE prior when it has one
+(the same top-m neighbours pretraining used), else EASE's top-m neighbours with the configured or tuned lambda.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from core.config import RunConfig
+from core.numerics import Neighbours
 from learner.checkpoint import load_checkpoint
-from learner.workspace import Workspace, ease_lambda, prepare
+from learner.workspace import Workspace, ease_lambda, fit_ease, prepare, prior_neighbours
 from model.transformer import Retriever
 
 
@@ -27,23 +28,21 @@ class Policy:
 
     ws: Workspace
     model: Retriever
-    relevance: torch.Tensor  # (N, N) float16 item-to-item relevance (EASE's B)
+    relevance: Neighbours  # (N, m) item-to-item relevance: EASE's B, each item's top-m neighbours
 
 
 def load_policy(cfg: RunConfig, checkpoint: str | Path) -> Policy:
     """Prepare the workspace of `cfg` and load the checkpoint's model onto its catalog."""
     ws = prepare(cfg)
     model, _, _ = load_checkpoint(Path(checkpoint), ws.data.catalog)
-    relevance = model.prior_matrix
+    relevance = model.prior
     if relevance is None:
-        from evaluation.baselines import EASE
-
-        relevance = EASE(ws.data.catalog, ws.data.train_matrix, ease_lambda(ws)).B.half()
+        relevance = prior_neighbours(ws, fit_ease(ws, ease_lambda(ws)))
     return Policy(ws, model, relevance)
 
 
 def frozen_copy(model: Retriever) -> Retriever:
-    """A frozen copy (eval mode, no gradients) that shares the model's buffers (features, prior matrix)."""
+    """A frozen copy (eval mode, no gradients) that shares the model's buffers (features, prior neighbours)."""
     shared = {id(buffer): buffer for buffer in model.buffers()}
     ref = copy.deepcopy(model, memo=shared)
     ref.requires_grad_(False)

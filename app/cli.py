@@ -49,7 +49,6 @@ def _constraints(args) -> tuple:
 
 def cmd_run(args, pretrain_only: bool = False) -> None:
     from app import pipeline
-    from evaluation.baselines import EASE
     from learner.checkpoint import load_checkpoint
 
     start = time.time()
@@ -62,7 +61,7 @@ def cmd_run(args, pretrain_only: bool = False) -> None:
     if path is not None:
         print(f"MOST: reusing {path} (finished pretraining with these settings; delete it to pretrain again)")
     else:
-        path, result = pipeline.run_pretrain(ws, EASE(ws.data.catalog, ws.data.train_matrix, lam))
+        path, result = pipeline.run_pretrain(ws, pipeline.fit_ease(ws, lam))
         print(f"MOST: {result.steps} steps in {result.seconds:.0f}s ({result.samples_per_second:.0f} samples/s, "
               f"ended by {result.stopped_by}); best validation NDCG@10 {result.best_score:.4f} at step "
               f"{result.best_step}; checkpoint {path}")

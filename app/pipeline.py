@@ -34,7 +34,9 @@ from learner.workspace import (
     build_model,
     ease_lambda,
     examples,
+    fit_ease,
     model_recommender,
+    prior_neighbours,
     validation_score,
     write_json,
 )
@@ -51,7 +53,8 @@ def run_pretrain(ws: Workspace, ease: EASE) -> tuple[Path, PretrainResult]:
     path = ws.out_dir / "most.safetensors"
     (ws.out_dir / "pretrain.json").unlink(missing_ok=True)  # present again only once this pretraining finishes
     save = functools.partial(_save_best, ws, path)
-    result = pretrain(model, ws.data, ws.vocab, ws.unit_features, ease.B.half(), cfg.requests, cfg.most, cfg.seed,
+    relevance = model.prior if model.prior is not None else prior_neighbours(ws, ease)  # MOST's target relevance
+    result = pretrain(model, ws.data, ws.vocab, ws.unit_features, relevance, cfg.requests, cfg.most, cfg.seed,
                       functools.partial(validation_score, ws, val), save, validate_start=cfg.model.zero_head)
     finish_checkpoint(path, {"steps": result.steps, "stopped_by": result.stopped_by})
     write_json(ws.out_dir / "pretrain.json", {"steps": result.steps, "best_step": result.best_step,
@@ -94,7 +97,7 @@ def make_preferences(ws: Workspace, out: Path) -> ValidationReport:
     pc, data = ws.cfg.preferences, ws.data
     if pc.noise <= 0 or pc.pairs_per_user < 1:
         raise UserError("preferences.noise must be > 0 and preferences.pairs_per_user >= 1")
-    scorer = EASE(data.catalog, data.train_matrix, ease_lambda(ws)) if pc.behaviour == "ease" \
+    scorer = fit_ease(ws, ease_lambda(ws)) if pc.behaviour == "ease" \
         else CentroidKNN(data.catalog, ws.features)
     source = f"{pc.behaviour} gumbel-top-k noise={pc.noise:g} seed={pc.seed}"
     table, stats = generate_preferences(data, scorer, pc.pairs_per_user, pc.noise, ws.cfg.requests.k, pc.seed,
@@ -134,7 +137,8 @@ def run_evaluation(ws: Workspace, models: dict[str, Retriever], ease_lam: float,
     Every method gets its paired NDCG@10 difference to EASE, to MOST when it is among the models, and to the best
     rival of each family (chosen on validation NDCG@10 among the baselines and rivals) when the rivals are on."""
     test = examples(ws, "test")
-    baselines = build_baselines(ws.data, ws.features, ws.cfg.eval, ease_lam)
+    baselines = build_baselines(ws.data, ws.features, ws.cfg.eval, ease_lam, ws.cfg.model.prior_items,
+                                ws.cfg.model.prior_neighbours)
     best: dict[str, str] = {}
     if ws.cfg.eval.rivals:
         baselines.update(rival_baselines(ws, baselines["EASE"]))

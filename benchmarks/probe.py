@@ -90,7 +90,7 @@ def main() -> None:
         model.get_parameter(name).requires_grad_(False)
     scores = {split: scorer(ws, split, reference) for split in ("val", "test")}
     users = ws.data if args.rollout_users == "train" else dataclasses.replace(ws.data, train_users=ws.data.val_users)
-    relevance, rewards = model.prior_matrix, build_rewards(h2po.rewards)
+    relevance, rewards = model.prior, build_rewards(h2po.rewards)
     reward_ctx = RewardContext.from_dataset(ws.data, ws.features, relevance)
     pairs = [p for b in read_preferences(run / "preferences.parquet", ws.data.catalog) for p in b.pairs] \
         if "off" in args.terms else []

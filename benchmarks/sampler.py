@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"machine: {info['cpu_count']} CPUs, torch {info['torch']}, {threads} threads; "
           f"matmul {args.matmul_size}^3: {rate / 1e9:.1f} GFLOP/s")
     print(f"model: d_model={mc.d_model}, n_layers={mc.n_layers}, N={cat.n_items}, prior="
-          f"{model.prior_matrix is not None}; k={args.k}, S={args.steps}, batch={args.batch}, "
+          f"{model.prior is not None}; k={args.k}, S={args.steps}, batch={args.batch}, "
           f"{len(requests)} validation requests; {flops / 1e6:.1f} MFLOP/list")
     print(format_rows(["method", "T", "lists/s", "ms/list", "vs floor"], rows))
     print(f"greedy lists identical between batched and reference: {same:.1%}; all lists valid")
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
               "settings": {"checkpoint": args.checkpoint, "batch": args.batch, "k": args.k, "steps": args.steps,
                            "repeats": args.repeats, "requests": len(requests), "d_model": mc.d_model,
                            "n_layers": mc.n_layers, "n_items": cat.n_items,
-                           "prior": model.prior_matrix is not None, "mean_context_tokens": context},
+                           "prior": model.prior is not None, "mean_context_tokens": context},
               "flops_per_list": flops, "matmul_size": args.matmul_size, "matmul_flops_per_s": rate,
               "floor_lists_per_s": floor, "results": records, "greedy_identical_share": same}
     write_result(args.out, result)

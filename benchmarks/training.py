@@ -37,6 +37,7 @@ from harness import (
 )
 
 from app import pipeline
+from core.numerics import Neighbours
 from learner.pretrain import most_step
 from model.transformer import Retriever
 
@@ -64,7 +65,7 @@ def now() -> float:
     return time.perf_counter()
 
 
-def timed_steps(model: Retriever, ws: pipeline.Workspace, relevance_matrix: torch.Tensor, batch: int,
+def timed_steps(model: Retriever, ws: pipeline.Workspace, relevance_matrix: Neighbours, batch: int,
                 steps: int, seed: int) -> np.ndarray:
     """Run `steps` MOST training steps; (steps, 3) seconds per part, in the order of PARTS."""
     cfg = dataclasses.replace(ws.cfg.most, batch_size=batch)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     ease = fit_ease(ws, args.ease_lambda)
     model = pipeline.build_model(ws, ease)
     threads = set_threads(args.threads)
-    relevance = ease.B.half()  # what `h2po run` passes to pretrain as the relevance scorer
+    relevance = model.prior if model.prior is not None else pipeline.prior_neighbours(ws, ease)  # as `h2po run`
     timed_steps(model, ws, relevance, args.batch, args.warmup, ws.cfg.seed + 1)
     seconds = timed_steps(model, ws, relevance, args.batch, args.steps, ws.cfg.seed)  # (steps, 3)
 
@@ -116,14 +117,14 @@ def main(argv: list[str] | None = None) -> dict:
     info = machine()
     print(f"machine: {info['cpu_count']} CPUs, torch {info['torch']}, {threads} threads")
     print(f"model: d_model={mc.d_model}, n_layers={mc.n_layers}, N={ws.data.catalog.n_items}, "
-          f"prior={model.prior_matrix is not None}, {sum(p.numel() for p in model.parameters()):,} parameters; "
+          f"prior={model.prior is not None}, {sum(p.numel() for p in model.parameters()):,} parameters; "
           f"batch {args.batch}, k={ws.cfg.requests.k}, {args.steps} timed steps after {args.warmup} warm-up")
     print(format_rows(["part", "mean ms", "median ms", "share"], rows))
     print(f"MOST training throughput: {samples_per_s:.1f} samples/s ({args.steps / total:.2f} steps/s)")
     result = {"benchmark": "training", "machine": info,
               "settings": {"batch": args.batch, "steps": args.steps, "warmup": args.warmup, "k": ws.cfg.requests.k,
                            "d_model": mc.d_model, "n_layers": mc.n_layers, "n_items": ws.data.catalog.n_items,
-                           "prior": model.prior_matrix is not None, "ease_lambda": args.ease_lambda},
+                           "prior": model.prior is not None, "ease_lambda": args.ease_lambda},
               "samples_per_s": samples_per_s, "seconds": total,
               "parts": {part: {"mean_ms": r[1], "median_ms": r[2], "share": r[3]} for part, r in zip(PARTS, rows)},
               "per_step_seconds": seconds.tolist()}

@@ -10,6 +10,8 @@ G = X^T X + lambda I, P = G^-1, B = I - P diagMat(1 / diag P) (zero diagonal), s
 The solve is restricted to items with a training positive, in float64: a cold item's column of X is zero, so
 its row and column of B are exactly 0 in the full solution too. With fewer users than items, P comes from the
 Woodbury identity P = (I - X^T (lambda I + X X^T)^-1 X) / lambda, a U x U solve instead of an N x N one.
+At large N (more warm items than model.prior_items) EASE is approximated without any (N, N) array: see `EASE` and
+evaluation/neighbours.py (exact EASE on the most popular items, item-kNN for the rest, top-m rows).
 
 Example:
     ease = EASE(data.catalog, data.train_matrix, lam=3000.0)
@@ -27,9 +29,10 @@ from catalog.dataset import Dataset
 from catalog.requests import valid_mask
 from catalog.schema import Catalog
 from core.carriers import Example
-from core.config import EvalConfig
-from core.numerics import unit_rows
+from core.config import EvalConfig, ModelConfig
+from core.numerics import Neighbours, seed_row_sum, top_neighbours, unit_rows
 from evaluation.metrics import item_mask, ranking_metrics
+from evaluation.neighbours import build_neighbours, ease_inverse
 
 
 def seed_matrix(examples: Sequence[Example], n_items: int) -> np.ndarray:
@@ -153,21 +156,6 @@ class ItemKNN(Baseline):
         return (seeds @ self.x.T) @ self.x / self.norm  # (R, N)
 
 
-def ease_inverse(x: torch.Tensor, lam: float) -> torch.Tensor:
-    """(W, W) P = (X^T X + lam I)^-1 for x (U, W) float64, through whichever of U, W is smaller."""
-    users, items = x.shape
-    if users < items:  # Woodbury: P = (I - X^T (lam I_U + X X^T)^-1 X) / lam
-        inner = x @ x.T  # (U, U)
-        inner.diagonal().add_(lam)
-        p = x.T @ torch.cholesky_solve(x, torch.linalg.cholesky(inner))  # (W, W)
-        p.neg_()
-        p.diagonal().add_(1.0)
-        return p.div_(lam)
-    gram = x.T @ x  # (W, W)
-    gram.diagonal().add_(lam)
-    return torch.cholesky_inverse(torch.linalg.cholesky(gram))
-
-
 def ease_weights(train_matrix: np.ndarray, lam: float) -> torch.Tensor:
     """(N, N) float32 EASE B = I - P diagMat(1 / diag P), zero diagonal, solved over items with a positive."""
     x = torch.from_numpy(np.ascontiguousarray(train_matrix)).to(torch.float64)  # (U, N)
@@ -183,20 +171,44 @@ def ease_weights(train_matrix: np.ndarray, lam: float) -> torch.Tensor:
 
 
 class EASE(Baseline):
-    """Embarrassingly shallow autoencoder; `B` and `prior_scores` also serve the model as a prior."""
+    """Embarrassingly shallow autoencoder; `neighbours` and `prior_scores` also serve the model as a prior.
 
-    def __init__(self, catalog: Catalog, train_matrix: np.ndarray, lam: float) -> None:
+    Exact (dense B, (N, N)) when the catalog has at most `popular` warm items (ml-latest-small: 9,742 items, all
+    exact); above that, the approximation of evaluation/neighbours.py: B is never formed, each item keeps its top
+    `neighbours` entries (EASE on the `popular` most popular items, scaled item-kNN for the rest), and the scores are
+    the sums of those sparse seed rows. Defaults: model.prior_items and model.prior_neighbours."""
+
+    def __init__(self, catalog: Catalog, train_matrix: np.ndarray, lam: float,
+                 popular: int = ModelConfig.prior_items, neighbours: int = ModelConfig.prior_neighbours) -> None:
         super().__init__(catalog)
-        self.lam = lam
-        self.B = ease_weights(train_matrix, lam)  # (N, N) float32
-        self._on_device: dict[torch.device, torch.Tensor] = {}
+        self.lam, self.m = lam, neighbours
+        self.exact = int((np.asarray(train_matrix.sum(0)).ravel() > 0).sum()) <= popular
+        self.B = ease_weights(train_matrix, lam) if self.exact else None  # (N, N) float32, small N only
+        self.rows = None if self.exact else build_neighbours(train_matrix, lam, neighbours, popular)
+        self._on_device: dict[torch.device, torch.Tensor | Neighbours] = {}
+
+    def neighbours(self, m: int) -> Neighbours:
+        """Each item's top-m neighbours of B (float32 values): the model's prior, the rewards' relevance."""
+        if self.exact:
+            return top_neighbours(self.B, m)
+        if m > self.m:
+            raise ValueError(f"this EASE kept {self.m} neighbours per item; {m} asked (build it with neighbours={m})")
+        return Neighbours(self.rows.indices[:, :m].contiguous(), self.rows.values[:, :m].contiguous())
 
     def prior_scores(self, seed_multi_hot: torch.Tensor) -> torch.Tensor:
         """(R, N) = seed_multi_hot (R, N) @ B, i.e. the sum of B's seed rows; on the input's device."""
         device = seed_multi_hot.device
         if device not in self._on_device:
-            self._on_device[device] = self.B.to(device)
-        return torch.sparse.mm(seed_multi_hot.float().to_sparse(), self._on_device[device])
+            self._on_device[device] = self.B.to(device) if self.exact else self.rows.to(device)
+        if self.exact:
+            return torch.sparse.mm(seed_multi_hot.float().to_sparse(), self._on_device[device])
+        rows, seeds = (seed_multi_hot != 0).nonzero(as_tuple=True)
+        width = int(torch.bincount(rows, minlength=len(seed_multi_hot)).max()) if len(rows) else 1
+        padded = torch.zeros(len(seed_multi_hot), width, dtype=torch.long, device=device)
+        mask = torch.zeros(padded.shape, dtype=torch.bool, device=device)
+        slot = torch.arange(len(rows), device=device) - torch.searchsorted(rows, rows)  # position within its row
+        padded[rows, slot], mask[rows, slot] = seeds, True
+        return seed_row_sum(self._on_device[device], padded, mask)
 
     def scores(self, examples: Sequence[Example]) -> np.ndarray:
         seeds = torch.from_numpy(seed_matrix(examples, self.catalog.n_items))  # (R, N)
@@ -217,9 +229,11 @@ def tune_ease(data: Dataset, examples_val: Sequence[Example], lambdas: Sequence[
     return max(table, key=table.get), table
 
 
-def build_baselines(data: Dataset, features: np.ndarray, cfg: EvalConfig, ease_lambda: float) -> dict[str, Baseline]:
-    """Every baseline of DESIGN section 2, by display name."""
+def build_baselines(data: Dataset, features: np.ndarray, cfg: EvalConfig, ease_lambda: float,
+                    popular: int = ModelConfig.prior_items,
+                    neighbours: int = ModelConfig.prior_neighbours) -> dict[str, Baseline]:
+    """Every baseline of DESIGN section 2, by display name (EASE approximated above `popular` warm items)."""
     cat = data.catalog
     return {"popularity": Popularity(cat, data.train_popularity), "centroid-kNN": CentroidKNN(cat, features),
             "MMR": MMR(cat, features, cfg.mmr_lambda), "item-kNN": ItemKNN(cat, data.train_matrix),
-            "EASE": EASE(cat, data.train_matrix, ease_lambda)}
+            "EASE": EASE(cat, data.train_matrix, ease_lambda, popular, neighbours)}

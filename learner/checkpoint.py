@@ -1,13 +1,16 @@
 """Checkpoints: one safetensors file holding the weights, the item index, the resolved config and metadata.
 
 Loading never executes code from the file (safetensors). A checkpoint only fits the catalog it was trained on:
-the item index fingerprint is checked on load. Files are written atomically (temporary file + rename).
+the item index fingerprint is checked on load. The EASE prior is stored sparse (`prior_indices`, `prior_values`,
+(N, m) each); an older checkpoint's dense (N, N) `prior_matrix` is converted on load (`convert_dense_prior`).
+Files are written atomically (temporary file + rename).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from catalog.schema import Catalog, CatalogError, atomic_write
 from core.config import RunConfig, config_from_dict, config_to_dict, load_config
 from core.config_yaml import refuse_old_spellings
 from core.errors import UserError, quoted
+from core.numerics import Neighbours, top_neighbours
 from model.transformer import Retriever
 
 
@@ -78,13 +82,31 @@ def load_checkpoint(path: Path, catalog: Catalog) -> tuple[Retriever, RunConfig,
     tensors = load_file(str(path))
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     try:
-        model = Retriever(cfg.model, state["features"], len(constraint_vocab(catalog)), state.get("prior_matrix"),
+        convert_dense_prior(state, cfg.model.prior_neighbours, path)
+        prior = Neighbours(state["prior_indices"], state["prior_values"]) if "prior_indices" in state else None
+        model = Retriever(cfg.model, state["features"], len(constraint_vocab(catalog)), prior,
                           state.get("intent_values"), state.get("intent_parts"))
         model.load_state_dict(state)
     except (KeyError, RuntimeError, ValueError, TypeError) as err:  # missing or misshapen tensors
         raise UserError(f"{path}: its tensors do not make a model of its config ({quoted(str(err))})") from None
     model.eval()
     return model, cfg, json.loads(header["meta"])
+
+
+def convert_dense_prior(state: dict[str, torch.Tensor], m: int, path: Path) -> None:
+    """A checkpoint from before issue 16 holds the prior as a dense (N, N) `prior_matrix`: replace it in `state` by
+    its rows' top-m entries (model.prior_neighbours of its config), the sparse prior this version keeps, and say so
+    on stderr (the model's prior logits change by the truncation: docs/results.md, issue 16)."""
+    if "prior_matrix" not in state:
+        return
+    dense = state.pop("prior_matrix")
+    if dense.ndim != 2 or dense.shape[0] != dense.shape[1]:
+        raise ValueError(f"prior_matrix of shape {tuple(dense.shape)}, expected (N, N)")
+    rows = top_neighbours(dense, m)
+    state["prior_indices"], state["prior_values"] = rows.indices, rows.values
+    print(f"note: {path} holds a dense (N, N) prior from before issue 16; converted on load to each item's top {m} "
+          "neighbours (model.prior_neighbours); save it again (any training run does) to store the sparse form",
+          file=sys.stderr)
 
 
 def config_from_checkpoint(path: Path, config_file: str | Path | None = None, overrides: Sequence[str] = (),

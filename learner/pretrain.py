@@ -24,7 +24,7 @@ from catalog.batch import encode_requests
 from catalog.dataset import Dataset, facet_mask, training_examples
 from catalog.requests import soft_bonus
 from core.config import MostConfig, RequestConfig
-from core.numerics import seed_row_sum
+from core.numerics import Neighbours, seed_row_sum
 from learner.most import build_targets, most_loss
 from model.diffusion import elbo_nll, stratified_times
 from model.transformer import Retriever
@@ -41,13 +41,13 @@ class PretrainResult:
     stopped_by: str = "max_steps"  # what ended training: "max_steps", "patience" or "max_minutes" (the clock)
 
 
-def relevance_scores(prior_matrix: torch.Tensor, seeds: torch.Tensor, seed_mask: torch.Tensor) -> np.ndarray:
-    """Raw relevance of every item to a seed set: the sum of the seeds' rows of a prior matrix.  -> (B, N)"""
-    device = prior_matrix.device
-    return seed_row_sum(prior_matrix, seeds.to(device), seed_mask.to(device)).cpu().numpy()
+def relevance_scores(prior: Neighbours, seeds: torch.Tensor, seed_mask: torch.Tensor) -> np.ndarray:
+    """Raw relevance of every item to a seed set: the sum of the seeds' sparse prior rows.  -> (B, N)"""
+    device = prior.indices.device
+    return seed_row_sum(prior, seeds.to(device), seed_mask.to(device)).cpu().numpy()
 
 
-def most_step(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray, relevance_matrix: torch.Tensor,
+def most_step(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray, relevance_matrix: Neighbours,
               req: RequestConfig, cfg: MostConfig, rng: np.random.Generator,
               generator: torch.Generator) -> torch.Tensor:
     """The MOST loss of one fresh batch of training requests (graph attached)."""
@@ -67,7 +67,7 @@ def most_step(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray
     return most_loss(elbo_nll(model, model.encode(batch.to(model.device)), x0, t, u), weights)
 
 
-def pretrain(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray, relevance_matrix: torch.Tensor,
+def pretrain(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray, relevance_matrix: Neighbours,
              req: RequestConfig, cfg: MostConfig, seed: int, validate: Callable[[Retriever], float],
              save_best: Callable[[Retriever, dict], None], validate_start: bool = False) -> PretrainResult:
     """Train with AdamW until max_steps, max_minutes or patience; keep the best-validating weights via save_best.

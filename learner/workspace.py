@@ -23,7 +23,7 @@ from catalog.intent import IntentIndex
 from catalog.schema import atomic_write
 from core.carriers import Example
 from core.config import RunConfig
-from core.numerics import unit_rows
+from core.numerics import Neighbours, unit_rows
 from evaluation.baselines import EASE, tune_ease
 from evaluation.metrics import item_mask, ranking_metrics
 from model.transformer import Retriever
@@ -75,8 +75,20 @@ def ease_lambda(ws: Workspace) -> float:
     write_json(path, {"key": key, "lambda": lam, "validation_ndcg@10": {str(k): v for k, v in table.items()}})
     return lam
 
+def fit_ease(ws: Workspace, lam: float) -> EASE:
+    """EASE on the training users, exact up to model.prior_items warm items and approximated beyond (keeping
+    model.prior_neighbours per item; evaluation/neighbours.py)."""
+    m = ws.cfg.model
+    return EASE(ws.data.catalog, ws.data.train_matrix, lam, m.prior_items, m.prior_neighbours)
+
+def prior_neighbours(ws: Workspace, ease: EASE) -> Neighbours:
+    """EASE's B as each item's top-m neighbours (m = model.prior_neighbours), float16 values: the model's prior and
+    the relevance of MOST's targets and of the rewards."""
+    rows = ease.neighbours(ws.cfg.model.prior_neighbours)
+    return Neighbours(rows.indices, rows.values.half())
+
 def build_model(ws: Workspace, ease: EASE | None) -> Retriever:
-    prior = ease.B.half() if ease is not None and ws.cfg.model.prior in ("ease", "ease+intent") else None
+    prior = prior_neighbours(ws, ease) if ease is not None and ws.cfg.model.prior in ("ease", "ease+intent") else None
     intent = IntentIndex(ws.data.catalog) if ws.cfg.model.prior == "ease+intent" else None
     return Retriever(ws.cfg.model, torch.from_numpy(ws.features), len(ws.vocab), prior,
                      *((torch.from_numpy(intent.values), torch.from_numpy(intent.parts)) if intent else ()))

@@ -7,7 +7,8 @@ with adaLN-Zero (Peebles & Xie, arXiv:2212.09748) on a pooled request vector; ab
 no time input (RADD, arXiv:2406.03736), which stays an option. Items are atomic ids with a tied, factorised
 embedding E_i = LayerNorm(W_f x_i) + u_i (u_i starts at zero), used for seeds, committed slots and the head:
 logit_k(i) = <W_o h_k, E_i> + b_i (+ prior_i when a prior is configured: the model then scores a residual over a
-strong prior). The prior is prior_scale * (EASE's scores of the seeds, standardised over the valid items) and, with
+strong prior). The prior is prior_scale * (EASE's scores of the seeds, standardised over the valid items; B kept
+as each item's top-m neighbours, model.prior_neighbours, so memory is N x m, not N x N) and, with
 `model.prior=ease+intent`, + sum_v intent_scale[part(v)] * [all seeds have value v] * [item i has v]: the intent read
 off the seeds (catalog/intent.py; one learned scale per attribute field and one for the decade). The softmax is exact
 over all N items.
@@ -26,7 +27,7 @@ from torch import nn
 
 from core.carriers import CONSTRAINT_KINDS, RequestBatch
 from core.config import ModelConfig
-from core.numerics import intent_counts, masked_zscore, seed_row_sum, shared_values
+from core.numerics import Neighbours, intent_counts, masked_zscore, seed_row_sum, shared_values
 
 MASK = -1
 SEGMENTS = {"constraint": 0, "negative": 1, "seed": 2, "slot": 3}
@@ -80,7 +81,7 @@ class Retriever(nn.Module):
     """Seed-set-conditioned masked-diffusion transformer with a tied item head."""
 
     def __init__(self, cfg: ModelConfig, features: torch.Tensor, n_values: int,
-                 prior_matrix: torch.Tensor | None = None, intent_values: torch.Tensor | None = None,
+                 prior: Neighbours | None = None, intent_values: torch.Tensor | None = None,
                  intent_parts: torch.Tensor | None = None):
         super().__init__()
         n, f = features.shape
@@ -108,11 +109,14 @@ class Retriever(nn.Module):
         self.frozen_items: torch.Tensor | None = None  # E for serving (`freeze_items`); None = computed per call
         if cfg.zero_head:  # logits start as b_i + prior_i (b_i = 0): the residual starts at zero, not at noise
             nn.init.zeros_(self.head.weight)
-        if prior_matrix is not None:
-            self.register_buffer("prior_matrix", prior_matrix)  # (N, N): prior(seeds) = sum of its seed rows
+        if prior is not None and not isinstance(prior, Neighbours):
+            raise TypeError(f"the prior is a core.numerics.Neighbours (sparse top-m rows), not {type(prior).__name__}")
+        if prior is not None:  # EASE's B as each item's top-m neighbours: prior(seeds) = sum of its seed rows
+            self.register_buffer("prior_indices", prior.indices)  # (N, m) int
+            self.register_buffer("prior_values", prior.values)  # (N, m) float16
             self.prior_scale = nn.Parameter(torch.tensor(1.0))
         else:
-            self.prior_matrix = None
+            self.prior_indices = self.prior_values = None
         if intent_values is not None:  # catalog.intent.IntentIndex's multi-hot and the part of each column
             self.register_buffer("intent_values", intent_values.bool())  # (N, V)
             self.register_buffer("intent_parts", intent_parts.long())  # (V,)
@@ -144,18 +148,23 @@ class Retriever(nn.Module):
         with torch.inference_mode():
             self.frozen_items = self.item_embeddings()
 
+    @property
+    def prior(self) -> Neighbours | None:
+        """The sparse EASE prior (each item's top-m neighbours), or None."""
+        return None if self.prior_indices is None else Neighbours(self.prior_indices, self.prior_values)
+
     def prior_scores(self, batch: RequestBatch) -> torch.Tensor | None:
         """(B, N) prior logits of the seed set: prior_scale * EASE's scores standardised per request over its valid
         items, + the intent counts weighted by intent_scale per part when the model has an intent prior."""
-        if self.prior_matrix is None and self.intent_values is None:
+        if self.prior_indices is None and self.intent_values is None:
             return None
         with torch.autocast(device_type=batch.valid.device.type, enabled=False):  # fp32, as the logits
             return self._prior_scores(batch)
 
     def _prior_scores(self, batch: RequestBatch) -> torch.Tensor:
         prior = torch.zeros(batch.valid.shape, device=batch.valid.device)
-        if self.prior_matrix is not None:
-            raw = seed_row_sum(self.prior_matrix, batch.seeds, batch.seed_mask)  # (B, N)
+        if self.prior_indices is not None:
+            raw = seed_row_sum(self.prior, batch.seeds, batch.seed_mask)  # (B, N)
             prior = self.prior_scale * masked_zscore(raw, batch.valid)
         if self.intent_values is not None:
             shared = shared_values(self.intent_values, batch.seeds, batch.seed_mask)  # (B, V)

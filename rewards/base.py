@@ -12,12 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from catalog.dataset import Dataset
 from catalog.schema import Catalog
 from core.carriers import Request
-from core.numerics import unit_rows
+from core.numerics import Neighbours, unit_rows
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,10 +27,10 @@ class RewardContext:
     features: np.ndarray  # (N, F) float32, rows of unit L2 norm
     popularity: np.ndarray  # (N,) positives per item among training users
     n_users: int  # number of training users U
-    relevance: torch.Tensor | None = None  # (N, N) item-to-item relevance, e.g. EASE's B; None = feature cosine
+    relevance: Neighbours | None = None  # (N, m) item-to-item relevance, e.g. EASE's top-m rows; None = cosine
 
     @classmethod
-    def from_dataset(cls, data: Dataset, features: np.ndarray, relevance: torch.Tensor | None = None) -> RewardContext:
+    def from_dataset(cls, data: Dataset, features: np.ndarray, relevance: Neighbours | None = None) -> RewardContext:
         """The context of a run: training popularity and user count from `data`, features scaled to unit rows."""
         return cls(data.catalog, unit_rows(features), data.train_popularity, len(data.train_users), relevance)
 

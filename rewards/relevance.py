@@ -1,6 +1,7 @@
 """Relevance to the seeds: the mean standardised relevance of a list's items to the request's seed set.
 
-rel_j = sum_{s in seeds} M[s, j] with M the context's relevance matrix (e.g. EASE's B, the model's prior), or, when
+rel_j = sum_{s in seeds} M[s, j] with M the context's sparse relevance (each item's top-m neighbours of EASE's B, the
+model's prior), or, when
 there is none, rel_j = cos(x_j, mean_{s in seeds} x_s) over the unit feature rows. z_j = (rel_j - mu) / sigma with
 mu, sigma over the request's valid items (as the model standardises its prior; sigma floored at 1e-6), and
 relevance = (1/K) sum_i z_{l_i}. About 0 for a random valid list, positive when the list beats the average item.
@@ -24,7 +25,7 @@ def standardised_relevance(request: Request, ctx: RewardContext) -> np.ndarray:
         return np.zeros(ctx.catalog.n_items)
     if ctx.relevance is not None:
         with torch.no_grad():
-            index = torch.tensor([seeds], device=ctx.relevance.device)
+            index = torch.tensor([seeds], device=ctx.relevance.indices.device)
             raw = seed_row_sum(ctx.relevance, index, torch.ones_like(index, dtype=torch.bool))[0]
         raw = raw.cpu().numpy().astype(np.float64)  # (N,)
     else:

@@ -24,6 +24,7 @@ import torch
 from catalog.batch import constraint_vocab
 from catalog.schema import Catalog, Interactions
 from core.config import DataConfig, ModelConfig, RunConfig
+from core.numerics import top_neighbours
 from model.transformer import Retriever
 
 N_ITEMS = 50
@@ -53,18 +54,21 @@ def randomise(model: torch.nn.Module, seed: int, scale: float = 0.2) -> torch.nn
     return model.eval()
 
 
+TINY_PRIOR_NEIGHBOURS = 10
 TINY_MODEL_CONFIG = ModelConfig(d_model=32, n_layers=2, n_heads=2, dropout=0.0, id_dropout=0.0, prior="none")
 
 
 def make_tiny_model(catalog: Catalog, prior: bool = False, seed: int = 0) -> Retriever:
-    """A randomised 2-layer D=32 Retriever in eval mode (with a random float16 prior matrix when `prior`)."""
+    """A randomised 2-layer D=32 Retriever in eval mode (with a random float16 prior, each item's top 10 neighbours
+    of a random (N, N) matrix, when `prior`)."""
     generator = torch.Generator().manual_seed(1000 + seed)
     features = torch.randn(catalog.n_items, N_FEATURES, generator=generator)
-    prior_matrix = torch.rand(catalog.n_items, catalog.n_items, generator=generator).half() if prior else None
+    dense = torch.rand(catalog.n_items, catalog.n_items, generator=generator).half() if prior else None
+    prior_matrix = top_neighbours(dense, TINY_PRIOR_NEIGHBOURS) if prior else None  # sparse, as the real prior
     cfg = TINY_MODEL_CONFIG
     with torch.random.fork_rng(devices=[]):  # seed the constructor's own init without touching the global RNG
         torch.manual_seed(seed)
-        model = Retriever(cfg, features, n_values=len(constraint_vocab(catalog)), prior_matrix=prior_matrix)
+        model = Retriever(cfg, features, n_values=len(constraint_vocab(catalog)), prior=prior_matrix)
     return randomise(model, seed)
 
 
@@ -73,7 +77,8 @@ def make_tiny_model(catalog: Catalog, prior: bool = False, seed: int = 0) -> Ret
 UNIT_MODULES = {"test_update.py", "test_scheduler.py", "test_h2po.py", "test_model.py", "test_most.py",
                 "test_evaluation.py", "test_rewards.py", "test_intent_prior.py", "test_device.py", "test_config.py",
                 "test_config_ranges.py", "test_config_fuzz.py", "test_header_fuzz.py", "test_request_fuzz.py",
-                "test_actors.py", "test_faults.py", "test_serve_lists.py", "test_layers.py"}
+                "test_actors.py", "test_faults.py", "test_serve_lists.py", "test_layers.py",
+                "test_sparse_prior.py"}
 
 
 def pytest_configure(config):

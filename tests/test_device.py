@@ -40,7 +40,7 @@ def inputs(tiny_catalog, tiny_vocab, tiny_prior_model):
     examples = training_examples(data, requests, 3, np.random.default_rng(0))
     allowed = [np.flatnonzero(valid_mask(tiny_catalog, e.request)).tolist() for e in examples[:2]]
     pairs = [PreferencePair(e.request, tuple(a[:K]), tuple(a[-K:]), 1.0, "test") for e, a in zip(examples, allowed)]
-    relevance = tiny_prior_model.prior_matrix
+    relevance = tiny_prior_model.prior
     rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
 
     def anchor():

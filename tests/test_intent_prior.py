@@ -16,6 +16,7 @@ from catalog.batch import constraint_vocab, encode_requests
 from catalog.intent import IntentIndex
 from core.carriers import Exclude, Recency, Request
 from core.config import DataConfig, ModelConfig, RunConfig
+from core.numerics import top_neighbours
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from model.transformer import MASK, Retriever, masked_log_softmax
 from rollout.sampler import sample_lists
@@ -34,7 +35,8 @@ def intent_model(catalog, scale: float, ease: bool = True, seed: int = 0) -> Ret
     """A randomised tiny Retriever with a random EASE-like prior matrix (when `ease`) and the intent prior."""
     generator = torch.Generator().manual_seed(2000 + seed)
     features = torch.randn(catalog.n_items, N_FEATURES, generator=generator)
-    prior = torch.rand(catalog.n_items, catalog.n_items, generator=generator).half() if ease else None
+    prior = top_neighbours(torch.rand(catalog.n_items, catalog.n_items, generator=generator).half(), 10) if ease \
+        else None
     index = IntentIndex(catalog)
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, dropout=0.0, id_dropout=0.0, prior="ease+intent")
     with torch.random.fork_rng(devices=[]):
@@ -86,7 +88,7 @@ def test_zero_intent_scale_gives_the_ease_prior(tiny_catalog, tiny_vocab):
     intent prior (today's EASE-only model)."""
     with_intent = intent_model(tiny_catalog, 0.0)
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, dropout=0.0, id_dropout=0.0, prior="ease")
-    plain = Retriever(cfg, with_intent.features, len(tiny_vocab), with_intent.prior_matrix).eval()
+    plain = Retriever(cfg, with_intent.features, len(tiny_vocab), with_intent.prior).eval()
     state = {k: v for k, v in with_intent.state_dict().items() if not k.startswith("intent_")}
     plain.load_state_dict(state)
     requests = [Request(SEEDS, (8,), (Exclude("genre", "Drama"),)), Request((3, 17, 29), (), (Recency(min_year=1970),))]
@@ -161,7 +163,8 @@ def test_zero_head_starts_at_the_prior(tiny_catalog, tiny_vocab):
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, dropout=0.0, id_dropout=0.0, prior="ease+intent",
                       zero_head=True)
     index = IntentIndex(tiny_catalog)
-    prior = torch.rand(tiny_catalog.n_items, tiny_catalog.n_items, generator=torch.Generator().manual_seed(5)).half()
+    prior = top_neighbours(torch.rand(tiny_catalog.n_items, tiny_catalog.n_items,
+                                      generator=torch.Generator().manual_seed(5)).half(), 10)
     model = Retriever(cfg, torch.randn(tiny_catalog.n_items, N_FEATURES), len(tiny_vocab), prior,
                       torch.from_numpy(index.values), torch.from_numpy(index.parts))
     batch = encode_requests(tiny_catalog, [Request(SEEDS), Request((3, 17, 29))], tiny_vocab)

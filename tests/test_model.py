@@ -231,7 +231,8 @@ def test_elbo_at_t_one_is_the_full_mask_nll(tiny_catalog, tiny_vocab, tiny_model
 
         u = torch.tensor([0.25, 0.75] * (K // 2)).expand(b, K)
         nll = elbo_nll(model, ctx, x0, torch.full((b,), 0.5), u)
-        assert (nll[:, 1::2] == 0).all() and (nll[:, ::2] > 0).all()
+        # >= 0, not > 0: the randomised tiny model is peaked enough that a p may round to exactly 1 in fp32
+        assert (nll[:, 1::2] == 0).all() and (nll[:, ::2] >= 0).all() and (nll[:, ::2] > 0).any()
         xt = torch.where(u < 0.5, torch.full_like(x0, MASK), x0)
         select = xt == MASK
         direct = -slot_log_probs(model, ctx, xt, x0, select)

@@ -23,6 +23,7 @@ from catalog.requests import valid_mask
 from core.carriers import Prefer, Recency, Request
 from core.config import DataConfig, load_config
 from core.errors import UserError
+from core.numerics import top_neighbours
 from rewards.base import Reward, RewardBatch, RewardContext
 from rewards.intent import IntentReward
 from rewards.ndcg import NDCGReward
@@ -53,8 +54,9 @@ def ctx(tiny_catalog) -> RewardContext:
 
 @pytest.fixture(scope="module")
 def ctx_matrix(ctx) -> RewardContext:
-    """`ctx` with a seeded random (N, N) relevance matrix."""
-    matrix = torch.rand(ctx.catalog.n_items, ctx.catalog.n_items, generator=torch.Generator().manual_seed(0))
+    """`ctx` with a seeded random relevance: each item's top 10 of a random (N, N) matrix."""
+    matrix = top_neighbours(torch.rand(ctx.catalog.n_items, ctx.catalog.n_items,
+                                       generator=torch.Generator().manual_seed(0)), 10)
     return RewardContext(ctx.catalog, ctx.features, ctx.popularity, ctx.n_users, matrix)
 
 
@@ -151,12 +153,12 @@ def test_intent_hand_computed(ctx):
 
 
 def test_relevance_matrix_and_feature_fallback(ctx):
-    """M[s, j] = j: rel_j = 2 j for seeds {10, 20}, z-scored over the 48 valid items; the top list scores the mean
-    z of items 46-49 (> 0), the bottom list that of 0-3 (< 0). Without a matrix, even items have cosine +1 to the
-    even seeds' centroid and odd items -1; over the 48 valid items (23 even, 25 odd) mean = -1/24 and
-    std = sqrt(1 - 1/576), so even items score (1 + 1/24) / std and odd items (-1 + 1/24) / std."""
+    """M[s, j] = j (every entry kept: m = N): rel_j = 2 j for seeds {10, 20}, z-scored over the 48 valid items; the
+    top list scores the mean z of items 46-49 (> 0), the bottom list that of 0-3 (< 0). Without a matrix, even items
+    have cosine +1 to the even seeds' centroid and odd items -1; over the 48 valid items (23 even, 25 odd) mean =
+    -1/24 and std = sqrt(1 - 1/576), so even items score (1 + 1/24) / std and odd items (-1 + 1/24) / std."""
     n = ctx.catalog.n_items
-    matrix = torch.arange(n, dtype=torch.float32).repeat(n, 1)  # (N, N), M[s, j] = j
+    matrix = top_neighbours(torch.arange(n, dtype=torch.float32).repeat(n, 1), n)  # M[s, j] = j
     with_matrix = RewardContext(ctx.catalog, ctx.features, ctx.popularity, ctx.n_users, matrix)
     request = Request((10, 20))
     batch = RewardBatch([request] * 2, np.array([[46, 47, 48, 49], [0, 1, 2, 3]]), [()] * 2)
