@@ -78,7 +78,8 @@ UNIT_MODULES = {"test_update.py", "test_scheduler.py", "test_h2po.py", "test_mod
                 "test_evaluation.py", "test_rewards.py", "test_intent_prior.py", "test_device.py", "test_config.py",
                 "test_config_ranges.py", "test_config_fuzz.py", "test_header_fuzz.py", "test_request_fuzz.py",
                 "test_actors.py", "test_faults.py", "test_serve_lists.py", "test_layers.py",
-                "test_sparse_prior.py"}
+                "test_chunked_head.py", "test_sparse_prior.py",
+                "test_rollout.py"}
 
 
 def pytest_configure(config):
