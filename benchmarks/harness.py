@@ -23,6 +23,7 @@ from core.config import RunConfig, load_config
 from core.errors import UserError
 from evaluation.baselines import EASE
 from learner.checkpoint import config_from_checkpoint
+from learner.workspace import prepare
 
 DEFAULT_WORKDIR = "runs/bench"
 # EASE's lambda changes the prior's values, not its cost; the benchmarks use a fixed one instead of tuning it.
@@ -74,7 +75,7 @@ def machine() -> dict:
 def workspace(args: argparse.Namespace, base: dict | None = None) -> pipeline.Workspace:
     """Config (checkpoint's config as the base, if given) + overrides -> prepared workspace in --workdir."""
     cfg: RunConfig = load_config(args.config, [*args.overrides, f"out_dir={args.workdir}"], base=base)
-    return pipeline.prepare(cfg)
+    return prepare(cfg)
 
 
 def fit_ease(ws: pipeline.Workspace, lam: float = DEFAULT_EASE_LAMBDA) -> EASE:

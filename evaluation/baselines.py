@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from catalog.dataset import Dataset
@@ -156,9 +157,10 @@ class ItemKNN(Baseline):
         return (seeds @ self.x.T) @ self.x / self.norm  # (R, N)
 
 
-def ease_weights(train_matrix: np.ndarray, lam: float) -> torch.Tensor:
+def ease_weights(train_matrix: np.ndarray | sp.spmatrix, lam: float) -> torch.Tensor:
     """(N, N) float32 EASE B = I - P diagMat(1 / diag P), zero diagonal, solved over items with a positive."""
-    x = torch.from_numpy(np.ascontiguousarray(train_matrix)).to(torch.float64)  # (U, N)
+    dense = train_matrix.toarray() if sp.issparse(train_matrix) else np.ascontiguousarray(train_matrix)
+    x = torch.from_numpy(dense).to(torch.float64)  # (U, N)
     warm = torch.nonzero(x.sum(0) > 0).squeeze(1)  # (W,)
     p = ease_inverse(x[:, warm], lam)  # (W, W)
     b_warm = p.div_(-torch.diagonal(p).clone())  # B_ij = -P_ij / P_jj off the diagonal
@@ -170,6 +172,30 @@ def ease_weights(train_matrix: np.ndarray, lam: float) -> torch.Tensor:
     return b
 
 
+def neighbour_scores(rows: Neighbours, seed_multi_hot: torch.Tensor) -> torch.Tensor:
+    """(R, N) float32 sums of the seeds' sparse rows (`core.numerics.seed_row_sum`) for a seed multi-hot (R, N)."""
+    device = seed_multi_hot.device
+    requests, seeds = (seed_multi_hot != 0).nonzero(as_tuple=True)
+    width = int(torch.bincount(requests, minlength=len(seed_multi_hot)).max()) if len(requests) else 1
+    padded = torch.zeros(len(seed_multi_hot), width, dtype=torch.long, device=device)  # (R, S) seeds, padded
+    mask = torch.zeros(padded.shape, dtype=torch.bool, device=device)
+    slot = torch.arange(len(requests), device=device) - torch.searchsorted(requests, requests)  # position in row
+    padded[requests, slot], mask[requests, slot] = seeds, True
+    return seed_row_sum(rows, padded, mask)
+
+
+class NeighbourScores(Baseline):
+    """Sum of the seeds' rows of a sparse item-item matrix (e.g. EASE's B truncated to each item's top m)."""
+
+    def __init__(self, catalog: Catalog, rows: Neighbours) -> None:
+        super().__init__(catalog)
+        self.rows = rows
+
+    def scores(self, examples: Sequence[Example]) -> np.ndarray:
+        seeds = torch.from_numpy(seed_matrix(examples, self.catalog.n_items))  # (R, N)
+        return neighbour_scores(self.rows, seeds).numpy()
+
+
 class EASE(Baseline):
     """Embarrassingly shallow autoencoder; `neighbours` and `prior_scores` also serve the model as a prior.
 
@@ -178,7 +204,7 @@ class EASE(Baseline):
     `neighbours` entries (EASE on the `popular` most popular items, scaled item-kNN for the rest), and the scores are
     the sums of those sparse seed rows. Defaults: model.prior_items and model.prior_neighbours."""
 
-    def __init__(self, catalog: Catalog, train_matrix: np.ndarray, lam: float,
+    def __init__(self, catalog: Catalog, train_matrix: np.ndarray | sp.spmatrix, lam: float,
                  popular: int = ModelConfig.prior_items, neighbours: int = ModelConfig.prior_neighbours) -> None:
         super().__init__(catalog)
         self.lam, self.m = lam, neighbours
@@ -202,13 +228,7 @@ class EASE(Baseline):
             self._on_device[device] = self.B.to(device) if self.exact else self.rows.to(device)
         if self.exact:
             return torch.sparse.mm(seed_multi_hot.float().to_sparse(), self._on_device[device])
-        rows, seeds = (seed_multi_hot != 0).nonzero(as_tuple=True)
-        width = int(torch.bincount(rows, minlength=len(seed_multi_hot)).max()) if len(rows) else 1
-        padded = torch.zeros(len(seed_multi_hot), width, dtype=torch.long, device=device)
-        mask = torch.zeros(padded.shape, dtype=torch.bool, device=device)
-        slot = torch.arange(len(rows), device=device) - torch.searchsorted(rows, rows)  # position within its row
-        padded[rows, slot], mask[rows, slot] = seeds, True
-        return seed_row_sum(self._on_device[device], padded, mask)
+        return neighbour_scores(self._on_device[device], seed_multi_hot)
 
     def scores(self, examples: Sequence[Example]) -> np.ndarray:
         seeds = torch.from_numpy(seed_matrix(examples, self.catalog.n_items))  # (R, N)
@@ -224,7 +244,7 @@ def tune_ease(data: Dataset, examples_val: Sequence[Example], lambdas: Sequence[
     relevant = item_mask([e.targets for e in family_a], data.catalog.n_items)  # (R, N)
     table = {}
     for lam in lambdas:
-        lists = EASE(data.catalog, data.train_matrix, lam).recommend(family_a, k)
+        lists = EASE(data.catalog, data.train_sparse, lam).recommend(family_a, k)
         table[float(lam)] = float(ranking_metrics(lists, relevant, [k])[f"ndcg@{k}"].mean())
     return max(table, key=table.get), table
 
@@ -236,4 +256,4 @@ def build_baselines(data: Dataset, features: np.ndarray, cfg: EvalConfig, ease_l
     cat = data.catalog
     return {"popularity": Popularity(cat, data.train_popularity), "centroid-kNN": CentroidKNN(cat, features),
             "MMR": MMR(cat, features, cfg.mmr_lambda), "item-kNN": ItemKNN(cat, data.train_matrix),
-            "EASE": EASE(cat, data.train_matrix, ease_lambda, popular, neighbours)}
+            "EASE": EASE(cat, data.train_sparse, ease_lambda, popular, neighbours)}

@@ -79,7 +79,7 @@ def fit_ease(ws: Workspace, lam: float) -> EASE:
     """EASE on the training users, exact up to model.prior_items warm items and approximated beyond (keeping
     model.prior_neighbours per item; evaluation/neighbours.py)."""
     m = ws.cfg.model
-    return EASE(ws.data.catalog, ws.data.train_matrix, lam, m.prior_items, m.prior_neighbours)
+    return EASE(ws.data.catalog, ws.data.train_sparse, lam, m.prior_items, m.prior_neighbours)
 
 def prior_neighbours(ws: Workspace, ease: EASE) -> Neighbours:
     """EASE's B as each item's top-m neighbours (m = model.prior_neighbours), float16 values: the model's prior and

@@ -19,10 +19,10 @@ from safetensors.torch import load_file, save_file
 
 from catalog.batch import encode_requests
 from catalog.dataset import Dataset
-from core.carriers import Request
+from core.carriers import Example, Request
 from core.config import DataConfig, RunConfig
 from core.numerics import Neighbours, seed_row_sum, top_neighbours
-from evaluation.baselines import EASE, ease_weights
+from evaluation.baselines import EASE, NeighbourScores, ease_weights
 from evaluation.neighbours import build_neighbours, sparse_top
 from learner.checkpoint import load_checkpoint, read_header, save_checkpoint
 
@@ -168,3 +168,15 @@ def test_checkpoint_round_trip_and_old_dense_prior(tiny_catalog, tiny_vocab, tmp
     want = top_neighbours(dense, TINY_PRIOR_NEIGHBOURS)
     assert torch.equal(converted.prior_indices, want.indices) and torch.equal(converted.prior_values, want.values)
     assert isinstance(converted.prior, Neighbours)
+
+
+def test_neighbour_scores_with_every_entry_equal_dense_ease(tiny_catalog):
+    """NeighbourScores over B's top-N rows (every entry kept) scores requests exactly as the dense EASE; with the
+    sparse train matrix EASE fits the same B."""
+    data = Dataset.build(tiny_catalog, DataConfig())
+    ease = EASE(data.catalog, data.train_sparse, 10.0)
+    assert ease.exact
+    torch.testing.assert_close(ease.B, EASE(data.catalog, data.train_matrix, 10.0).B)
+    examples = [Example(Request((1, 4, 9)), (2,), 0, "A", 3), Example(Request((7,)), (2,), 1, "A", 1)]
+    full = NeighbourScores(data.catalog, ease.neighbours(data.catalog.n_items))
+    np.testing.assert_allclose(full.scores(examples), ease.scores(examples), atol=1e-5)
