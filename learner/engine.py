@@ -169,17 +169,6 @@ class Engine:
         return {name: (value.detach().float() if value.is_floating_point() else value.detach()).cpu().clone()
                 for name, value in self.module.state_dict().items() if buffers or name in params}
 
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        """Overwrite the weights with `state` (parameters, optionally buffers) and resync the optimiser's fp32
-        partitions, which ZeRO would otherwise copy back over the module at the next step."""
-        missing = {name for name, _ in self.module.named_parameters()} - set(state)
-        if missing:
-            raise KeyError(f"state lacks parameters {sorted(missing)[:5]}")
-        self.module.load_state_dict(state, strict=False)
-        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
-        if refresh is not None:
-            refresh()
-
     def save_checkpoint(self, directory: str | Path, client_state: dict | None = None) -> None:
         """DeepSpeed checkpoint (module, optimiser partitions, step) under `directory/step<N>`; every rank calls it."""
         self.engine.save_checkpoint(str(directory), tag=f"step{self.steps}",

@@ -138,7 +138,7 @@ def h2po_config(run_dir: Path, *extra: str):
 
 
 @ray.remote(num_cpus=1)
-def engine_roundtrip(zero_stage: int) -> dict:
+def engine_two_steps(zero_stage: int) -> dict:
     """In a fresh process: a one-rank Engine on a model with a 0-dim parameter, loss = sum of all parameters."""
     import socket
 
@@ -157,23 +157,19 @@ def engine_roundtrip(zero_stage: int) -> dict:
         engine.step(sum(p.sum() for p in engine.module.parameters()))
         return engine.state_dict()
     start = engine.state_dict()
-    first = step()
-    engine.load(start)
-    return {"start": start, "first": first, "reloaded": engine.state_dict(), "second": step()}
+    return {"start": start, "first": step(), "second": step()}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [0, 2])
-def test_engine_steps_loads_and_keeps_scalar_shapes(cluster, zero_stage):
-    """grad = 1 everywhere, so each Adam step moves every weight by exactly -lr = -0.1 (m_hat / sqrt(v_hat) = 1).
-    After `load(start)` the next step lands at start - 0.1 again (not start - 0.2: the optimiser's fp32 copy was
-    refreshed), and the 0-dim parameter keeps shape () through DeepSpeed's steps."""
-    out = ray.get(engine_roundtrip.remote(zero_stage))
+def test_engine_steps_and_keeps_scalar_shapes(cluster, zero_stage):
+    """grad = 1 everywhere, so each Adam step moves every weight by exactly -lr = -0.1 (m_hat / sqrt(v_hat) = 1),
+    and the 0-dim parameter keeps shape () through DeepSpeed's steps."""
+    out = ray.get(engine_two_steps.remote(zero_stage))
     assert out["start"]["scale"].shape == () and out["second"]["scale"].shape == ()
     for name, value in out["start"].items():
         torch.testing.assert_close(out["first"][name], value - 0.1)
-        torch.testing.assert_close(out["reloaded"][name], value)
-        torch.testing.assert_close(out["second"][name], value - 0.1)
+        torch.testing.assert_close(out["second"][name], value - 0.2)
 
 
 @pytest.mark.slow
@@ -275,8 +271,7 @@ def test_actors_publish_weights_and_checkpoint(run_dir, cluster):
     assert not marker.exists(), "a learner rank executed a pickle planted in its checkpoint directory"
     restored, version = ray.get(actors.learners[1].weights.remote())
     assert version == 1 and all(torch.equal(restored[k], v) for k, v in ray.get(state_ref).items())
-    for actor in [*actors.learners, *actors.rollouts, actors.buffer]:
-        ray.kill(actor)
+    actors.kill()  # the actors and their placement groups
 
 
 BROKEN_REWARD = '''
