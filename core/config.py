@@ -102,6 +102,9 @@ class ModelConfig:
     zero_head: bool = option(False, "Start the item head W_o at zero: an untrained model scores exactly its prior "
                                     "(+ b_i = 0), and MOST learns a residual from there; MOST then validates step 0 "
                                     "too and keeps the prior unless training beats it.")
+    item_chunk: int = option(16384, "Items per chunk of the item head's exact softmax, draw and top-k (model/head.py): "
+                                    "peak memory rows x chunk, not rows x N; N <= chunk runs in one piece.",
+                             low=1, high=2**31 - 1)
 
 
 @dataclass

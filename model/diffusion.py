@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from model.head import chosen_log_probs
 from model.transformer import MASK, Context, Retriever, allowed_items
 
 
@@ -30,15 +31,16 @@ def slot_log_probs(model: Retriever, ctx: Context, state: torch.Tensor, targets:
     """log p(targets[b, k] | state, request) at the selected (masked) slots, 0 elsewhere.
 
     state, targets (B, K) long; select (B, K) bool (only masked slots) -> (B, K) float.
-    The distribution is the softmax over the items the request allows minus those committed in `state`.
+    The distribution is the softmax over the items the request allows minus those committed in `state`, exact, in
+    item chunks when N > model.item_chunk (model/head.py `chosen_log_probs`).
     """
     out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
     rows, cols = select.nonzero(as_tuple=True)
     if len(rows) == 0:
         return out
     hidden = model.hidden(ctx, state, t)  # (B, K, D)
-    logp = torch.log_softmax(model.allowed_logits(ctx, hidden[rows, cols], rows, allowed_items(ctx.valid, state)), -1)
-    out[rows, cols] = logp.gather(1, targets[rows, cols, None]).squeeze(1)
+    out[rows, cols] = chosen_log_probs(model, ctx, hidden[rows, cols], rows, allowed_items(ctx.valid, state),
+                                       targets[rows, cols])
     return out
 
 

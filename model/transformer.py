@@ -11,7 +11,7 @@ strong prior). The prior is prior_scale * (EASE's scores of the seeds, standardi
 as each item's top-m neighbours, model.prior_neighbours, so memory is N x m, not N x N) and, with
 `model.prior=ease+intent`, + sum_v intent_scale[part(v)] * [all seeds have value v] * [item i has v]: the intent read
 off the seeds (catalog/intent.py; one learned scale per attribute field and one for the decade). The softmax is exact
-over all N items.
+over all N items, computed in spans of model.item_chunk items (model/head.py).
 
 Shapes: B requests, K slots, N items, D width, L tokens. A slot value of -1 means [MASK].
 """
@@ -213,18 +213,20 @@ class Retriever(nn.Module):
 
 
     def allowed_logits(self, ctx: Context, hidden: torch.Tensor, rows: torch.Tensor,
-                       allowed: torch.Tensor) -> torch.Tensor:
-        """`logits(ctx, hidden, rows)` with -inf where `allowed` (B, N) is False -> (M, N).
+                       allowed: torch.Tensor, span: tuple[int, int] | None = None) -> torch.Tensor:
+        """`logits(ctx, hidden, rows)` with -inf where `allowed` (B, N) is False -> (M, N), or only items
+        lo <= i < hi of `span` = (lo, hi) -> (M, hi - lo) (model/head.py's chunks).
 
         Same values as `logits(...).masked_fill(~allowed[rows], -inf)`, in fewer passes over (M, N): bias, prior
         and mask are folded into one (B, N) offset per request, gathered once, and the matmul accumulates into it.
         """
+        lo, hi = span if span is not None else (0, allowed.shape[1])
         with torch.autocast(device_type=hidden.device.type, enabled=False):  # fp32, as `logits`
-            offset = self.item_bias.expand(allowed.shape)
+            offset = self.item_bias[lo:hi].expand(allowed.shape[0], hi - lo)
             if ctx.prior is not None:
-                offset = offset + ctx.prior
-            offset = torch.where(allowed, offset, torch.tensor(float("-inf"), device=offset.device))
-            return offset[rows].addmm_(hidden.float(), ctx.items.T.float())
+                offset = offset + ctx.prior[:, lo:hi]
+            offset = torch.where(allowed[:, lo:hi], offset, torch.tensor(float("-inf"), device=offset.device))
+            return offset[rows].addmm_(hidden.float(), ctx.items[lo:hi].T.float())
 
 
 def precision(model: Retriever, bf16: bool) -> contextlib.AbstractContextManager:

@@ -10,7 +10,8 @@ log-prob (a NaN or infinity reached the logits: a non-finite soft weight that by
 overflow) is drawn again from `finite_logits` (allowed items finite, all others -inf). The check costs O(M) per
 step; a sound model never takes the second path, so its draws are unchanged. The trajectory (step of each slot,
 its item, and the behaviour log-prob under the model's T = 1 distribution given the state before the step) is
-returned for H2PO's trajectory likelihood.
+returned for H2PO's trajectory likelihood. The draws run over item spans of `model.item_chunk` (`draw_items`,
+model/head.py): the open slots' logits never exist as one (open slots x N) matrix.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from core.carriers import RequestBatch
-from model.transformer import MASK, Retriever, allowed_items
+from model.head import combine_lse, spans_of
+from model.transformer import MASK, Context, Retriever, allowed_items
 
 
 @dataclass
@@ -42,21 +44,57 @@ def finite_logits(logits: torch.Tensor, allowed: torch.Tensor, bound: float = LO
     return logits.nan_to_num_(nan=-bound).clamp_(-bound, bound).masked_fill_(~allowed, float("-inf"))
 
 
-def draw(logits: torch.Tensor, allowed: torch.Tensor, temperature: float, generator: torch.Generator | None,
-         bounded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One candidate per row of logits (M, N): Gumbel-max at `temperature` (argmax at 0).  -> pick (M,), its log-prob
-    under the T = 1 distribution (M,). `bounded`: re-bound the perturbed scores too (logits / T may overflow)."""
+def span_draw(logits: torch.Tensor, allowed: torch.Tensor | None, temperature: float,
+              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One candidate per row of logits (M, n): Gumbel-max at `temperature` (argmax at 0).  -> pick (M,), its
+    perturbed score (M,) (= its logit at T = 0), its logit (M,), the rows' log-sum-exp (M,). `allowed` (M, n) given:
+    re-bound the perturbed scores too (logits / T may overflow)."""
     if temperature > 0:
         noise = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-10, 1.0)
         noise.log_().neg_().log_().neg_()  # Gumbel(0, 1), in place
         scores = noise.add_(logits, alpha=1.0 / temperature)
-        if bounded:
+        if allowed is not None:
             scores = finite_logits(scores, allowed, torch.finfo(scores.dtype).max)
-        pick = scores.argmax(-1)
+        best, pick = scores.max(-1)
         top = logits.gather(1, pick[:, None]).squeeze(1)
     else:
         top, pick = logits.max(-1)
-    return pick, top - torch.logsumexp(logits, -1)
+        best = top
+    return pick, best, top, torch.logsumexp(logits, -1)
+
+
+def draw(logits: torch.Tensor, allowed: torch.Tensor, temperature: float, generator: torch.Generator | None,
+         bounded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One candidate per row of logits (M, N): Gumbel-max at `temperature` (argmax at 0).  -> pick (M,), its log-prob
+    under the T = 1 distribution (M,). `bounded`: re-bound the perturbed scores too (logits / T may overflow)."""
+    pick, _, top, lse = span_draw(logits, allowed if bounded else None, temperature, generator)
+    return pick, top - lse
+
+
+def draw_items(model: Retriever, ctx: Context, hidden: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor,
+               temperature: float, generator: torch.Generator | None,
+               bounded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`draw` over `model.allowed_logits(ctx, hidden, rows, allowed)` (M, N), one item span at a time (model/head.py):
+    the best perturbed score over the spans (ties to the lower item, as argmax) and the exact log-sum-exp, so the
+    draw's distribution and log-prob are `draw`'s. One span (N <= model.item_chunk) is `draw` itself, noise included;
+    more spans draw their Gumbel noise span by span, so a seeded generator gives other (equally distributed) picks.
+    `bounded`: the `finite_logits` path (non-finite logits bounded, re-bounded scores)."""
+    pick = best = top = None
+    lses = []
+    for lo, hi in spans_of(model, allowed):
+        logits = model.allowed_logits(ctx, hidden, rows, allowed, (lo, hi))  # (M, hi - lo)
+        span_allowed = allowed[rows, lo:hi] if bounded else None
+        if bounded:
+            logits = finite_logits(logits, span_allowed)
+        p, score, t, lse = span_draw(logits, span_allowed, temperature, generator)
+        lses.append(lse)
+        if pick is None:
+            pick, best, top = p + lo, score, t
+            continue
+        better = score > best
+        pick, top = torch.where(better, p + lo, pick), torch.where(better, t, top)
+        best = torch.where(better, score, best)
+    return pick, top - combine_lse(lses)
 
 
 def resolve_collisions(candidate: torch.Tensor, confidence: torch.Tensor, open_: torch.Tensor) -> torch.Tensor:
@@ -87,13 +125,10 @@ def sample_lists(model: Retriever, batch: RequestBatch, k: int, steps: int, temp
         open_ = slots == MASK
         rows, cols = open_.nonzero(as_tuple=True)  # only open slots need logits
         hidden = model.hidden(ctx, slots)[rows, cols]  # (M, D)
-        allowed_rows = allowed[rows]  # (M, N)
-        logits = model.allowed_logits(ctx, hidden, rows, allowed)  # (M, N)
-        pick, conf = draw(logits, allowed_rows, temperature, generator)  # conf: log p of the pick at T = 1
+        pick, conf = draw_items(model, ctx, hidden, rows, allowed, temperature, generator)  # conf: log p at T = 1
         # a NaN or +inf anywhere in a row makes its log-sum-exp, so conf, non-finite: caught here in O(M)
-        if not bool((allowed_rows.gather(1, pick[:, None]).all() & torch.isfinite(conf).all())):
-            logits = finite_logits(logits, allowed_rows)
-            pick, conf = draw(logits, allowed_rows, temperature, generator, bounded=True)
+        if not bool((allowed[rows, pick].all() & torch.isfinite(conf).all())):
+            pick, conf = draw_items(model, ctx, hidden, rows, allowed, temperature, generator, bounded=True)
         candidate = torch.full_like(slots, MASK).index_put_((rows, cols), pick)
         confidence = torch.full((b, k), float("-inf"), device=device).index_put_((rows, cols), conf)
         keeps = resolve_collisions(candidate, confidence, open_)
