@@ -29,14 +29,16 @@ from evaluation.rivals import Rivals, best_per_family, load_or_tune
 from evaluation.tuning import ValidationSet
 from learner.checkpoint import finish_checkpoint, read_header, save_checkpoint
 from learner.pretrain import PretrainResult, pretrain
-from learner.workspace import (
+from learner.workspace import (  # noqa: F401 (re-exported: the CLI and the benchmarks call pipeline.X)
     Workspace,
     build_model,
     ease_lambda,
     examples,
     fit_ease,
     model_recommender,
+    prepare,
     prior_neighbours,
+    request_ndcg,
     validation_score,
     write_json,
 )
