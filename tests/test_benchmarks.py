@@ -247,3 +247,37 @@ def test_ablations_scores_checkpoints_at_several_steps(tiny_run, tmp_path, monke
     with pytest.raises(SystemExit):
         ablations.main()
     assert "nope S=1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- benchmarks/scaling.py
+SCALING_TINY = ["--min-users", "150", "--requests", "4", "--batch", "4", "--iters", "1", "--threads", "1",
+                "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "data.cf_dim=8", "model.prior_items=200",
+                "model.prior_neighbours=10", "most.batch_size=4", "h2po.batch_requests=2", "h2po.group_size=2"]
+
+
+def test_scaling_growth_exponent_hand_computed():
+    """figure = 3 N^2 on N = 10, 100, 1000 -> slope 2; a missing or non-positive figure is left out; one point
+    gives no slope."""
+    import scaling
+
+    assert scaling.growth([10, 100, 1000], [300, 30000, 3e6]) == pytest.approx(2.0)
+    assert scaling.growth([10, 100, 1000], [1.0, None, 10.0]) == pytest.approx(1 / 2)
+    assert scaling.growth([10, 100], [0.0, 5.0]) is None
+
+
+def test_scaling_table_at_tiny_n(tmp_path):
+    """N = 300 and 600 in their own processes with a tiny model: every row measured and positive, the checkpoint
+    grows about linearly (item residuals, features and prior rows are all N x something), the table has a line per
+    row, and a size whose config is refused comes back with its exit status and error line instead of stopping."""
+    import scaling
+
+    out = scaling.main(["--sizes", "300", "600", "--workdir", str(tmp_path), "--out", str(tmp_path / "s.json"),
+                        *SCALING_TINY])
+    assert [r["n_items"] for r in out["results"]] == [300, 600] and all(r["returncode"] == 0 for r in out["results"])
+    for key, *_ in scaling.ROWS:
+        assert all(r[key] > 0 for r in out["results"]), key
+    assert 0.7 < out["growth_exponents"]["checkpoint_mb"] < 1.2
+    assert len(out["table"].splitlines()) == len(scaling.ROWS) + 2
+    assert json.loads((tmp_path / "s.json").read_text())["results"][1]["n_items"] == 600
+    failed = scaling.main(["--sizes", "300", "--workdir", str(tmp_path), *SCALING_TINY, "model.n_heads=3"])
+    assert failed["results"][0]["returncode"] != 0 and "n_heads" in failed["results"][0]["error"]
