@@ -5,7 +5,11 @@ Rollout actors are started with `max_restarts`; `RayWorkers` turns a call on one
 `WorkerGone`, and the scheduler re-pushes the weights and retries the call. A generation call returns two objects:
 a small summary the driver waits for, and the rollouts, which go from the rollout actor's object store to the buffer
 actor as a reference. A learner rank that dies fails the step at once with `LearnerFailed`, naming the rank: the
-other ranks would wait in a collective for ever, so no learner wait is without a timeout.
+other ranks would wait in a collective for ever, so no learner wait is without a timeout; the error names the
+rank's node (`actors.placement.node_name`, recorded when it was placed) and says when Ray reports that node dead.
+A rollout actor's results lost with its node (`ObjectLostError`) count as the worker gone: the call is retried.
+Published weights are one object in Ray's object store per version (rank 0's return value): every rollout actor is
+sent the same `ObjectRef`, so each node fetches the weights once, whatever the number of actors.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError
 
+from actors.placement import Groups, node_alive
 from actors.scheduler import RESTART_TIMEOUT, WorkerGone
 
 MAX_ROLLOUT_RESTARTS = 8  # Ray restarts of one rollout actor (beyond them its calls fail for good)
-ACTOR_GONE = (RayActorError, ActorUnavailableError)  # died, or restarting / restarted under a call
+PEER_GRACE = 60.0  # seconds a rank's error waits for Ray to report a peer dead (its health checks: ~15-30 s)
+ACTOR_GONE = (RayActorError, ActorUnavailableError, ObjectLostError)  # died, restarting, or its node (and results)
 
 
 class LearnerFailed(RuntimeError):
@@ -33,15 +39,36 @@ class LearnerFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class Actors:
-    """Handles of the placed actors: learner ranks (rank order), rollout actors, the replay buffer."""
+    """Handles of the placed actors: learner ranks (rank order), rollout actors, the replay buffer; their placement
+    groups and the nodes where they were placed (`actors.placement.node_name`, per rank / rollout actor)."""
 
     learners: list
     rollouts: list
     buffer: Any
+    groups: Groups | None = None
+
+    @property
+    def learner_nodes(self) -> list[tuple[str, str]]:
+        """Per rank: (node id, node name) where it was placed; [] without placement groups."""
+        return self.groups.placed["learners"] if self.groups is not None else []
+
+    def form_group(self) -> Actors:
+        """The learner ranks' process group: all ranks rendezvous at rank 0's address at once. On failure the run's
+        actors and placement groups are removed.  -> self"""
+        try:
+            address, port = ray.get(self.learners[0].address.remote())
+            ray.get([learner.init_distributed.remote(rank, len(self.learners), port, address)
+                     for rank, learner in enumerate(self.learners)])
+        except BaseException:
+            self.kill()
+            raise
+        return self
 
     def kill(self) -> None:
         for actor in [*self.learners, *self.rollouts, self.buffer]:
             ray.kill(actor)
+        if self.groups is not None:
+            self.groups.remove()
 
 
 class RayWorkers:
@@ -66,6 +93,8 @@ class RayWorkers:
         ray.get(self.buffer.put.remote(handle[1], ids))  # Ray resolves the reference in the buffer's process
 
     def set_weights(self, worker: int, weights: Any, version: int) -> Any:
+        if not isinstance(weights, ray.ObjectRef):  # a value would be serialised into every actor's call
+            raise TypeError(f"publish weights as one ObjectRef per version, got {type(weights).__name__}")
         return self.rollouts[worker].set_weights.remote(weights, version)
 
     def wait_weights(self, handle: Any) -> None:
@@ -75,21 +104,42 @@ class RayWorkers:
             raise WorkerGone(type(err).__name__) from None
 
 
-def gather_ranks(refs: list, what: str, timeout: float, hint: str) -> list:
+def rank_node(nodes: list[tuple[str, str]], rank: int) -> str:
+    """' on NODE' (', dead' when Ray says so) for a rank placed there; '' when unknown."""
+    if rank >= len(nodes) or not nodes[rank][0]:
+        return ""
+    node_id, name = nodes[rank]
+    return f" on {name}" + ("" if node_alive(node_id) else " (node dead)")
+
+
+def gather_ranks(refs: list, what: str, timeout: float, hint: str, nodes: list[tuple[str, str]] = ()) -> list:
     """Results of one call per learner rank, failing at once (`LearnerFailed`) when any rank dies or all do not
-    answer within `timeout` seconds: the surviving ranks would otherwise wait in a collective for ever."""
+    answer within `timeout` seconds: the surviving ranks would otherwise wait in a collective for ever. `nodes`:
+    per rank (node id, name), named in the error.
+
+    A rank whose call raises is often the survivor of a collective whose peer died with its node (the socket
+    closes at once; Ray reports the peer dead only after its health checks): the other ranks get PEER_GRACE seconds
+    to be reported dead, and a dead one is blamed. Otherwise the first rank's own error is raised."""
     rank_of = {ref: rank for rank, ref in enumerate(refs)}
-    remaining, deadline = list(refs), time.time() + timeout
+    remaining, deadline, failed = list(refs), time.time() + timeout, None
     while remaining:
-        ready, remaining = ray.wait(remaining, num_returns=1, timeout=max(0.0, deadline - time.time()))
+        until = deadline if failed is None else min(deadline, failed[1] + PEER_GRACE)
+        ready, remaining = ray.wait(remaining, num_returns=1, timeout=max(0.0, until - time.time()))
+        if not ready and failed is not None:
+            break
         if not ready:
             ranks = sorted(rank_of[r] for r in remaining)
-            raise LearnerFailed(ranks[0], f"learner rank(s) {ranks} did not finish {what} within {timeout:.0f}s; "
-                                          f"the run stopped. {hint}")
+            raise LearnerFailed(ranks[0], f"learner rank(s) {ranks}{rank_node(nodes, ranks[0])} did not finish "
+                                          f"{what} within {timeout:.0f}s; the run stopped. {hint}")
         try:
             ray.get(ready[0])
         except RayActorError as err:
             rank = rank_of[ready[0]]
-            raise LearnerFailed(rank, f"learner rank {rank} died during {what} ({type(err).__name__}); the other "
-                                      f"ranks cannot continue without it, the run stopped. {hint}") from None
+            raise LearnerFailed(rank, f"learner rank {rank} died during {what}{rank_node(nodes, rank)} "
+                                      f"({type(err).__name__}); the other ranks cannot continue without it, the run "
+                                      f"stopped. {hint}") from None
+        except Exception as err:  # noqa: BLE001 - raised below unless a peer turns out dead
+            failed = failed or (err, time.time())
+    if failed is not None:
+        raise failed[0]
     return ray.get(list(refs))

@@ -17,8 +17,9 @@ calls in flight, the weight version and the admission by staleness:
 A failing reward raises `RewardError` from the rollout actor: `h2po.on_reward_error` = "stop" re-raises it
 (naming the reward), "skip" drops that rollout batch and counts it.
 
-Faults: a dead rollout actor is restarted by Ray; the scheduler re-sends it the weights and retries its call. A dead
-learner rank fails the step at once with `LearnerFailed` (`actors.calls`), naming the rank and pointing to `--resume`.
+Faults: a dead rollout actor is restarted by Ray (in its placement-group bundle, on another node when its node died);
+the scheduler re-sends it the weights and retries its call. A dead learner rank fails the step at once with
+`LearnerFailed` (`actors.calls`), naming the rank and its node and pointing to `--resume`.
 
 Checkpoints and resume: every `h2po.checkpoint_every` steps and at the end the driver writes OUT_DIR/train_state
 atomically (`actors.train_state`); `train(..., resume=True)` restores engines, buffer, preference cursor, version
@@ -54,6 +55,7 @@ from actors.buffer import ReplayBufferActor
 from actors.calls import MAX_ROLLOUT_RESTARTS, Actors, RayWorkers, gather_ranks
 from actors.learner import LearnerActor
 from actors.monitor import Monitor
+from actors.placement import driver_node_options, place_groups
 from actors.rollout import RolloutActor
 from actors.scheduler import RolloutScheduler
 from actors.train_state import DriverState, find_train_state, read_train_state, write_train_state
@@ -139,22 +141,20 @@ def check_inputs(cfg: RunConfig, checkpoint: Path, preferences: str | None, step
 
 
 def place_actors(cfg: RunConfig, checkpoint: str, preferences: str | None, system: SystemConfig) -> Actors:
-    """Start the buffer, rollout actors and learner ranks, then form the learners' process group."""
+    """Start the buffer (on the driver's node), the rollout actors and learner ranks in their placement groups
+    (`actors.placement`: `system.placement`), then form the learners' process group."""
     def with_threads(cpus: float) -> RunConfig:
         return dataclasses.replace(cfg, threads=cfg.threads or max(1, int(cpus)))
 
     engine_cfg = EngineConfig(zero_stage=system.zero_stage, lr=cfg.h2po.lr, grad_clip=cfg.h2po.grad_clip)
-    buffer = ReplayBufferActor.options(num_cpus=0).remote(cfg, preferences)
-    rollouts = [RolloutActor.options(num_cpus=system.rollout_cpus, num_gpus=system.rollout_gpus,
-                                     max_restarts=MAX_ROLLOUT_RESTARTS)
+    groups = place_groups(system)
+    buffer = ReplayBufferActor.options(num_cpus=0, **driver_node_options()).remote(cfg, preferences)
+    rollouts = [RolloutActor.options(max_restarts=MAX_ROLLOUT_RESTARTS, **groups.rollout_options(i, system))
                 .remote(with_threads(system.rollout_cpus), checkpoint, cfg.h2po_seed * 1000 + i)
                 for i in range(system.rollout_actors)]
-    learners = [LearnerActor.options(num_cpus=system.learner_cpus, num_gpus=system.learner_gpus)
-                .remote(with_threads(system.learner_cpus), checkpoint, engine_cfg) for _ in range(system.learners)]
-    address, port = ray.get(learners[0].address.remote())
-    ray.get([learner.init_distributed.remote(rank, len(learners), port, address)
-             for rank, learner in enumerate(learners)])  # all ranks rendezvous at once
-    return Actors(learners, rollouts, buffer)
+    learners = [LearnerActor.options(**groups.learner_options(rank, system))
+                .remote(with_threads(system.learner_cpus), checkpoint, engine_cfg) for rank in range(system.learners)]
+    return Actors(learners, rollouts, buffer, groups).form_group()
 
 
 def step_stats(rank_stats: list[dict], batch: BatchSummary, rewards: list[tuple[str, float]]) -> dict:
@@ -220,13 +220,14 @@ def take_batch(actors: Actors, version: int, n_requests: int, n_pairs: int) -> t
 def learn(actors: Actors, shards: list, lambda_off: float, what: str, timeout: float, hint: str) -> list[dict]:
     """One learner step, each rank on its shard (an object reference, resolved in the rank).  -> per-rank stats"""
     return gather_ranks([learner.train_step.remote(shard, lambda_off)
-                         for learner, shard in zip(actors.learners, shards, strict=True)], what, timeout, hint)
+                         for learner, shard in zip(actors.learners, shards, strict=True)], what, timeout, hint,
+                        actors.learner_nodes)
 
 
 def rank0_weights(actors: Actors, timeout: float, hint: str) -> tuple[object, int]:
     """Rank 0's weights as an ObjectRef (not fetched) and their version."""
     state_ref, version_ref = actors.learners[0].weights.remote()
-    return state_ref, gather_ranks([version_ref], "publishing weights", timeout, hint)[0]
+    return state_ref, gather_ranks([version_ref], "publishing weights", timeout, hint, actors.learner_nodes)[0]
 
 
 def save_state(actors: Actors, cfg: RunConfig, scheduler: RolloutScheduler, state: DriverState,
@@ -239,7 +240,7 @@ def save_state(actors: Actors, cfg: RunConfig, scheduler: RolloutScheduler, stat
 
     def save_engines(directory: str) -> None:
         gather_ranks([learner.save_checkpoint.remote(directory) for learner in actors.learners], "a checkpoint",
-                     timeout, resume_hint(cfg))
+                     timeout, resume_hint(cfg), actors.learner_nodes)
     path = write_train_state(cfg.out_dir, save_engines, ray.get(actors.buffer.state.remote()), state, cfg)
     print(f"train state written: {path}", flush=True)
     return collected
@@ -309,7 +310,7 @@ def restore_state(actors: Actors, cfg: RunConfig, timeout: float) -> tuple[Drive
         raise UserError(f"--resume: no train state under {cfg.out_dir} (written every h2po.checkpoint_every steps)")
     state, buffer_state = read_train_state(found)
     versions = gather_ranks([learner.load_checkpoint.remote(str(found / "engine")) for learner in actors.learners],
-                            "loading the checkpoint", timeout, "")
+                            "loading the checkpoint", timeout, "", actors.learner_nodes)
     if versions != [state.version] * len(versions):
         raise RuntimeError(f"{found}: engine versions {versions} differ from the driver's {state.version}")
     ray.get(actors.buffer.restore.remote(buffer_state))

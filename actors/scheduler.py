@@ -23,7 +23,8 @@ and hands their rollouts to the buffer (`Workers.deliver`: worker to buffer, nev
 collects everything in flight: the driver calls it before a checkpoint, so that no admitted call is lost or
 generated twice on resume (`collected_through` says which calls the buffer already holds).
 
-Faults: a worker that died under a call (`WorkerGone`; Ray restarts it) or answers with an older version than the
+Faults: a worker that died under a call, or whose finished call's rollouts were lost with its node before `deliver`
+(`WorkerGone`; Ray restarts it, on another node if its own is gone), or answers with an older version than the
 call was launched with (it restarted from the checkpoint) gets the current weights again and the call is retried
 with the same seed, at most `ATTEMPTS` times; restarts are counted and reported in `events`. A failing reward
 (`RewardError`) stops the run ("stop", re-raising the reward's own error) or drops that call's rollouts ("skip").
@@ -151,6 +152,9 @@ class RolloutScheduler:
             last = attempt + 1 == ATTEMPTS
             try:
                 done = self.workers.wait(call.handle)
+                current = done["version"] >= call.version or last
+                if current:  # its rollouts may be lost with the worker's node: WorkerGone, retried
+                    self.workers.deliver(call.handle, call.group_ids())
             except WorkerGone as err:
                 if last:
                     raise
@@ -163,9 +167,8 @@ class RolloutScheduler:
                 self.events.append({"event": "skipped_batch", "actor": call.worker, "message": str(err)})
                 self.skipped += 1
                 return
-            if done["version"] >= call.version or last:
+            if current:
                 call.done = done
-                self.workers.deliver(call.handle, call.group_ids())
                 return
             self._retry(call, f"answered with v{done['version']}, expected v{call.version}")
 

@@ -27,6 +27,7 @@ from core.config_yaml import (
     upgrade_recorded,
 )
 from core.errors import quoted
+from core.placement import PlacementConfig
 
 MAX_K = 64  # = catalog.requests.MAX_K and MAX_SEEDS (this leaf package cannot import catalog/; a test ties them)
 MAX_SEEDS = 32
@@ -267,6 +268,7 @@ class SystemConfig:
                               "and item head); CPU runs are fp32 whatever this says.")
     ray_cpus: int = option(0, "CPUs of a local Ray instance (0 = all cores, at least what the actors ask).",
                            low=0, high=4096)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)  # nodes of learner ranks and rollout actors
 
 
 @dataclass

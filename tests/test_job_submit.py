@@ -1,9 +1,9 @@
 """`h2po train` submitted with `ray job submit` to a real Ray head that has token authentication on (Ray's default).
 
-The test starts its own head (`ray start --head --block`) on loopback, on free ports and its own temp dir, as its
-own process session, with a fresh random token passed as RAY_AUTH_TOKEN (so ~/.ray/auth_token is neither read nor
-written); it never runs `ray stop` (that would stop every Ray instance on the machine). Teardown kills exactly the
-processes of that session (SIGTERM, then SIGKILL) and checks that none is left.
+The test starts its own head (`ray start --head --block`, tests/raycluster.py) on loopback, on free ports and its own
+temp dir, as its own process session, with a fresh random token passed as RAY_AUTH_TOKEN (so ~/.ray/auth_token is
+neither read nor written); it never runs `ray stop` (that would stop every Ray instance on the machine). Teardown
+kills exactly the processes of that session (SIGTERM, then SIGKILL) and checks that none is left.
 
 Then: the tiny MOST checkpoint (k=8, as in tests/test_actors.py), a submit without a token and one with a wrong
 token (both refused by the dashboard), and a 2-step sync run (1 learner rank, ZeRO 2, 1 rollout actor) submitted
@@ -16,10 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,76 +27,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from raycluster import RAY, free_ports, kill_session, start_head
 
 from app.cli import main
 from catalog.movielens import locate
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
-RAY = str(Path(sys.executable).parent / "ray")
 TINY_H2PO = ["threads=1", "requests.k=8", "h2po.group_size=2", "h2po.batch_requests=2", "h2po.vrpo_samples=2",
              "most.batch_size=4", "h2po.lr=1e-3"]
 EXCLUDES = [".git", ".venv", "runs", ".pytest_cache", ".ruff_cache", "*.egg-info", "__pycache__", ".ci"]
 
 pytestmark = pytest.mark.slow
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def session_pids(sid: int) -> list[int]:
-    """Processes whose session id is `sid` (the head's `setsid` session: GCS, raylet, dashboard, workers, jobs)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":  # fields: state ppid pgrp session ...
-            pids.append(int(entry.name))
-    return pids
-
-
-def kill_session(sid: int) -> list[int]:
-    """SIGTERM the session, wait a little, SIGKILL what is left.  -> pids still alive (none expected)."""
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        for pid in session_pids(sid):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + wait
-        while session_pids(sid) and time.time() < deadline:
-            time.sleep(0.2)
-    return session_pids(sid)
-
-
-def start_head(cpus: int, ports: list[int], low: int, prefix: str):
-    """`ray start --head` on loopback with token authentication, on `ports` (GCS, dashboard, client, metrics) and
-    worker ports low..low+199.  -> (its process, its clients' environment, its temp dir, its open log file)"""
-    port, dashboard, client, metrics = ports
-    temp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths live under it
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    log = open(Path(temp) / "head.log", "w")
-    proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
-         "--metrics-export-port", str(metrics), "--min-worker-port", str(low), "--max-worker-port", str(low + 199),
-         "--num-cpus", str(cpus), "--num-gpus", "0", "--temp-dir", temp, "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return proc, env, temp, log
 
 
 @pytest.fixture(scope="module")

@@ -123,6 +123,25 @@ def test_worker_restarted_between_calls_answers_an_old_version():
     assert scheduler.restarts == 1 and "answered with v0, expected v1" in scheduler.events[0]["message"]
 
 
+def test_rollouts_lost_with_their_node_are_generated_again():
+    """Call 1 finishes, but its rollouts are lost with the worker's node before they reach the buffer (`deliver`
+    raises WorkerGone, as `RayWorkers` does for ObjectLostError): the worker gets the weights again, the call is
+    generated again with the same seed, and the buffer receives each group once."""
+    workers = FakeWorkers(1)
+    original, lost = workers.deliver, []
+
+    def losing_deliver(handle, ids):
+        if handle["seed"] == 1 and not lost:
+            lost.append(ids)
+            raise WorkerGone("ObjectLostError")
+        original(handle, ids)
+    workers.deliver = losing_deliver
+    scheduler = RolloutScheduler(workers, 1, 1)
+    run(scheduler, 0, 3)
+    assert lost == [["g1-0"]] and [ids for ids, _ in workers.delivered] == [["g0-0"], ["g1-0"], ["g2-0"]]
+    assert scheduler.restarts == 1 and [seed for _, seed, _ in workers.launched] == [0, 1, 1, 2]
+
+
 def test_a_worker_that_keeps_dying_fails_the_run():
     """A call whose worker dies on every attempt raises WorkerGone after ATTEMPTS tries."""
     workers = FakeWorkers(1)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_tiny_catalog, make_tiny_model, write_tiny_checkpoint
-from test_job_submit import free_ports, kill_session, start_head
+from raycluster import free_ports, kill_session, start_head
 from test_serve import other_catalog
 
 from learner.checkpoint import load_checkpoint, save_checkpoint
