@@ -40,30 +40,34 @@ from core.carriers import Example, RequestBatch
 from core.config import config_to_dict
 from evaluation.report import evaluate_methods, example_groups
 from learner.checkpoint import config_from_checkpoint, load_checkpoint
+from model.head import top_log_probs
 from model.transformer import MASK, Retriever
-from rollout.sampler import draw, sample_lists
+from rollout.sampler import sample_lists
 
 
 @torch.no_grad()
 def one_pass(model: Retriever, batch: RequestBatch, k: int) -> torch.Tensor:
     """(B, K) greedy lists from a single forward pass at the all-masked state: the slots, in order of the confidence
     of their first choice (its log-prob), each take their most likely allowed item not yet taken. What S = 1 gives
-    when a collision is resolved by the loser's next choice in the same pass instead of a further pass."""
+    when a collision is resolved by the loser's next choice in the same pass instead of a further pass. A slot's
+    choice is among its k most likely items (at most k - 1 are taken before it), so only each slot's top k are
+    computed (`model.head.top_log_probs`, in item chunks)."""
     b = len(batch)
     ctx = model.encode(batch)
     slots = torch.full((b, k), MASK, dtype=torch.long, device=batch.valid.device)
     rows, cols = (slots == MASK).nonzero(as_tuple=True)  # every slot, row-major
     hidden = model.hidden(ctx, slots)[rows, cols]  # (B*K, D)
-    logits = model.allowed_logits(ctx, hidden, rows, batch.valid)  # (B*K, N)
-    _, confidence = draw(logits, batch.valid[rows], 0.0, None)  # log-prob of each slot's first choice, as sampled
-    order = confidence.view(b, k).argsort(1, descending=True)  # (B, K): slots by confidence
-    logits = logits.view(b, k, -1)  # (B, K, N)
+    logp, candidates = top_log_probs(model, ctx, hidden, rows, batch.valid, k)  # (B*K, k), most likely first
+    order = logp[:, 0].view(b, k).argsort(1, descending=True)  # (B, K): slots by their first choice's log-prob
+    candidates = candidates.view(b, k, k)
     taken = torch.zeros_like(batch.valid)  # (B, N)
     items = torch.empty((b, k), dtype=torch.long, device=slots.device)
     every = torch.arange(b, device=slots.device)
     for rank in range(k):
         slot = order[:, rank]  # (B,)
-        pick = logits[every, slot].masked_fill(taken, float("-inf")).argmax(-1)  # (B,)
+        options = candidates[every, slot]  # (B, k)
+        first_free = (~taken.gather(1, options)).float().argmax(1, keepdim=True)  # (B, 1)
+        pick = options.gather(1, first_free).squeeze(1)  # (B,)
         items[every, slot] = pick
         taken[every, pick] = True
     return items

@@ -22,7 +22,7 @@ import torch
 
 from core.carriers import RequestBatch
 from model.head import combine_lse, spans_of
-from model.transformer import MASK, Context, Retriever, allowed_items
+from model.transformer import MASK, Context, Retriever
 
 
 @dataclass
@@ -138,6 +138,7 @@ def sample_lists(model: Retriever, batch: RequestBatch, k: int, steps: int, temp
         slots = torch.where(commit, candidate, slots)
         step_of = torch.where(commit, torch.full_like(step_of, step), step_of)
         logp_out = torch.where(commit, confidence, logp_out)
-        allowed = allowed_items(batch.valid, slots)
+        done_rows, done_cols = commit.nonzero(as_tuple=True)
+        allowed[done_rows, slots[done_rows, done_cols]] = False  # = allowed_items(batch.valid, slots), in place
         step += 1
     return Samples(slots, step_of, logp_out)
