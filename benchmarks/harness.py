@@ -80,7 +80,7 @@ def workspace(args: argparse.Namespace, base: dict | None = None) -> pipeline.Wo
 
 def fit_ease(ws: pipeline.Workspace, lam: float = DEFAULT_EASE_LAMBDA) -> EASE:
     """EASE on the training users (the model's prior when `model.prior=ease`, and MOST's relevance scorer)."""
-    return EASE(ws.data.catalog, ws.data.train_matrix, lam)
+    return EASE(ws.data.catalog, ws.data.train_sparse, lam)
 
 
 def format_rows(header: list[str], rows: list[list]) -> str:

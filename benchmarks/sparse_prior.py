@@ -52,7 +52,7 @@ def methods_of(ws: Workspace, ease: EASE, args: argparse.Namespace) -> dict:
         approx = EASE(cat, ws.data.train_matrix, ease.lam, popular=p, neighbours=ws.cfg.model.prior_neighbours)
         methods[f"EASE P={p} m={ws.cfg.model.prior_neighbours}"] = functools.partial(approx.recommend, k=k)
     if args.models:
-        for m in [*args.grid, n]:
+        for m in [*(args.model_grid or args.grid), n]:
             name = PRIOR_DENSE if m == n else f"prior m={m}"
             methods[name] = model_recommender(ws, prior_model(ws, ease, m, args.prior))
     return methods
@@ -64,10 +64,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--popular", type=int, nargs="*", default=[1000, 3000],
                         help="P of the forced large-N approximation (none: skip)")
     parser.add_argument("--no-models", dest="models", action="store_false", help="EASE lists only")
+    parser.add_argument("--model-grid", type=int, nargs="*", help="the models' m (default: --grid)")
     parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=["val", "test"])
     parser.add_argument("--prior", default="ease", choices=["ease", "ease+intent"], help="the models' model.prior")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True).stdout.strip())
     ws = workspace(args)
     threads = set_threads(args.threads)
     lam = ease_lambda(ws)
@@ -83,8 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
                                           features=ws.features)
         results[split] = {g: r for g, r in results[split].items() if "/" not in g}  # families A and B
         print(f"\n##### {split} ({len(requests)} requests)\n{format_table(results[split])}")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"benchmark": "sparse_prior", "machine": machine(), "commit": commit, "ease_lambda": lam,
+    result = {"benchmark": "sparse_prior", "machine": machine(), "commit": commit, "uncommitted_changes": dirty,
+              "ease_lambda": lam,
               "n_items": ws.data.catalog.n_items, "grid": args.grid, "popular": args.popular,
               "prior_neighbours": ws.cfg.model.prior_neighbours, "models_prior": args.prior, "results": results}
     write_result(args.out, result)

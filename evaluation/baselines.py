@@ -14,7 +14,7 @@ At large N (more warm items than model.prior_items) EASE is approximated without
 evaluation/neighbours.py (exact EASE on the most popular items, item-kNN for the rest, top-m rows).
 
 Example:
-    ease = EASE(data.catalog, data.train_matrix, lam=3000.0)
+    ease = EASE(data.catalog, data.train_sparse, lam=3000.0)
     lists = ease.recommend(examples, k=20)  # (R, 20)
 """
 

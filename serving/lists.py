@@ -136,7 +136,7 @@ def load_rival(name: str, checkpoint: Path, ease_lambda: float = 0.0) -> Lister:
     facts: dict = {"stamp": checkpoint_stamp(checkpoint)}
     if name.startswith("EASE"):
         lam = ease_lambda_for(checkpoint.parent, ease_lambda)
-        method = EASE(catalog, data.train_matrix, lam)
+        method = EASE(catalog, data.train_sparse, lam)
         facts["lambda"] = lam
         if name == "EASE + intent":
             params, facts["from"] = rival_parameters(name, checkpoint.parent)
