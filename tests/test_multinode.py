@@ -18,7 +18,8 @@ raylet, agents and the actors on it. Teardown stops the remaining nodes by sessi
   node_b is killed once the state of step 1 is written. The job fails with one line naming the rank and node_b;
   `--resume` (both ranks now on the head) continues, and the ledger equals the uninterrupted schedule: no accepted
   group or pair lost or trained twice.
-Run: `python -m pytest tests/test_multinode.py -q` (about 4 minutes on 2 busy cores).
+Run: `python -m pytest tests/test_multinode.py -q` (11 minutes measured on 2 cores under a load of 15, most of it
+the starts of nodes and actor processes; docs/results.md).
 """
 
 from __future__ import annotations
