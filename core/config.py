@@ -96,10 +96,8 @@ class ModelConfig:
                                       "measured in docs/results.md, issue 13).",
                                 low=-100.0, high=100.0)
     prior_lambda: float = option(0.0, "EASE lambda of the prior; 0 = the value tuned on validation.", low=0.0, high=1e9)
-    prior_neighbours: int = option(200, "m: the prior keeps each item's m largest EASE entries (N x m).", low=1,
-                                   high=10**5)
-    prior_items: int = option(20000, "P: EASE exact up to P warm items; above, on the P most popular + item-kNN.",
-                              low=2, high=10**6)
+    prior_neighbours: int = option(200, "m: the prior keeps each item's top-m EASE entries.", low=1, high=10**5)
+    prior_items: int = option(20000, "P: exact EASE up to P warm items, else P most popular + kNN.", low=2, high=10**6)
     zero_head: bool = option(False, "Start the item head W_o at zero: an untrained model scores exactly its prior "
                                     "(+ b_i = 0), and MOST learns a residual from there; MOST then validates step 0 "
                                     "too and keeps the prior unless training beats it.")
