@@ -185,7 +185,7 @@ def reset_peak_rss() -> None:
 @pytest.mark.slow
 def test_sampler_memory_at_a_million_items():
     """N = 1e6 random items, D = 128, 4 requests, k = 20, S = 3, T = 1: the sampler's peak resident memory over its
-    starting point stays under 128 MiB (measured 15-72 MiB at the default item_chunk; in one piece 915 MiB: the
+    starting point stays under 128 MiB (measured 49 MiB at the default item_chunk; in one piece about 900 MiB: the
     (M, N) logits, Gumbel noise and mask of M = 80 open slots). The item embeddings are computed beforehand
     (`freeze_items`, as in serving) and a one-step warm-up call takes the process's one-time allocations."""
     n, b, k = 1_000_000, 4, 20
