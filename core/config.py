@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from core.config_check import check_limits, check_value, range_help
+from core.config_check import check_limits, check_value, option, range_help
 from core.config_yaml import (
     ConfigError,
     key_text,
@@ -35,18 +35,6 @@ SEED_MAX = 2**32 - 1
 MAX_STEPS = 10**7
 MAX_BATCH = 65536
 MAX_MINUTES = 525600.0  # a year
-
-
-def option(default: Any, help: str, *, low: float | None = None, above: float | None = None,
-           high: float | None = None, below: float | None = None, length: tuple[int, int] | None = None) -> Any:
-    """A dataclass field with a default, a one-line help text and, for a number (or each number of a list), its
-    range: low <= x (or above < x) and x <= high (or x < below); `length` = (fewest, most) entries of a list.
-    Floats are finite whatever the range; `check_limits` enforces it all when a config is read."""
-    limits = {"low": low, "above": above, "high": high, "below": below, "length": length}
-    metadata = {"help": help, **{name: value for name, value in limits.items() if value is not None}}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import math
 import re
 import types
 import typing
+from dataclasses import field
 from typing import Any, Literal
 
 from core.config_yaml import MAX_DEPTH, ConfigError, key_text
@@ -136,3 +137,15 @@ def range_help(meta: typing.Mapping[str, Any]) -> str:
     if "length" in meta:
         parts.append(f"{meta['length'][0]} to {meta['length'][1]} entries")
     return f" {', '.join(parts)}." if parts else ""
+
+
+def option(default: Any, help: str, *, low: float | None = None, above: float | None = None,
+           high: float | None = None, below: float | None = None, length: tuple[int, int] | None = None) -> Any:
+    """A dataclass field with a default, a one-line help text and, for a number (or each number of a list), its
+    range: low <= x (or above < x) and x <= high (or x < below); `length` = (fewest, most) entries of a list.
+    Floats are finite whatever the range; `check_limits` enforces it all when a config is read."""
+    limits = {"low": low, "above": above, "high": high, "below": below, "length": length}
+    metadata = {"help": help, **{name: value for name, value in limits.items() if value is not None}}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
