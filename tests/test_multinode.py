@@ -61,16 +61,21 @@ def alive_nodes(cluster: Cluster) -> int:
     return sum(node["state"] == "ALIVE" for node in nodes)
 
 
+def nodes_up(cluster: Cluster, n: int) -> bool:
+    """Whether exactly n nodes are alive (False while the head's state API cannot answer yet)."""
+    try:
+        return alive_nodes(cluster) == n
+    except (OSError, KeyError, ValueError):
+        return False
+
+
 def wait_nodes(cluster: Cluster, n: int, seconds: float = 300) -> None:
     deadline = time.time() + seconds
     while True:
         assert cluster.head.poll() is None, cluster.log()
         assert time.time() < deadline, f"{n} nodes not up in {seconds} s:\n{cluster.log()}"
-        try:
-            if alive_nodes(cluster) == n:
-                return
-        except (OSError, KeyError, ValueError):
-            pass
+        if nodes_up(cluster, n):
+            return
         time.sleep(1)
 
 
@@ -81,11 +86,8 @@ def add_node(cluster: Cluster, name: str, resources: dict, n: int, tries: int = 
         cluster.add(name, 3, resources)
         deadline = time.time() + 240
         while cluster.nodes[name].poll() is None and time.time() < deadline:
-            try:
-                if alive_nodes(cluster) == n:
-                    return
-            except (OSError, KeyError, ValueError):
-                pass
+            if nodes_up(cluster, n):
+                return
             time.sleep(1)
         cluster.stop(name)
     raise AssertionError(f"{name} did not start in {tries} tries:\n{cluster.log(name)}")
