@@ -13,13 +13,13 @@ few minutes on 2 cores), in this order:
   (`learner.workspace.prepare`: Parquet read, user split, item features);
 - prior fit: EASE's sparse prior (`fit_ease`: exact on the model.prior_items most popular items, item-kNN beyond);
 - sampler: `rollout.retrieve.recommend`, k = 20, S = 10, greedy, on --requests validation requests, lists/s after a
-  warm-up batch, and its fraction of the arithmetic floor: `benchmarks/sampler.py`'s `flops_per_list` (the
+  warm-up call on two, and its fraction of the arithmetic floor: `benchmarks/sampler.py`'s `flops_per_list` (the
   transformer's and the item head's matmul FLOPs per list) over the float32 rate of a matmul measured here;
-- MOST: samples/s of `learner.pretrain.most_step` + backward + AdamW, --iters steps after one warm-up step;
+- checkpoint: size of `save_checkpoint`'s file and the time of `load_checkpoint`;
+- MOST: samples/s of `learner.pretrain.most_step` + backward + AdamW, the first --iters steps;
 - H2PO: the learner's step time, `learner.update.h2po_update` with plain AdamW (`adamw_step`, as
   benchmarks/probe.py), on one batch of on-policy rollouts (h2po.batch_requests x h2po.group_size, drawn untimed)
-  and the MOST anchor (most.batch_size requests) when h2po.lambda_sft > 0;
-- checkpoint: size of `save_checkpoint`'s file and the time of `load_checkpoint`;
+  and the MOST anchor (most.batch_size requests) when h2po.lambda_sft > 0; the first --iters steps;
 - peak memory: the process's maximum resident set after each stage, and at the end.
 Growth exponent a of a row: the least-squares slope of log(figure) on log(N) over the sizes that measured it
 (figure ~ N^a; 1 = linear). With two sizes it is the slope between them; with one, none.
@@ -58,7 +58,7 @@ from rollout.retrieve import recommend
 
 # D = 128 as the issue asks; the prior fitted exactly on 5,000 popular items (the default 20,000 costs a
 # 20,000^2 solve, a constant for N > 20,000 that would dominate a 2-core run); small learner batches
-FIXED = ["model.d_model=128", "model.prior_items=5000", "most.batch_size=16", "h2po.batch_requests=4",
+FIXED = ["model.d_model=128", "model.prior_items=5000", "most.batch_size=8", "h2po.batch_requests=2",
          "h2po.group_size=4", "h2po.inner_epochs=1"]
 EASE_LAMBDA = 3000.0
 K, STEPS = 20, 10
@@ -105,7 +105,7 @@ def measure_sampler(ws, model, requests: list[Request], batch: int, rate: float)
     """Greedy lists/s of `recommend` on `requests` after a warm-up batch, and the fraction of the FLOP floor."""
     cfg = SamplerConfig(steps=STEPS, temperature=0.0, batch_size=batch)
     model.eval()
-    recommend(model, ws.data.catalog, ws.vocab, requests[:batch], cfg)
+    recommend(model, ws.data.catalog, ws.vocab, requests[:2], cfg)  # warm-up: one-time allocations
     seconds, _ = timed(recommend, model, ws.data.catalog, ws.vocab, requests, cfg)
     mc = model.cfg
     context = float(np.mean([len(r.seeds) + len(r.negatives) + len(r.constraints) for r in requests]))
@@ -115,7 +115,8 @@ def measure_sampler(ws, model, requests: list[Request], batch: int, rate: float)
 
 
 def measure_most(ws, model, relevance, iters: int) -> dict:
-    """MOST samples/s: most_step + backward + AdamW step, `iters` steps after a warm-up step."""
+    """MOST samples/s: most_step + backward + AdamW step, the mean of the first `iters` steps (no warm-up: at
+    large N a step costs minutes, and the first step's one-time work, AdamW's state, is O(parameters))."""
     cfg = ws.cfg
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.most.lr)
     rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
@@ -127,13 +128,13 @@ def measure_most(ws, model, relevance, iters: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    step()
     seconds, _ = timed(lambda: [step() for _ in range(iters)])
     return {"most_samples_per_s": iters * cfg.most.batch_size / seconds, "most_step_s": seconds / iters}
 
 
 def measure_h2po(ws, model, relevance, iters: int) -> dict:
-    """The H2PO learner's step time on one batch of on-policy rollouts (drawn untimed), plain AdamW."""
+    """The H2PO learner's step time on one batch of on-policy rollouts (drawn untimed), plain AdamW; the mean of
+    the first `iters` steps, as MOST's."""
     h2po, rng, generator = ws.cfg.h2po, np.random.default_rng(1), torch.Generator().manual_seed(1)
     reference = frozen_copy(model)
     ctx = RewardContext.from_dataset(ws.data, ws.features, relevance)
@@ -149,7 +150,6 @@ def measure_h2po(ws, model, relevance, iters: int) -> dict:
     def step() -> None:
         h2po_update(model, reference, rollouts, None, step_fn, h2po, 0.0, ws.cfg.most.eps, generator,
                     anchor if h2po.lambda_sft > 0 else None)
-    step()
     seconds, _ = timed(lambda: [step() for _ in range(iters)])
     return {"h2po_step_s": seconds / iters}
 
@@ -180,9 +180,9 @@ def run_one(args: argparse.Namespace) -> None:
     requests = [Request(e.request.seeds, e.request.negatives, e.request.constraints, K)
                 for e in benchmark_examples(ws.data, ws.data.val_users[: args.requests], cfg.requests, 0)]
     rec.add("sampler", **measure_sampler(ws, model, requests[: args.requests], args.batch, args.rate))
+    rec.add("checkpoint", **measure_checkpoint(ws, model, work / "scaling.safetensors"))
     rec.add("most", **measure_most(ws, model, relevance, args.iters))
     rec.add("h2po", **measure_h2po(ws, model, relevance, args.iters))
-    rec.add("checkpoint", **measure_checkpoint(ws, model, work / "scaling.safetensors"))
 
 
 def growth(sizes: list[float], values: list[float]) -> float | None:
@@ -236,7 +236,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-users", type=int, default=2000, help="fewest users of a catalog")
     parser.add_argument("--requests", type=int, default=32, help="validation requests the sampler answers")
     parser.add_argument("--batch", type=int, default=32, help="requests per sampler batch")
-    parser.add_argument("--iters", type=int, default=1, help="timed MOST and H2PO steps (after one warm-up each)")
+    parser.add_argument("--iters", type=int, default=1, help="timed MOST and H2PO steps")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = all cores")
     parser.add_argument("--workdir", default="runs/scaling", help="scratch directory (catalogs, checkpoints)")
     parser.add_argument("--config", default=None, help="YAML run config (default: the built-in defaults)")
