@@ -62,17 +62,17 @@ FIXED = ["model.d_model=128", "model.prior_items=5000", "most.batch_size=8", "h2
          "h2po.group_size=4", "h2po.inner_epochs=1"]
 EASE_LAMBDA = 3000.0
 K, STEPS = 20, 10
-ROWS = [  # (key, label, unit, decimals)
-    ("synth_write_s", "catalog import: synth write", "s", 1),
-    ("prepare_s", "catalog import: read + prepare", "s", 1),
-    ("prior_fit_s", "prior fit (sparse EASE)", "s", 1),
-    ("sampler_lists_per_s", "sampler lists/s (k=20, S=10)", "lists/s", 1),
-    ("sampler_vs_floor", "sampler fraction of floor", "", 3),
-    ("most_samples_per_s", "MOST samples/s", "samples/s", 1),
-    ("h2po_step_s", "H2PO learner step", "s", 2),
-    ("checkpoint_mb", "checkpoint size", "MB", 1),
-    ("checkpoint_load_s", "checkpoint load", "s", 2),
-    ("peak_rss_mb", "peak memory (process)", "MiB", 0),
+ROWS = [  # (key, label, unit); figures print with 3 significant digits
+    ("synth_write_s", "catalog import: synth write", "s"),
+    ("prepare_s", "catalog import: read + prepare", "s"),
+    ("prior_fit_s", "prior fit (sparse EASE)", "s"),
+    ("sampler_lists_per_s", "sampler lists/s (k=20, S=10)", "lists/s"),
+    ("sampler_vs_floor", "sampler fraction of floor", ""),
+    ("most_samples_per_s", "MOST samples/s", "samples/s"),
+    ("h2po_step_s", "H2PO learner step", "s"),
+    ("checkpoint_mb", "checkpoint size", "MB"),
+    ("checkpoint_load_s", "checkpoint load", "s"),
+    ("peak_rss_mb", "peak memory (process)", "MiB"),
 ]
 
 
@@ -200,10 +200,10 @@ def table(results: list[dict]) -> tuple[str, dict]:
     header = "| figure | " + " | ".join(f"N = {n:.0e}" for n in sizes) + " | growth N^a |"
     lines = [header, "|" + "---|" * (len(sizes) + 2)]
     exponents = {}
-    for key, label, unit, decimals in ROWS:
+    for key, label, unit in ROWS:
         values = [r.get(key) for r in results]
         exponents[key] = a = growth(sizes, values)
-        cells = [f"{v:,.{decimals}f}" if v is not None else "-" for v in values]
+        cells = ["-" if v is None else f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}" for v in values]
         lines.append(f"| {label}{f' ({unit})' if unit else ''} | " + " | ".join(cells)
                      + f" | {'-' if a is None else f'{a:.2f}'} |")
     return "\n".join(lines), exponents
@@ -224,7 +224,8 @@ def run_size(n: float, args: argparse.Namespace, rate: float) -> dict:
     result.unlink(missing_ok=True)
     figures = {"n_items": int(n), **figures, "wall_s": time.time() - start, "returncode": proc.returncode}
     if proc.returncode != 0:
-        figures["error"] = (proc.stderr.strip().splitlines() or ["(no message)"])[-1][:300]
+        last = (proc.stderr.strip().splitlines() or ["(no message)"])[-1][:300]
+        figures["error"] = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else last
         print(f"N={n:.0e} failed (exit {proc.returncode}): {figures['error']}", flush=True)
     return figures
 
