@@ -1,5 +1,5 @@
 # `make run` / `make test`: each creates .venv on first use (and again when pyproject.toml changes).
-# `make test` is the full suite (what CI runs); `make unit` the tests on synthetic data only (under a minute).
+# `make test` is the full suite (what CI runs); `make unit` the tests on synthetic data only (about a minute on 2 cores; the goal is under one).
 PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
