@@ -23,6 +23,7 @@ from core.config import RunConfig, load_config
 from core.errors import UserError
 from evaluation.baselines import EASE
 from learner.checkpoint import config_from_checkpoint
+from learner.workspace import fit_ease as fit_run_ease
 from learner.workspace import prepare
 
 DEFAULT_WORKDIR = "runs/bench"
@@ -79,8 +80,9 @@ def workspace(args: argparse.Namespace, base: dict | None = None) -> pipeline.Wo
 
 
 def fit_ease(ws: pipeline.Workspace, lam: float = DEFAULT_EASE_LAMBDA) -> EASE:
-    """EASE on the training users (the model's prior when `model.prior=ease`, and MOST's relevance scorer)."""
-    return EASE(ws.data.catalog, ws.data.train_sparse, lam)
+    """EASE on the training users (the model's prior when `model.prior=ease`, and MOST's relevance scorer), fitted as
+    the run fits it (`learner.workspace.fit_ease`: model.prior_items, model.prior_neighbours)."""
+    return fit_run_ease(ws, lam)
 
 
 def format_rows(header: list[str], rows: list[list]) -> str:
