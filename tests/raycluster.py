@@ -72,11 +72,12 @@ def start_head(cpus: int, ports: list[int], low: int, prefix: str, resources: di
                env_extra: dict | None = None):
     """`ray start --head` on loopback with token authentication, on `ports` (GCS, dashboard, client, metrics) and
     worker ports low..low+199, with `resources` (custom resources) and `env_extra` (e.g. Ray's health-check
-    settings).  -> (its process, its clients' environment, its temp dir, its open log file)"""
+    settings).  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1: `ray start --address` refuses to start a worker node when that
+    variable holds anything but 1/true (CI's environment once held such a value), whatever the platform.  -> (its process, its clients' environment, its temp dir, its open log file)"""
     port, dashboard, client, metrics = ports
     temp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "RAY_USAGE_STATS_ENABLED": "0", **(env_extra or {})}
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", **(env_extra or {})}
     env.pop("RAY_ADDRESS", None)
     log = open(Path(temp) / "head.log", "w")
     extra = ["--resources", json.dumps(resources)] if resources else []
