@@ -104,12 +104,18 @@ class RayWorkers:
             raise WorkerGone(type(err).__name__) from None
 
 
-def rank_node(nodes: list[tuple[str, str]], rank: int) -> str:
-    """' on NODE' (', dead' when Ray says so) for a rank placed there; '' when unknown."""
+def rank_node(nodes: list[tuple[str, str]], rank: int, wait: float = 0.0) -> str:
+    """' on NODE' for a rank placed there, + ' (node dead)' when Ray reports that node dead within `wait` seconds;
+    '' when unknown."""
     if rank >= len(nodes) or not nodes[rank][0]:
         return ""
     node_id, name = nodes[rank]
-    return f" on {name}" + ("" if node_alive(node_id) else " (node dead)")
+    deadline = time.time() + wait
+    while node_alive(node_id):
+        if time.time() >= deadline:
+            return f" on {name}"
+        time.sleep(1.0)
+    return f" on {name} (node dead)"
 
 
 def gather_ranks(refs: list, what: str, timeout: float, hint: str, nodes: list[tuple[str, str]] = ()) -> list:
@@ -135,7 +141,9 @@ def gather_ranks(refs: list, what: str, timeout: float, hint: str, nodes: list[t
             ray.get(ready[0])
         except RayActorError as err:
             rank = rank_of[ready[0]]
-            raise LearnerFailed(rank, f"learner rank {rank} died during {what}{rank_node(nodes, rank)} "
+            # unreachable (ActorUnavailableError), as when its node went: Ray says so after its health checks
+            wait = PEER_GRACE if isinstance(err, ActorUnavailableError) else 0.0
+            raise LearnerFailed(rank, f"learner rank {rank} died during {what}{rank_node(nodes, rank, wait)} "
                                       f"({type(err).__name__}); the other ranks cannot continue without it, the run "
                                       f"stopped. {hint}") from None
         except Exception as err:  # noqa: BLE001 - raised below unless a peer turns out dead
