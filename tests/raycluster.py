@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -73,7 +75,8 @@ def start_head(cpus: int, ports: list[int], low: int, prefix: str, resources: di
     """`ray start --head` on loopback with token authentication, on `ports` (GCS, dashboard, client, metrics) and
     worker ports low..low+199, with `resources` (custom resources) and `env_extra` (e.g. Ray's health-check
     settings).  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1: `ray start --address` refuses to start a worker node when that
-    variable holds anything but 1/true (CI's environment once held such a value), whatever the platform.  -> (its process, its clients' environment, its temp dir, its open log file)"""
+    variable holds anything but 1/true (CI's environment once held such a value), whatever the platform.
+    -> (its process, its clients' environment, its temp dir, its open log file)"""
     port, dashboard, client, metrics = ports
     temp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
@@ -105,6 +108,25 @@ def start_worker(gcs: str, env: dict, cpus: int, resources: dict, temp: str, nam
          "--max-worker-port", str(low + 199), "--temp-dir", str(Path(temp) / name), "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, log
+
+
+def wait_for_jobs(dashboard: str, token: str, seconds: float = 120) -> None:
+    """Wait until the head accepts job submissions: its dashboard answers and a node's job agent has registered.
+    A trivial job (`true`) goes through the jobs REST API until Ray stops answering 'No available agent to submit
+    job' (its own advice: try again later); the agent comes up some seconds after the dashboard on a loaded
+    machine."""
+    deadline, body = time.time() + seconds, json.dumps({"entrypoint": "true"}).encode()
+    while True:
+        request = urllib.request.Request(f"{dashboard}/api/jobs/", data=body, method="POST",
+                                         headers={"Authorization": f"Bearer {token}",
+                                                  "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10):
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+            if time.time() > deadline:
+                raise AssertionError(f"the Ray head at {dashboard} took no job in {seconds:.0f} s: {err}") from None
+            time.sleep(1)
 
 
 class Cluster:

@@ -21,13 +21,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-from raycluster import RAY, free_ports, kill_session, start_head
+from raycluster import RAY, free_ports, kill_session, start_head, wait_for_jobs
 
 from app.cli import main
 from catalog.movielens import locate
@@ -49,16 +47,8 @@ def head():
     token = env["RAY_AUTH_TOKEN"]
     address = f"http://127.0.0.1:{ports[1]}"
     try:
-        deadline = time.time() + 90
-        while True:
-            assert proc.poll() is None, f"ray start exited: {(Path(temp) / 'head.log').read_text()[-3000:]}"
-            assert time.time() < deadline, "Ray head did not come up in 90 s"
-            request = urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
-            try:
-                with urllib.request.urlopen(request, timeout=5):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(1)
+        wait_for_jobs(address, token)
+        assert proc.poll() is None, f"ray start exited: {(Path(temp) / 'head.log').read_text()[-3000:]}"
         yield address, token
     finally:
         left = kill_session(proc.pid)

@@ -33,7 +33,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from raycluster import RAY, Cluster
+from raycluster import RAY, Cluster, wait_for_jobs
 from test_actors import h2po_config, run_dir  # noqa: F401 - run_dir: the tiny MOST checkpoint and logged pairs
 from test_job_submit import EXCLUDES, client_env
 
@@ -100,6 +100,7 @@ def cluster():
         wait_nodes(cluster, 1)
         add_node(cluster, "node_a", {"node_a": 1, "rollout_node": 4}, 2)
         add_node(cluster, "node_b", {"node_b": 1, "rollout_node": 4, "learner_node": 2}, 3)
+        wait_for_jobs(cluster.dashboard, cluster.env["RAY_AUTH_TOKEN"])
         yield cluster
     finally:
         left = cluster.close()
