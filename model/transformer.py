@@ -221,12 +221,20 @@ class Retriever(nn.Module):
         and mask are folded into one (B, N) offset per request, gathered once, and the matmul accumulates into it.
         """
         lo, hi = span if span is not None else (0, allowed.shape[1])
-        with torch.autocast(device_type=hidden.device.type, enabled=False):  # fp32, as `logits`
-            offset = self.item_bias[lo:hi].expand(allowed.shape[0], hi - lo)
-            if ctx.prior is not None:
-                offset = offset + ctx.prior[:, lo:hi]
-            offset = torch.where(allowed[:, lo:hi], offset, torch.tensor(float("-inf"), device=offset.device))
-            return offset[rows].addmm_(hidden.float(), ctx.items[lo:hi].T.float())
+        prior = None if ctx.prior is None else ctx.prior[:, lo:hi]
+        return masked_logits(hidden, rows, allowed[:, lo:hi], ctx.items[lo:hi], self.item_bias[lo:hi], prior)
+
+
+def masked_logits(hidden: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor, items: torch.Tensor,
+                  bias: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+    """`Retriever.allowed_logits` on given item columns: hidden (M, D), rows (M,), allowed (B, n) bool, items (n, D),
+    bias (n,), prior (B, n) or None -> (M, n) fp32, -inf where not allowed."""
+    with torch.autocast(device_type=hidden.device.type, enabled=False):  # fp32, as `logits`
+        offset = bias.expand(allowed.shape[0], -1)
+        if prior is not None:
+            offset = offset + prior
+        offset = torch.where(allowed, offset, torch.tensor(float("-inf"), device=offset.device))
+        return offset[rows].addmm_(hidden.float(), items.T.float())
 
 
 def precision(model: Retriever, bf16: bool) -> contextlib.AbstractContextManager:
