@@ -3,7 +3,9 @@
 Every sampler step and every training loss needs, for M selected slot outputs, the softmax over a request's allowed
 items. In one piece that is an (M, N) logit matrix (and, for training, its saved activations): at N = 1e6 and
 M = 5,120 open slots, 20 GB. Here the items are cut into spans of `model.item_chunk` (`item_spans`); each span's
-logits come from `Retriever.allowed_logits(..., span)` and are reduced at once to per-row quantities (the span's
+logits come from `masked_logits` on that span's columns (`Retriever.allowed_logits(..., span)` slices them out;
+`chosen_log_probs` splits them once per call, so backward joins the spans' gradients in one piece instead of
+zeroing an (N, D) gradient per span) and are reduced at once to per-row quantities (the span's
 log-sum-exp, the chosen item's logit, its top k), so no (M, N) tensor exists. The results are exact: the normaliser
 is the log-sum-exp of the spans' log-sum-exps, which equals the whole row's up to float rounding (a few ulp).
 Training (`chosen_log_probs` with gradients on) wraps each span in `torch.utils.checkpoint`, so backward recomputes
