@@ -4,7 +4,7 @@ by process id (never `ray stop`, which would stop every Ray instance on the mach
 Every node runs as its own process session (`start_new_session`): its raylet, agents, workers (and on the head the
 GCS, dashboard and jobs) share the session id of the `ray start` process, so `kill_session(pid)` ends exactly that
 node, raylet and all, and checks that nothing of it is left. Ports are free ones picked here (GCS, dashboard, client,
-metrics, the worker nodes' manager/agent ports) plus a worker-port range per node, so several test clusters and other
+metrics, every node's manager and agent ports) plus a worker-port range per node, so several test clusters and other
 Ray instances on the machine do not collide. `start_head` is shared by tests/test_job_submit.py,
 tests/test_serve_cluster.py and tests/test_multinode.py (`Cluster`: a head and worker nodes with custom resources).
 """
@@ -78,6 +78,7 @@ def start_head(cpus: int, ports: list[int], low: int, prefix: str, resources: di
     variable holds anything but 1/true (CI's environment once held such a value), whatever the platform.
     -> (its process, its clients' environment, its temp dir, its open log file)"""
     port, dashboard, client, metrics = ports
+    manager, objects, agent, agent_grpc, runtime_env = free_ports(5)  # not Ray's defaults: another instance has them
     temp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", **(env_extra or {})}
@@ -87,8 +88,11 @@ def start_head(cpus: int, ports: list[int], low: int, prefix: str, resources: di
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--ray-client-server-port", str(client),
-         "--metrics-export-port", str(metrics), "--min-worker-port", str(low), "--max-worker-port", str(low + 199),
-         "--num-cpus", str(cpus), "--num-gpus", "0", "--temp-dir", temp, "--disable-usage-stats", *extra],
+         "--metrics-export-port", str(metrics), "--node-manager-port", str(manager), "--object-manager-port",
+         str(objects), "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+         "--runtime-env-agent-port", str(runtime_env), "--min-worker-port", str(low), "--max-worker-port",
+         str(low + 199), "--num-cpus", str(cpus), "--num-gpus", "0", "--temp-dir", temp, "--disable-usage-stats",
+         *extra],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, env, temp, log
 
@@ -116,12 +120,13 @@ def wait_for_jobs(dashboard: str, token: str, seconds: float = 120) -> None:
     job' (its own advice: try again later); the agent comes up some seconds after the dashboard on a loaded
     machine."""
     deadline, body = time.time() + seconds, json.dumps({"entrypoint": "true"}).encode()
+    # the head waits WAIT_AVAILABLE_AGENT_TIMEOUT (10 s) for its agent before it answers 500: wait longer than that
     while True:
         request = urllib.request.Request(f"{dashboard}/api/jobs/", data=body, method="POST",
                                          headers={"Authorization": f"Bearer {token}",
                                                   "Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=10):
+            with urllib.request.urlopen(request, timeout=30):
                 return
         except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
             if time.time() > deadline:
