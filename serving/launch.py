@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -195,9 +196,16 @@ def watch(server: Server, stamp: str) -> str:
     return now
 
 
+def stop_on_signal(signum: int, frame) -> None:
+    """SIGTERM (`kill PID`, a service manager) stops `h2po serve` as Ctrl-C does, Ray shut down: a process started
+    from a shell's background job inherits SIGINT ignored, so SIGTERM is the one signal that always reaches it."""
+    raise KeyboardInterrupt
+
+
 def serve_forever(checkpoint: Path, cfg: ServeConfig, token: str | None = None, address: str | None = None,
                   detach: bool = False) -> None:
-    """`h2po serve`: start, print where it answers, watch the checkpoint for a newer version until Ctrl-C."""
+    """`h2po serve`: start, print where it answers, watch the checkpoint for a newer version until Ctrl-C or
+    SIGTERM."""
     from dashboard.server import is_loopback
 
     start_time = time.time()
@@ -215,12 +223,13 @@ def serve_forever(checkpoint: Path, cfg: ServeConfig, token: str | None = None, 
         print("detached: the applications keep running on the cluster (serve.delete / `serve shutdown` stops them)")
         return
     stamp = checkpoint_stamp(server.checkpoint)
+    signal.signal(signal.SIGTERM, stop_on_signal)
     try:
         while True:
             time.sleep(cfg.watch_s or 3600)
             if cfg.watch_s:
                 stamp = watch(server, stamp)
     except KeyboardInterrupt:
-        print("h2po serve: stopping", flush=True)
+        print("h2po serve: stopping", flush=True)  # after Ctrl-C or SIGTERM
     finally:
         server.stop()

@@ -69,9 +69,10 @@ def server(tmp_path_factory):
 
 
 def stop(process: subprocess.Popen) -> None:
-    """Ctrl-C (h2po serve shuts its Ray down), then the process group it leads if that hangs."""
+    """SIGTERM, which h2po serve takes as Ctrl-C (it shuts its Ray down), then the process group it leads if that
+    hangs. Not SIGINT: a process started from a shell's background job (CI's) inherits SIGINT ignored."""
     if process.poll() is None:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
