@@ -1,6 +1,6 @@
 # `make run` / `make test`: each creates .venv on first use (and again when pyproject.toml changes).
 # `make test` is the full suite (what CI runs), in two pytest-xdist processes, each test file in one of them (module
-# fixtures stay shared); `make unit` the tests on synthetic data only (under 30 s on 2 cores).
+# fixtures stay shared); `make unit` the tests on synthetic data only (about 30 s on 2 cores).
 PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
