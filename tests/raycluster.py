@@ -114,11 +114,11 @@ def start_worker(gcs: str, env: dict, cpus: int, resources: dict, temp: str, nam
     return proc, log
 
 
-def wait_for_jobs(dashboard: str, token: str, seconds: float = 120) -> None:
+def wait_for_jobs(dashboard: str, token: str, head: subprocess.Popen, temp: str, seconds: float = 120) -> None:
     """Wait until the head accepts job submissions: its dashboard answers and a node's job agent has registered.
     A trivial job (`true`) goes through the jobs REST API until Ray stops answering 'No available agent to submit
     job' (its own advice: try again later); the agent comes up some seconds after the dashboard on a loaded
-    machine."""
+    machine. Fails at once, with the head's log (TEMP/head.log), when its `ray start` process exits."""
     deadline, body = time.time() + seconds, json.dumps({"entrypoint": "true"}).encode()
     # the head waits WAIT_AVAILABLE_AGENT_TIMEOUT (10 s) for its agent before it answers 500: wait longer than that
     while True:
@@ -129,6 +129,7 @@ def wait_for_jobs(dashboard: str, token: str, seconds: float = 120) -> None:
             with urllib.request.urlopen(request, timeout=30):
                 return
         except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+            assert head.poll() is None, f"ray start exited: {(Path(temp) / 'head.log').read_text()[-3000:]}"
             if time.time() > deadline:
                 raise AssertionError(f"the Ray head at {dashboard} took no job in {seconds:.0f} s: {err}") from None
             time.sleep(1)

@@ -47,8 +47,7 @@ def head():
     token = env["RAY_AUTH_TOKEN"]
     address = f"http://127.0.0.1:{ports[1]}"
     try:
-        wait_for_jobs(address, token)
-        assert proc.poll() is None, f"ray start exited: {(Path(temp) / 'head.log').read_text()[-3000:]}"
+        wait_for_jobs(address, token, proc, temp)
         yield address, token
     finally:
         left = kill_session(proc.pid)

@@ -100,7 +100,7 @@ def cluster():
         wait_nodes(cluster, 1)
         add_node(cluster, "node_a", {"node_a": 1, "rollout_node": 4}, 2)
         add_node(cluster, "node_b", {"node_b": 1, "rollout_node": 4, "learner_node": 2}, 3)
-        wait_for_jobs(cluster.dashboard, cluster.env["RAY_AUTH_TOKEN"])
+        wait_for_jobs(cluster.dashboard, cluster.env["RAY_AUTH_TOKEN"], cluster.head, cluster.temp)
         yield cluster
     finally:
         left = cluster.close()
