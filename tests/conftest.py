@@ -12,6 +12,7 @@ variant carries a random (N, N) float16 prior matrix.
 
 from __future__ import annotations
 
+import os
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,6 +85,14 @@ UNIT_MODULES = {"test_update.py", "test_scheduler.py", "test_h2po.py", "test_mod
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "unit: synthetic data only, seconds (`make unit`: the edit-test loop)")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Last line of the run: the Ray settings this machine's environment holds (tests' clusters inherit them; tokens
+    not shown), since a run that behaves differently elsewhere starts there."""
+    names = sorted(k for k in os.environ if k.startswith("RAY_"))
+    shown = [f"{k}={'***' if 'TOKEN' in k else os.environ[k]}" for k in names]
+    terminalreporter.write_line(f"Ray environment: {' '.join(shown) or 'none'}")
 
 
 def pytest_ignore_collect(collection_path, config):
