@@ -14,6 +14,11 @@ Deliberate simplifications:
   module and every float input. `state_dict()` is therefore the module's own parameters (complete on every rank
   for stages 0-2), as fp32 CPU tensors.
 - Constant learning rate (`h2po.lr`), AdamW from torch (`torch_adam`: no JIT-built fused kernel).
+- No JIT-built op at all: on CPU, DeepSpeed's process-group start would compile its shared-memory all-reduce op
+  (used only by `inference_all_reduce`, never by training) under a file lock in ~/.cache/torch_extensions. A rank
+  killed while compiling (a node lost at start-up) leaves that lock behind, and every later start on the machine
+  then waits on it forever; `init_distributed` marks the op unavailable, so training's collectives are plain
+  torch.distributed either way.
 - DeepSpeed's checkpoint files are loaded as tensors only: its checkpoint engine's `load` (every file of a
   checkpoint goes through it) is replaced by `torch.load(weights_only=True)` that allows, besides tensors and
   plain containers, the three plain DeepSpeed types its ZeRO optimiser state holds (`TENSOR_ONLY_GLOBALS`). A
@@ -59,8 +64,11 @@ def init_distributed(rank: int, world_size: int, port: int, address: str = "127.
     """Join the process group of `world_size` ranks (every rank must call this concurrently).
 
     Sets the environment DeepSpeed reads (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK = 0: one rank per
-    process, each seeing its own device) and calls `deepspeed.init_distributed`."""
+    process, each seeing its own device) and calls `deepspeed.init_distributed`, with DeepSpeed's shared-memory
+    op marked unavailable (module docstring: its JIT build can wait forever on a dead rank's lock)."""
     import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # DeepSpeed keeps this dict for edits like this
 
     os.environ.update({"MASTER_ADDR": address, "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})

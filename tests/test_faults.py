@@ -8,6 +8,8 @@
   a killed learner rank fails the next step at once with `LearnerFailed` naming the rank and `--resume`;
   a driver killed with SIGKILL after its first checkpoint resumes, and the ledger (ids trained on per step) equals
   the uninterrupted schedule's, with no id trained twice.
+- A learner rank starts and steps although a rank killed while compiling DeepSpeed's JIT op left its build lock
+  behind (a fresh process, its TORCH_EXTENSIONS_DIR holding only that lock): nothing waits on the lock.
 Run: `python -m pytest tests/test_faults.py -q` (the slow ones take about a minute each on 2 cores).
 """
 
@@ -32,6 +34,37 @@ from core.config import DataConfig, RequestConfig
 from dashboard.feed import read_records
 from evaluation.baselines import EASE
 from rollout.buffer import PreferenceStream, ReplayBuffer
+
+STALE_LOCK_SCRIPT = r'''
+import socket
+
+import torch
+
+from learner.engine import Engine, EngineConfig, init_distributed
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+init_distributed(0, 1, port)
+engine = Engine(torch.nn.Linear(3, 2), EngineConfig(zero_stage=2, lr=0.1, grad_clip=1.0))
+engine.step(sum(p.sum() for p in engine.module.parameters()))
+print("STEPPED")
+'''
+
+
+def test_learner_starts_beside_a_dead_ranks_build_lock(tmp_path):
+    lock = tmp_path / "extensions" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()  # what torch's FileBaton leaves when its holder is SIGKILLed mid-build
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
+    try:
+        proc = subprocess.run([sys.executable, "-c", STALE_LOCK_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=180)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"the learner start waited on the stale lock: {str(err.stderr)[-2000:]}") from None
+    assert proc.returncode == 0 and "STEPPED" in proc.stdout, proc.stderr[-3000:]
+    assert lock.exists() and list(lock.parent.iterdir()) == [lock]  # nothing was built there
 
 
 def preference_file(catalog: Catalog, path) -> str:
