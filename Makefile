@@ -1,6 +1,7 @@
 # `make run` / `make test`: each creates .venv on first use (and again when pyproject.toml changes).
 # `make test` is the full suite (what CI runs), in two pytest-xdist processes, each test file in one of them (module
-# fixtures stay shared); `make unit` the tests on synthetic data only (about 30 s on 2 cores).
+# fixtures stay shared; a test that hangs past pyproject.toml's timeout fails the run, not restarted); `make unit`
+# the tests on synthetic data only (about 30 s on 2 cores).
 PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
@@ -20,7 +21,7 @@ run: $(STAMP)
 	$(VENV)/bin/h2po run --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile $(ARGS)
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --max-worker-restart 0 $(ARGS)
 
 unit: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m unit $(ARGS)

@@ -52,13 +52,16 @@ class Actors:
         """Per rank: (node id, node name) where it was placed; [] without placement groups."""
         return self.groups.placed["learners"] if self.groups is not None else []
 
-    def form_group(self) -> Actors:
-        """The learner ranks' process group: all ranks rendezvous at rank 0's address at once. On failure the run's
-        actors and placement groups are removed.  -> self"""
+    def form_group(self, timeout: float, hint: str) -> Actors:
+        """The learner ranks' process group: all ranks rendezvous at rank 0's address at once, failing with
+        `LearnerFailed` (`gather_ranks`) when a rank dies or the group is not formed within `timeout` seconds. On
+        failure the run's actors and placement groups are removed.  -> self"""
         try:
-            address, port = ray.get(self.learners[0].address.remote())
-            ray.get([learner.init_distributed.remote(rank, len(self.learners), port, address)
-                     for rank, learner in enumerate(self.learners)])
+            address, port = gather_ranks([self.learners[0].address.remote()], "its start", timeout, hint,
+                                         self.learner_nodes)[0]
+            gather_ranks([learner.init_distributed.remote(rank, len(self.learners), port, address)
+                          for rank, learner in enumerate(self.learners)], "joining the process group", timeout, hint,
+                         self.learner_nodes)
         except BaseException:
             self.kill()
             raise

@@ -140,9 +140,10 @@ def check_inputs(cfg: RunConfig, checkpoint: Path, preferences: str | None, step
     return [(reward.name, weight) for reward, weight in build_rewards(cfg.h2po.rewards)]
 
 
-def place_actors(cfg: RunConfig, checkpoint: str, preferences: str | None, system: SystemConfig) -> Actors:
+def place_actors(cfg: RunConfig, checkpoint: str, preferences: str | None, system: SystemConfig,
+                 timeout: float = 1800.0) -> Actors:
     """Start the buffer (on the driver's node), the rollout actors and learner ranks in their placement groups
-    (`actors.placement`: `system.placement`), then form the learners' process group."""
+    (`actors.placement`: `system.placement`), then form the learners' process group (within `timeout` s)."""
     def with_threads(cpus: float) -> RunConfig:
         return dataclasses.replace(cfg, threads=cfg.threads or max(1, int(cpus)))
 
@@ -154,7 +155,7 @@ def place_actors(cfg: RunConfig, checkpoint: str, preferences: str | None, syste
                 for i in range(system.rollout_actors)]
     learners = [LearnerActor.options(**groups.learner_options(rank, system))
                 .remote(with_threads(system.learner_cpus), checkpoint, engine_cfg) for rank in range(system.learners)]
-    return Actors(learners, rollouts, buffer, groups).form_group()
+    return Actors(learners, rollouts, buffer, groups).form_group(timeout, resume_hint(cfg))
 
 
 def step_stats(rank_stats: list[dict], batch: BatchSummary, rewards: list[tuple[str, float]]) -> dict:
@@ -363,7 +364,7 @@ def train(cfg: RunConfig, checkpoint: str | Path, preferences_path: str | Path |
     start, started, actors, monitor = time.time(), connect_ray(system), None, None
     try:
         monitor = Monitor(cfg, str(checkpoint), opts.rewards, load_catalog(cfg.data, Path(cfg.out_dir)), resume)
-        actors = place_actors(cfg, str(checkpoint), preferences, system)
+        actors = place_actors(cfg, str(checkpoint), preferences, system, step_timeout)
         print(f"H2PO: {system.learners} learner ranks (ZeRO {system.zero_stage}), {system.rollout_actors} rollout "
               f"actor(s), {mode} mode, {steps} steps; actors ready in {time.time() - start:.1f}s", flush=True)
         state, scheduler = start_state(actors, cfg, opts, resume)
