@@ -1,7 +1,7 @@
 # `make run` / `make test`: each creates .venv on first use (and again when pyproject.toml changes).
 # `make test` is the full suite (what CI runs), in two pytest-xdist processes, each test file in one of them (module
 # fixtures stay shared; a test that hangs past pyproject.toml's timeout fails the run, not restarted); `make unit`
-# the tests on synthetic data only (about 30 s on 2 cores).
+# the tests on synthetic data only (about 40 s on 2 cores).
 PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed

@@ -52,6 +52,7 @@ print("STEPPED")
 '''
 
 
+@pytest.mark.slow
 def test_learner_starts_beside_a_dead_ranks_build_lock(tmp_path):
     lock = tmp_path / "extensions" / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)
