@@ -71,6 +71,7 @@ from rewards.registry import build_rewards
 from rollout.buffer import BatchSummary, BufferStats
 
 DEFAULT_MODE = "async"  # the mode of `train(mode=None)`, hence of `h2po train` without --mode and of `h2po run`
+STEP_TIMEOUT = 1800.0  # seconds a learner call (forming the group, a step, a checkpoint) may take by default
 
 
 @dataclass
@@ -141,7 +142,7 @@ def check_inputs(cfg: RunConfig, checkpoint: Path, preferences: str | None, step
 
 
 def place_actors(cfg: RunConfig, checkpoint: str, preferences: str | None, system: SystemConfig,
-                 timeout: float = 1800.0) -> Actors:
+                 timeout: float = STEP_TIMEOUT) -> Actors:
     """Start the buffer (on the driver's node), the rollout actors and learner ranks in their placement groups
     (`actors.placement`: `system.placement`), then form the learners' process group (within `timeout` s)."""
     def with_threads(cpus: float) -> RunConfig:
@@ -190,7 +191,7 @@ class LoopOptions:
     mode: str
     n_pairs: int
     checkpoint_every: int = 0
-    step_timeout: float = 1800.0
+    step_timeout: float = STEP_TIMEOUT
     on_step: Callable[[int, Actors], None] | None = None  # (step index, actors), e.g. a test killing an actor
     rewards: list[tuple[str, float]] = field(default_factory=list)  # (name, weight) of the configured rewards
 
@@ -348,7 +349,7 @@ def start_state(actors: Actors, cfg: RunConfig, opts: LoopOptions, resume: bool)
 
 def train(cfg: RunConfig, checkpoint: str | Path, preferences_path: str | Path | None = None, steps: int = 100,
           mode: Literal["sync", "async"] | None = None, system: SystemConfig | None = None, resume: bool = False,
-          step_timeout: float = 1800.0, on_step: Callable[[int, Actors], None] | None = None) -> TrainResult:
+          step_timeout: float = STEP_TIMEOUT, on_step: Callable[[int, Actors], None] | None = None) -> TrainResult:
     """H2PO from a MOST checkpoint on Ray + DeepSpeed; writes OUT_DIR/h2po.safetensors (module docstring).
 
     `mode`: None = `DEFAULT_MODE`; `resume`: continue from OUT_DIR/train_state; `step_timeout`: seconds a learner
