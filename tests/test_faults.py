@@ -36,18 +36,9 @@ from evaluation.baselines import EASE
 from rollout.buffer import PreferenceStream, ReplayBuffer
 
 STALE_LOCK_SCRIPT = r'''
-import socket
+from tests.one_rank import stepped_engine
 
-import torch
-
-from learner.engine import Engine, EngineConfig, init_distributed
-
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-init_distributed(0, 1, port)
-engine = Engine(torch.nn.Linear(3, 2), EngineConfig(zero_stage=2, lr=0.1, grad_clip=1.0))
-engine.step(sum(p.sum() for p in engine.module.parameters()))
+stepped_engine()
 print("STEPPED")
 '''
 

@@ -125,12 +125,12 @@ def test_learner_rng_state_is_never_unpickled(tmp_path):
 
 
 DEEPSPEED_SCRIPT = r'''
-import json, socket, sys
+import json, sys
 from pathlib import Path
 
 import torch
 
-from learner.engine import Engine, EngineConfig, init_distributed
+from tests.one_rank import stepped_engine
 
 marker, directory = Path(sys.argv[1]), Path(sys.argv[2])
 
@@ -140,13 +140,7 @@ class Payload:
         return exec, (f"open({str(marker)!r}, 'w').write('code from a DeepSpeed file ran')",)
 
 
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-init_distributed(0, 1, port)
-torch.manual_seed(0)
-engine = Engine(torch.nn.Linear(3, 2), EngineConfig(zero_stage=2, lr=0.1, grad_clip=1.0))
-engine.step(sum(p.sum() for p in engine.module.parameters()))
+engine = stepped_engine()
 engine.save_checkpoint(directory, {"version": 7})
 out = {"genuine": engine.load_checkpoint(directory)["version"]}
 for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
