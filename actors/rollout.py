@@ -60,5 +60,5 @@ class RolloutActor(ActorProcess):
         examples = training_examples(ws.data, self.cfg.requests, n_requests, rng)
         rollouts = generate_rollouts(model, ws.data.catalog, ws.vocab, examples, h2po.group_size,
                                      self.cfg.sampler.steps, h2po.rollout_temperature, self.rewards, self.reward_ctx,
-                                     self.version, generator, self.cfg.system.bf16)
+                                     self.version, generator, self.cfg.system.bf16, self.cfg.sampler.order)
         return {"lists": len(rollouts.items), "seconds": rollouts.seconds, "version": rollouts.version}, rollouts

@@ -38,6 +38,7 @@ from learner.workspace import (  # noqa: F401 (re-exported: the CLI and the benc
     model_recommender,
     prepare,
     prior_neighbours,
+    training_folds,
     request_ndcg,
     validation_score,
     write_json,
@@ -57,7 +58,8 @@ def run_pretrain(ws: Workspace, ease: EASE) -> tuple[Path, PretrainResult]:
     save = functools.partial(_save_best, ws, path)
     relevance = model.prior if model.prior is not None else prior_neighbours(ws, ease)  # MOST's target relevance
     result = pretrain(model, ws.data, ws.vocab, ws.unit_features, relevance, cfg.requests, cfg.most, cfg.seed,
-                      functools.partial(validation_score, ws, val), save, validate_start=cfg.model.zero_head)
+                      functools.partial(validation_score, ws, val), save, validate_start=cfg.model.zero_head,
+                      folds=training_folds(ws, ease.lam))
     finish_checkpoint(path, {"steps": result.steps, "stopped_by": result.stopped_by})
     write_json(ws.out_dir / "pretrain.json", {"steps": result.steps, "best_step": result.best_step,
                                               "best_val_ndcg@10": result.best_score, "seconds": result.seconds,

@@ -1,16 +1,18 @@
 """The model's own ablations on the same test requests: checkpoints x sampler steps S (issue 13, DESIGN 3.4 and 4).
 
-Run:  python benchmarks/ablations.py CHECKPOINT[=NAME] ... [--steps 10,1,1p] [--reference ROW] [--bootstrap N]
-          [--out FILE] [--set KEY=VALUE ...]
+Run:  python benchmarks/ablations.py CHECKPOINT[=NAME] ... [--steps 10,1,1p] [--orders slots,score]
+          [--reference ROW] [--bootstrap N] [--out FILE] [--set KEY=VALUE ...]
 
 Each CHECKPOINT (a most.safetensors or h2po.safetensors in a run directory; NAME defaults to `<dir>/<stem>`) is
 scored on the test split with the config of its header plus the `--set` overrides, once per entry of `--steps`: a
 number of sampler steps S (`rollout.sampler.sample_lists`, as served) or `1p`, `one_pass` (all k slots from one forward
 pass: the sampler's S = 1 draws every slot in its first pass too, but a slot that collides with a more confident one
-is drawn again in a further pass, so S = 1 may take several passes). The checkpoints must share the test requests
+is drawn again in a further pass, so S = 1 may take several passes), and once per entry of `--orders`: the rank
+order of the list (`sampler.order`: `slots` as the sampler filled them, `score` re-sorted by the first slot's logits,
+`rollout.retrieve.by_first_slot`). The checkpoints must share the test requests
 (the same data split and request seed; checked). For every family, family A seed size and row
 (checkpoint, S) it prints NDCG@10 with its 95% interval over users, the paired difference to the reference row (the
-first row unless `--reference` names another) and to the same checkpoint at the first S, and the decoding statistics
+first row unless `--reference` names another) and to the same checkpoint at the first S and order, and the decoding statistics
 read from the sampler's trajectories (`rollout.sampler.Samples.step_of`):
 
 - passes: forward passes per list (S when no collision costs a step; more when one does; 1 for 1-pass);
@@ -42,6 +44,7 @@ from evaluation.report import evaluate_methods, example_groups
 from learner.checkpoint import config_from_checkpoint, load_checkpoint
 from model.head import top_log_probs
 from model.transformer import MASK, Retriever
+from rollout.retrieve import by_first_slot
 from rollout.sampler import sample_lists
 
 
@@ -74,10 +77,10 @@ def one_pass(model: Retriever, batch: RequestBatch, k: int) -> torch.Tensor:
 
 
 def decode(ws: pipeline.Workspace, model: Retriever, examples: list[Example],
-           steps: int | None) -> tuple[np.ndarray, np.ndarray]:
+           steps: int | None, order: str = "slots") -> tuple[np.ndarray, np.ndarray]:
     """(lists (R, K), step_of (R, K)): the lists `learner.workspace.model_recommender` gives at `steps` sampler steps
     (the config's temperature and batch size), with the pass in which each slot was committed; steps None: the
-    greedy `one_pass` lists (all slots in pass 0). Every benchmark request asks for k = requests.k, so the batches
+    greedy `one_pass` lists (all slots in pass 0); order "score": each list re-sorted (`by_first_slot`). Every benchmark request asks for k = requests.k, so the batches
     are plain slices."""
     k, cfg = ws.cfg.requests.k, ws.cfg.sampler
     if any(e.request.k != k for e in examples):
@@ -89,13 +92,14 @@ def decode(ws: pipeline.Workspace, model: Retriever, examples: list[Example],
         batch = encode_requests(ws.data.catalog, [e.request for e in examples[start:start + cfg.batch_size]],
                                 ws.vocab).to(model.device)
         if steps is None:
-            items = one_pass(model, batch, k)
-            lists.append(items.cpu().numpy())
-            step_of.append(np.zeros(items.shape, dtype=np.int64))
-            continue
-        samples = sample_lists(model, batch, k, steps, cfg.temperature, generator)
-        lists.append(samples.items.cpu().numpy())
-        step_of.append(samples.step_of.cpu().numpy())
+            items, passes = one_pass(model, batch, k), torch.zeros((len(batch), k), dtype=torch.long)
+        else:
+            samples = sample_lists(model, batch, k, steps, cfg.temperature, generator)
+            items, passes = samples.items, samples.step_of
+        if order == "score":
+            items = by_first_slot(model, batch, items)
+        lists.append(items.cpu().numpy())
+        step_of.append(passes.cpu().numpy())
     return np.concatenate(lists), np.concatenate(step_of)
 
 
@@ -120,9 +124,9 @@ def decoding_stats(step_of: np.ndarray, steps: int | None) -> dict[str, float | 
             "lists": float((step_of > 0).any(1).mean()) if one_shot else None}
 
 
-def label(steps: int | None) -> str:
-    """The row suffix of a number of sampler steps: "S=10", "1-pass" for `one_pass`."""
-    return "1-pass" if steps is None else f"S={steps}"
+def label(steps: int | None, order: str = "slots") -> str:
+    """The row suffix of a number of sampler steps and an order: "S=10", "1-pass" for `one_pass`, + " by score"."""
+    return ("1-pass" if steps is None else f"S={steps}") + (" by score" if order == "score" else "")
 
 
 def load(spec: str, overrides: list[str]) -> tuple[str, pipeline.Workspace, Retriever]:
@@ -181,6 +185,8 @@ def main() -> None:
     parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT[=NAME]")
     parser.add_argument("--steps", default="10,1,1p",
                         help="sampler steps S to score, comma-separated; 1p = one_pass (%(default)s)")
+    parser.add_argument("--orders", default="slots",
+                        help="rank orders to score, comma-separated: slots, score (sampler.order; %(default)s)")
     parser.add_argument("--reference", help="row of the paired differences (default: the first row)")
     parser.add_argument("--bootstrap", type=int, help="bootstrap resamples over users (default: eval.bootstrap)")
     parser.add_argument("--out", type=output_file, help="write the results as JSON here")
@@ -191,6 +197,9 @@ def main() -> None:
         steps = [None if s == "1p" else int(s) for s in args.steps.split(",")]
     except ValueError:
         parser.error(f"--steps {args.steps}: comma-separated integers or 1p")
+    orders = args.orders.split(",")
+    if not orders or set(orders) - {"slots", "score"}:
+        parser.error(f"--orders {args.orders}: comma-separated slots, score")
     sets = [*args.set, *([f"eval.bootstrap={args.bootstrap}"] if args.bootstrap else [])]
     rows: dict[str, Row] = {}
     test, ws0 = None, None
@@ -204,11 +213,12 @@ def main() -> None:
             parser.error(f"{spec}: other test requests than {args.checkpoints[0]} (another data split or seed)")
         test, ws0 = examples, ws0 or ws
         for s in steps:
-            start = time.perf_counter()
-            lists, step_of = decode(ws, model, test, s)
-            row = f"{name} {label(s)}"
-            rows[row] = Row(s, f"{name} {label(steps[0])}", lists, step_of, time.perf_counter() - start)
-            print(f"{row}: {len(test)} lists in {rows[row].seconds:.0f}s", flush=True)
+            for order in orders:
+                start = time.perf_counter()
+                lists, step_of = decode(ws, model, test, s, order)
+                row = f"{name} {label(s, order)}"
+                rows[row] = Row(s, f"{name} {label(steps[0], orders[0])}", lists, step_of, time.perf_counter() - start)
+                print(f"{row}: {len(test)} lists in {rows[row].seconds:.0f}s", flush=True)
     reference = args.reference or next(iter(rows))
     if reference not in rows:
         parser.error(f"--reference {reference!r} is none of the rows: {', '.join(rows)}")
@@ -217,7 +227,7 @@ def main() -> None:
     groups = example_groups(test)
     decoding = {name: {group: decoding_stats(row.step_of[idx], row.steps) for group, idx in groups.items()}
                 for name, row in rows.items()}
-    write_result(args.out, {"machine": machine(), "checkpoints": args.checkpoints, "steps": steps,
+    write_result(args.out, {"machine": machine(), "checkpoints": args.checkpoints, "steps": steps, "orders": orders,
                             "reference": reference, "overrides": sets, "decoding": decoding, "results": results,
                             "seconds": {name: row.seconds for name, row in rows.items()},
                             "config": config_to_dict(ws0.cfg)})

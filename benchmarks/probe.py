@@ -103,7 +103,8 @@ def main() -> None:
     for step in range(args.steps):
         rollouts = generate_rollouts(model, ws.data.catalog, ws.vocab, training_examples(
             users, cfg.requests, h2po.batch_requests, rng), h2po.group_size, cfg.sampler.steps,
-            h2po.rollout_temperature, rewards, reward_ctx, step, generator) if "on" in args.terms else None
+            h2po.rollout_temperature, rewards, reward_ctx, step, generator,
+            order=cfg.sampler.order) if "on" in args.terms else None
         batch = encode_pairs(ws.data.catalog, [pairs[(step * h2po.batch_requests + i) % len(pairs)]
                                                for i in range(h2po.batch_requests)], ws.vocab) if pairs else None
         stats = h2po_update(model, reference, rollouts, batch, step_fn, h2po,

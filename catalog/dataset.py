@@ -209,12 +209,14 @@ def training_example(data: Dataset, user: int, cfg: RequestConfig, rng: np.rando
     return family_a(data, user, int(rng.choice(cfg.seed_sizes)), cfg.k, rng)
 
 
-def training_examples(data: Dataset, cfg: RequestConfig, n: int, rng: np.random.Generator) -> list[Example]:
-    """`n` fresh training requests from training users (new seed subsets every call: augmentation). A drawn user
-    whose positives allow no request of the drawn family is skipped; when 1000 + 100 n draws do not give n requests
-    (e.g. no training user has a positive at data.positive_threshold), a CatalogError says why, not an endless loop."""
+def training_examples(data: Dataset, cfg: RequestConfig, n: int, rng: np.random.Generator,
+                      users: np.ndarray | None = None) -> list[Example]:
+    """`n` fresh training requests from training users (`users`: some of them; new seed subsets every call:
+    augmentation). A drawn user whose positives allow no request of the drawn family is skipped; when 1000 + 100 n
+    draws do not give n requests (e.g. no training user has a positive at data.positive_threshold), a CatalogError
+    says why, not an endless loop."""
     out: list[Example] = []
-    users = data.train_users
+    users = data.train_users if users is None else users
     draws = 1000 + 100 * n
     for _ in range(draws):
         if len(out) >= n:

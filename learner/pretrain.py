@@ -41,6 +41,14 @@ class PretrainResult:
     stopped_by: str = "max_steps"  # what ended training: "max_steps", "patience" or "max_minutes" (the clock)
 
 
+@dataclass(frozen=True)
+class Fold:
+    """Training users of one fold and EASE fit without them (model.prior_folds): their requests' prior."""
+
+    users: np.ndarray
+    prior: Neighbours
+
+
 def relevance_scores(prior: Neighbours, seeds: torch.Tensor, seed_mask: torch.Tensor) -> np.ndarray:
     """Raw relevance of every item to a seed set: the sum of the seeds' sparse prior rows.  -> (B, N)"""
     device = prior.indices.device
@@ -49,9 +57,12 @@ def relevance_scores(prior: Neighbours, seeds: torch.Tensor, seed_mask: torch.Te
 
 def most_step(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray, relevance_matrix: Neighbours,
               req: RequestConfig, cfg: MostConfig, rng: np.random.Generator,
-              generator: torch.Generator) -> torch.Tensor:
-    """The MOST loss of one fresh batch of training requests (graph attached)."""
-    examples = training_examples(data, req, cfg.batch_size, rng)
+              generator: torch.Generator, fold: Fold | None = None) -> torch.Tensor:
+    """The MOST loss of one fresh batch of training requests (graph attached). With a `fold`, the requests come from
+    its users, and its out-of-fold EASE is both the targets' relevance and the model's prior."""
+    if fold is not None:
+        relevance_matrix = fold.prior
+    examples = training_examples(data, req, cfg.batch_size, rng, None if fold is None else fold.users)
     batch = encode_requests(data.catalog, [e.request for e in examples], vocab)
     relevance = relevance_scores(relevance_matrix, batch.seeds, batch.seed_mask)
     bonus = np.stack([soft_bonus(data.catalog, e.request) for e in examples])
@@ -64,15 +75,18 @@ def most_step(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray
     t = stratified_times(len(examples), cfg.eps, generator)
     u = torch.rand(x0.shape, generator=generator)
     x0, weights, t, u = (x.to(model.device) for x in (x0, weights, t, u))
-    return most_loss(elbo_nll(model, model.encode(batch.to(model.device)), x0, t, u), weights)
+    ease = None if fold is None else fold.prior.to(model.device)
+    return most_loss(elbo_nll(model, model.encode(batch.to(model.device), ease), x0, t, u), weights)
 
 
 def pretrain(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray, relevance_matrix: Neighbours,
              req: RequestConfig, cfg: MostConfig, seed: int, validate: Callable[[Retriever], float],
-             save_best: Callable[[Retriever, dict], None], validate_start: bool = False) -> PretrainResult:
+             save_best: Callable[[Retriever, dict], None], validate_start: bool = False,
+             folds: list[Fold] | None = None) -> PretrainResult:
     """Train with AdamW until max_steps, max_minutes or patience; keep the best-validating weights via save_best.
     `validate_start`: the untrained model (step 0) is a candidate too; for a model that starts at its prior
-    (model.zero_head), so that training keeps the prior unless it beats it on validation."""
+    (model.zero_head), so that training keeps the prior unless it beats it on validation. `folds`
+    (model.prior_folds): step s trains on fold s mod F's users with that fold's out-of-fold prior."""
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -84,7 +98,8 @@ def pretrain(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray,
     step, losses, stopped_by = 0, [], "max_steps"
     while step < cfg.max_steps and keeper.stale < cfg.patience:
         model.train()
-        loss = most_step(model, data, vocab, features, relevance_matrix, req, cfg, rng, generator)
+        fold = folds[step % len(folds)] if folds else None
+        loss = most_step(model, data, vocab, features, relevance_matrix, req, cfg, rng, generator, fold)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

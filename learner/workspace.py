@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from catalog.batch import constraint_vocab
 from catalog.dataset import Dataset, benchmark_examples, load_catalog
@@ -26,6 +27,7 @@ from core.config import RunConfig
 from core.numerics import Neighbours, unit_rows
 from evaluation.baselines import EASE, tune_ease
 from evaluation.metrics import item_mask, ranking_metrics
+from learner.pretrain import Fold
 from model.transformer import Retriever
 from rollout.retrieve import recommend
 
@@ -86,6 +88,24 @@ def prior_neighbours(ws: Workspace, ease: EASE) -> Neighbours:
     the relevance of MOST's targets and of the rewards."""
     rows = ease.neighbours(ws.cfg.model.prior_neighbours)
     return Neighbours(rows.indices, rows.values.half())
+
+def training_folds(ws: Workspace, lam: float) -> list[Fold] | None:
+    """model.prior_folds > 1 (and an EASE prior): the training users in F folds (a permutation seeded by
+    data.split_seed), each with EASE fit on the other folds' users; None otherwise."""
+    m = ws.cfg.model
+    if m.prior_folds <= 1 or m.prior not in ("ease", "ease+intent"):
+        return None
+    users = ws.data.train_users
+    if len(users) < m.prior_folds:
+        raise ValueError(f"model.prior_folds={m.prior_folds} is more than the {len(users)} training users")
+    fold = np.empty(len(users), np.int64)
+    fold[np.random.default_rng(ws.cfg.data.split_seed).permutation(len(users))] = np.arange(len(users)) % m.prior_folds
+    out = []
+    for f in tqdm(range(m.prior_folds), desc="out-of-fold EASE priors", unit="fold", dynamic_ncols=True):
+        rest = EASE(ws.data.catalog, ws.data.train_sparse[np.flatnonzero(fold != f)], lam, m.prior_items,
+                    m.prior_neighbours)
+        out.append(Fold(users[fold == f], prior_neighbours(ws, rest)))
+    return out
 
 def build_model(ws: Workspace, ease: EASE | None) -> Retriever:
     prior = prior_neighbours(ws, ease) if ease is not None and ws.cfg.model.prior in ("ease", "ease+intent") else None

@@ -153,26 +153,27 @@ class Retriever(nn.Module):
         """The sparse EASE prior (each item's top-m neighbours), or None."""
         return None if self.prior_indices is None else Neighbours(self.prior_indices, self.prior_values)
 
-    def prior_scores(self, batch: RequestBatch) -> torch.Tensor | None:
+    def prior_scores(self, batch: RequestBatch, ease: Neighbours | None = None) -> torch.Tensor | None:
         """(B, N) prior logits of the seed set: prior_scale * EASE's scores standardised per request over its valid
-        items, + the intent counts weighted by intent_scale per part when the model has an intent prior."""
+        items, + the intent counts weighted by intent_scale per part when the model has an intent prior.
+        `ease` replaces the model's own EASE rows (training on an out-of-fold prior, model.prior_folds)."""
         if self.prior_indices is None and self.intent_values is None:
             return None
         with torch.autocast(device_type=batch.valid.device.type, enabled=False):  # fp32, as the logits
-            return self._prior_scores(batch)
+            return self._prior_scores(batch, self.prior if ease is None else ease)
 
-    def _prior_scores(self, batch: RequestBatch) -> torch.Tensor:
+    def _prior_scores(self, batch: RequestBatch, ease: Neighbours | None) -> torch.Tensor:
         prior = torch.zeros(batch.valid.shape, device=batch.valid.device)
         if self.prior_indices is not None:
-            raw = seed_row_sum(self.prior, batch.seeds, batch.seed_mask)  # (B, N)
+            raw = seed_row_sum(ease, batch.seeds, batch.seed_mask)  # (B, N)
             prior = self.prior_scale * masked_zscore(raw, batch.valid)
         if self.intent_values is not None:
             shared = shared_values(self.intent_values, batch.seeds, batch.seed_mask)  # (B, V)
             prior = prior + intent_counts(self.intent_values, shared, self.intent_scale[self.intent_parts])
         return prior
 
-    def encode(self, batch: RequestBatch) -> Context:
-        """Embed the request part of the sequence once per batch."""
+    def encode(self, batch: RequestBatch, ease: Neighbours | None = None) -> Context:
+        """Embed the request part of the sequence once per batch (`ease`: see `prior_scores`)."""
         items = self.item_embeddings()
         seg = self.segment.weight
         cons = (self.con_kind(batch.con_kind) + self.con_value(batch.con_value)
@@ -182,7 +183,7 @@ class Retriever(nn.Module):
         tokens = torch.cat([cons, negs, seeds], dim=1)  # (B, L0, D)
         keep = torch.cat([batch.con_mask, batch.negative_mask, batch.seed_mask], dim=1)
         pooled = (tokens * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp_min(1)
-        return Context(items, tokens, keep, self.cond(pooled), self.prior_scores(batch), batch.valid)
+        return Context(items, tokens, keep, self.cond(pooled), self.prior_scores(batch, ease), batch.valid)
 
     def hidden(self, ctx: Context, slots: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """Slot outputs after the blocks, projected by W_o.  slots (B, K) long with MASK=-1 -> (B, K, D)"""
@@ -211,6 +212,15 @@ class Retriever(nn.Module):
                 out = out + (ctx.prior[:, None] if rows is None else ctx.prior[rows])
         return out
 
+
+    def item_logits(self, ctx: Context, hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """The entries of `logits` at given items only: hidden (B, D) of one slot per request, items (B, K) -> (B, K)
+        fp32, without forming (B, N)."""
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            out = torch.einsum("bd,bkd->bk", hidden.float(), ctx.items[items].float()) + self.item_bias[items]
+            if ctx.prior is not None:
+                out = out + ctx.prior.gather(1, items)
+        return out
 
     def allowed_logits(self, ctx: Context, hidden: torch.Tensor, rows: torch.Tensor,
                        allowed: torch.Tensor, span: tuple[int, int] | None = None) -> torch.Tensor:

@@ -217,7 +217,7 @@ def test_ablations_one_pass_is_valid_and_starts_like_the_sampler(tiny_catalog, t
 def test_ablations_scores_checkpoints_at_several_steps(tiny_run, tmp_path, monkeypatch, capsys):
     """End to end on the tiny run: `decode` at the config's S gives the evaluation's own lists
     (`pipeline.model_recommender`); the same checkpoint under a second name differs from the reference by exactly 0
-    at the same S; the S = 1 and one-pass rows are valid lists; an unknown --reference is a usage error naming it."""
+    at the same S; the S = 1 and one-pass rows, in slot and in score order, are valid lists; an unknown --reference is a usage error naming it."""
     import ablations
 
     from app import pipeline
@@ -230,7 +230,7 @@ def test_ablations_scores_checkpoints_at_several_steps(tiny_run, tmp_path, monke
     assert step_of.min() == 0 and step_of.max() >= ws.cfg.sampler.steps - 1
     out = tmp_path / "ablations.json"
     monkeypatch.setattr(sys, "argv", ["ablations.py", f"{checkpoint}=a", f"{checkpoint}=b", "--steps", "10,1,1p",
-                                      "--bootstrap", "50", "--out", str(out)])
+                                      "--orders", "slots,score", "--bootstrap", "50", "--out", str(out)])
     ablations.main()
     result = json.loads(out.read_text())
     assert result["reference"] == "a S=10" and {"A", "B"} <= set(result["results"])
@@ -238,6 +238,8 @@ def test_ablations_scores_checkpoints_at_several_steps(tiny_run, tmp_path, monke
         assert group["b S=10"]["ndcg@10_vs_a S=10"] == 0.0 and group["b S=10"]["ndcg@10_vs_a S=10_ci"] == [0.0, 0.0]
         assert group["a S=1"]["duplicates"] == 0.0 and group["a S=1"]["constraint_sat"] == 1.0
         assert "ndcg@10_vs_b S=10" in group["b S=1"]  # each checkpoint's S = 1 row against its own S = 10
+        assert group["a S=10 by score"]["duplicates"] == 0.0 and group["a S=10 by score"]["constraint_sat"] == 1.0
+        assert "ndcg@10_vs_b S=10" in group["b 1-pass by score"]
     one_shot = result["decoding"]["a S=1"]["A"]
     assert one_shot["passes"] >= 1.0 and 0.0 <= one_shot["redrawn"] <= one_shot["lists"] <= 1.0
     assert result["decoding"]["a 1-pass"]["A"] == {"passes": 1.0, "redrawn": None, "lists": None}
