@@ -79,9 +79,9 @@ def one_pass(model: Retriever, batch: RequestBatch, k: int) -> torch.Tensor:
 def decode(ws: pipeline.Workspace, model: Retriever, examples: list[Example],
            steps: int | None, order: str = "slots") -> tuple[np.ndarray, np.ndarray]:
     """(lists (R, K), step_of (R, K)): the lists `learner.workspace.model_recommender` gives at `steps` sampler steps
-    (the config's temperature and batch size), with the pass in which each slot was committed; steps None: the
-    greedy `one_pass` lists (all slots in pass 0); order "score": each list re-sorted (`by_first_slot`). Every benchmark request asks for k = requests.k, so the batches
-    are plain slices."""
+    when `order` is the config's sampler.order (the config's temperature and batch size), with the pass in which each
+    slot was committed; steps None: the greedy `one_pass` lists (all slots in pass 0); order "score": each list
+    re-sorted (`by_first_slot`). Every benchmark request asks for k = requests.k, so the batches are plain slices."""
     k, cfg = ws.cfg.requests.k, ws.cfg.sampler
     if any(e.request.k != k for e in examples):
         raise ValueError(f"every request must ask for k = requests.k = {k}")

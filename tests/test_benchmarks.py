@@ -225,7 +225,7 @@ def test_ablations_scores_checkpoints_at_several_steps(tiny_run, tmp_path, monke
     checkpoint = tiny_run / "most.safetensors"
     _, ws, model = ablations.load(str(checkpoint), [])
     test = pipeline.examples(ws, "test")[:64]
-    lists, step_of = ablations.decode(ws, model, test, ws.cfg.sampler.steps)
+    lists, step_of = ablations.decode(ws, model, test, ws.cfg.sampler.steps, ws.cfg.sampler.order)
     np.testing.assert_array_equal(lists, pipeline.model_recommender(ws, model)(test))
     assert step_of.min() == 0 and step_of.max() >= ws.cfg.sampler.steps - 1
     out = tmp_path / "ablations.json"

@@ -28,7 +28,6 @@ from core.numerics import seed_row_sum
 from evaluation.baselines import EASE
 from learner.pretrain import Fold, most_step
 from learner.workspace import build_model, prior_neighbours, training_folds
-from model.transformer import Retriever
 from rollout.retrieve import by_first_slot
 from rollout.sampler import sample_lists
 
@@ -73,7 +72,7 @@ def test_most_step_with_a_fold_is_a_model_whose_prior_is_the_folds(workspace):
     fold = Fold(ws.data.train_users, folds[0].prior)  # every user, so that both draw the same requests
     torch.manual_seed(0)
     model = build_model(ws, pipeline.fit_ease(ws, LAMBDA)).eval()
-    twin = Retriever(ws.cfg.model, torch.from_numpy(ws.features), len(ws.vocab), fold.prior).eval()
+    twin = build_model(ws, pipeline.fit_ease(ws, LAMBDA)).eval()
     twin.load_state_dict({**model.state_dict(), "prior_indices": fold.prior.indices,
                           "prior_values": fold.prior.values})
     args = (ws.data, ws.vocab, ws.unit_features)
