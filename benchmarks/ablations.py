@@ -12,8 +12,8 @@ order of the list (`sampler.order`: `slots` as the sampler filled them, `score` 
 `rollout.retrieve.by_first_slot`). The checkpoints must share the test requests
 (the same data split and request seed; checked). For every family, family A seed size and row
 (checkpoint, S) it prints NDCG@10 with its 95% interval over users, the paired difference to the reference row (the
-first row unless `--reference` names another) and to the same checkpoint at the first S and order, and the decoding statistics
-read from the sampler's trajectories (`rollout.sampler.Samples.step_of`):
+first row unless `--reference` names another) and to the same checkpoint at the first S and order, and the decoding
+statistics read from the sampler's trajectories (`rollout.sampler.Samples.step_of`):
 
 - passes: forward passes per list (S when no collision costs a step; more when one does; 1 for 1-pass);
 - redrawn (S = 1 rows): the share of slots whose one-step draw collided with a more confident slot drawing the same

@@ -86,10 +86,10 @@ class ModelConfig:
     prior_lambda: float = option(0.0, "EASE lambda of the prior; 0 = the value tuned on validation.", low=0.0, high=1e9)
     prior_neighbours: int = option(200, "m: the prior keeps each item's top-m EASE entries.", low=1, high=10**5)
     prior_items: int = option(20000, "P: exact EASE up to P warm items, else P most popular + kNN.", low=2, high=10**6)
-    prior_folds: int = option(1, "F: MOST's training requests see an out-of-fold prior. The training users are split "
-                                 "into F folds, and a request of a user in fold f uses EASE fit without fold f (as "
-                                 "its prior and MOST's target relevance), so that training sees the prior as it is "
-                                 "at serving time, not one that saw the user's held-out items; 1 = one EASE on all "
+    prior_folds: int = option(1, "F: MOST pretraining's requests see an out-of-fold prior. The training users are "
+                                 "split into F folds, and a request of a user in fold f uses EASE fit without fold f "
+                                 "(as its prior and MOST's target relevance), so that training sees the prior as it "
+                                 "is at serving time, not one that saw the user's held-out items; 1 = one EASE on all "
                                  "training users. Validation and serving use the full EASE.", low=1, high=100)
     zero_head: bool = option(False, "Start the item head W_o at zero: an untrained model scores exactly its prior "
                                     "(+ b_i = 0), and MOST learns a residual from there; MOST then validates step 0 "
