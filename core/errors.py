@@ -30,7 +30,9 @@ _QUOTE = {60: _Bounded(60)}
 
 
 def quoted(value, limit: int = 60) -> str:
-    """repr(value) cut to about `limit` characters (a long string is cut before it is repr'd)."""
+    """repr(value) cut to about `limit` characters (a long string is cut before it is repr'd; a container's repr,
+    whose every item is bounded, is cut as a whole at 3 x limit)."""
     if limit not in _QUOTE:
         _QUOTE[limit] = _Bounded(limit)
-    return _QUOTE[limit].repr(value)
+    text = _QUOTE[limit].repr(value)
+    return text if len(text) <= 3 * limit else text[:3 * limit] + "..."
