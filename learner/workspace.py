@@ -24,6 +24,7 @@ from catalog.intent import IntentIndex
 from catalog.schema import atomic_write
 from core.carriers import Example
 from core.config import RunConfig
+from core.errors import UserError
 from core.numerics import Neighbours, unit_rows
 from evaluation.baselines import EASE, tune_ease
 from evaluation.metrics import item_mask, ranking_metrics
@@ -97,7 +98,7 @@ def training_folds(ws: Workspace, lam: float) -> list[Fold] | None:
         return None
     users = ws.data.train_users
     if len(users) < m.prior_folds:
-        raise ValueError(f"model.prior_folds={m.prior_folds} is more than the {len(users)} training users")
+        raise UserError(f"model.prior_folds={m.prior_folds} is more than the {len(users)} training users")
     fold = np.empty(len(users), np.int64)
     fold[np.random.default_rng(ws.cfg.data.split_seed).permutation(len(users))] = np.arange(len(users)) % m.prior_folds
     out = []
