@@ -9,7 +9,7 @@ number of sampler steps S (`rollout.sampler.sample_lists`, as served) or `1p`, `
 pass: the sampler's S = 1 draws every slot in its first pass too, but a slot that collides with a more confident one
 is drawn again in a further pass, so S = 1 may take several passes), and once per entry of `--orders`: the rank
 order of the list (`sampler.order`: `slots` as the sampler filled them, `score` re-sorted by the first slot's logits,
-`rollout.retrieve.by_first_slot`). The checkpoints must share the test requests
+`rollout.sampler.served_order`). The checkpoints must share the test requests
 (the same data split and request seed; checked). For every family, family A seed size and row
 (checkpoint, S) it prints NDCG@10 with its 95% interval over users, the paired difference to the reference row (the
 first row unless `--reference` names another) and to the same checkpoint at the first S and order, and the decoding
@@ -44,36 +44,35 @@ from evaluation.report import evaluate_methods, example_groups
 from learner.checkpoint import config_from_checkpoint, load_checkpoint
 from model.head import top_log_probs
 from model.transformer import MASK, Retriever
-from rollout.retrieve import by_first_slot
-from rollout.sampler import sample_lists
+from rollout.sampler import sample_lists, served_order
 
 
 @torch.no_grad()
-def one_pass(model: Retriever, batch: RequestBatch, k: int) -> torch.Tensor:
+def one_pass(model: Retriever, batch: RequestBatch, k: int, order: str = "slots") -> torch.Tensor:
     """(B, K) greedy lists from a single forward pass at the all-masked state: the slots, in order of the confidence
     of their first choice (its log-prob), each take their most likely allowed item not yet taken. What S = 1 gives
     when a collision is resolved by the loser's next choice in the same pass instead of a further pass. A slot's
     choice is among its k most likely items (at most k - 1 are taken before it), so only each slot's top k are
-    computed (`model.head.top_log_probs`, in item chunks)."""
+    computed (`model.head.top_log_probs`, in item chunks). `order`: as served (`served_order`)."""
     b = len(batch)
     ctx = model.encode(batch)
     slots = torch.full((b, k), MASK, dtype=torch.long, device=batch.valid.device)
     rows, cols = (slots == MASK).nonzero(as_tuple=True)  # every slot, row-major
     hidden = model.hidden(ctx, slots)[rows, cols]  # (B*K, D)
     logp, candidates = top_log_probs(model, ctx, hidden, rows, batch.valid, k)  # (B*K, k), most likely first
-    order = logp[:, 0].view(b, k).argsort(1, descending=True)  # (B, K): slots by their first choice's log-prob
+    slot_order = logp[:, 0].view(b, k).argsort(1, descending=True)  # (B, K): slots by their first choice's log-prob
     candidates = candidates.view(b, k, k)
     taken = torch.zeros_like(batch.valid)  # (B, N)
     items = torch.empty((b, k), dtype=torch.long, device=slots.device)
     every = torch.arange(b, device=slots.device)
     for rank in range(k):
-        slot = order[:, rank]  # (B,)
+        slot = slot_order[:, rank]  # (B,)
         options = candidates[every, slot]  # (B, k)
         first_free = (~taken.gather(1, options)).float().argmax(1, keepdim=True)  # (B, 1)
         pick = options.gather(1, first_free).squeeze(1)  # (B,)
         items[every, slot] = pick
         taken[every, pick] = True
-    return items
+    return served_order(model, ctx, items, order)
 
 
 def decode(ws: pipeline.Workspace, model: Retriever, examples: list[Example],
@@ -81,7 +80,7 @@ def decode(ws: pipeline.Workspace, model: Retriever, examples: list[Example],
     """(lists (R, K), step_of (R, K)): the lists `learner.workspace.model_recommender` gives at `steps` sampler steps
     when `order` is the config's sampler.order (the config's temperature and batch size), with the pass in which each
     slot was committed; steps None: the greedy `one_pass` lists (all slots in pass 0); order "score": each list
-    re-sorted (`by_first_slot`). Every benchmark request asks for k = requests.k, so the batches are plain slices."""
+    re-sorted (`served_order`). Every benchmark request asks for k = requests.k, so the batches are plain slices."""
     k, cfg = ws.cfg.requests.k, ws.cfg.sampler
     if any(e.request.k != k for e in examples):
         raise ValueError(f"every request must ask for k = requests.k = {k}")
@@ -92,12 +91,10 @@ def decode(ws: pipeline.Workspace, model: Retriever, examples: list[Example],
         batch = encode_requests(ws.data.catalog, [e.request for e in examples[start:start + cfg.batch_size]],
                                 ws.vocab).to(model.device)
         if steps is None:
-            items, passes = one_pass(model, batch, k), torch.zeros((len(batch), k), dtype=torch.long)
+            items, passes = one_pass(model, batch, k, order), torch.zeros((len(batch), k), dtype=torch.long)
         else:
-            samples = sample_lists(model, batch, k, steps, cfg.temperature, generator)
-            items, passes = samples.items, samples.step_of
-        if order == "score":
-            items = by_first_slot(model, batch, items)
+            samples = sample_lists(model, batch, k, steps, cfg.temperature, generator, order)
+            items, passes = samples.served, samples.step_of
         lists.append(items.cpu().numpy())
         step_of.append(passes.cpu().numpy())
     return np.concatenate(lists), np.concatenate(step_of)

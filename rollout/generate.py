@@ -19,7 +19,6 @@ from core.carriers import Example, Rollouts
 from model.transformer import Retriever, precision
 from rewards.base import Reward, RewardBatch, RewardContext
 from rewards.registry import group_advantages, score_rewards
-from rollout.retrieve import by_first_slot
 from rollout.sampler import sample_lists
 
 
@@ -28,7 +27,7 @@ def generate_rollouts(model: Retriever, catalog: Catalog, vocab: dict, examples:
                       version: int, generator: torch.Generator | None = None, bf16: bool = False,
                       order: str = "slots") -> Rollouts:
     """Sample G lists for each of B training requests and score them; `order` (sampler.order) "score": the rewards
-    score each list in the order it would be served (`by_first_slot`), the trajectory keeps the sampler's slots.
+    score each list in the order it would be served (`served_order`), the trajectory keeps the sampler's slots.
 
     The sampler runs on the model's device (`generator`, if given, must live there too), under bf16 autocast when
     `bf16` is set and that device is a GPU; the returned tensors are on the CPU."""
@@ -39,11 +38,11 @@ def generate_rollouts(model: Retriever, catalog: Catalog, vocab: dict, examples:
     k = examples[0].request.k
     with precision(model, bf16):
         on_device = batch.to(model.device)
-        samples = sample_lists(model, on_device, k, steps, temperature, generator)
-        served = by_first_slot(model, on_device, samples.items) if order == "score" else samples.items
+        samples = sample_lists(model, on_device, k, steps, temperature, generator, order)
     items = samples.items.cpu()
-    scored = score_rewards([r for r, _ in rewards], RewardBatch([e.request for e in repeated], served.cpu().numpy(),
-                                                [e.targets for e in repeated]), ctx)  # (B*G, C)
+    served = samples.served.cpu().numpy()
+    scored = score_rewards([r for r, _ in rewards], RewardBatch([e.request for e in repeated], served,
+                                                                [e.targets for e in repeated]), ctx)  # (B*G, C)
     weights = np.array([w for _, w in rewards], dtype=np.float64)
     adv = group_advantages(scored.reshape(len(examples), group_size, -1), weights).reshape(-1)
     return Rollouts(examples, batch, items, samples.step_of.cpu(), samples.logp.float().cpu(), scored,

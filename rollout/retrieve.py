@@ -9,9 +9,9 @@ import torch
 
 from catalog.batch import encode_requests
 from catalog.schema import Catalog
-from core.carriers import Request, RequestBatch
+from core.carriers import Request
 from core.config import SamplerConfig
-from model.transformer import MASK, Retriever
+from model.transformer import Retriever
 from rollout.sampler import sample_lists
 
 
@@ -27,19 +27,8 @@ def recommend(model: Retriever, catalog: Catalog, vocab: dict, requests: list[Re
         for start in range(0, len(members), cfg.batch_size):
             chunk = members[start:start + cfg.batch_size]
             batch = encode_requests(catalog, [requests[n] for n in chunk], vocab).to(model.device)
-            items = sample_lists(model, batch, k, cfg.steps, cfg.temperature, generator).items
-            if cfg.order == "score":
-                items = by_first_slot(model, batch, items)
-            items = items.cpu().numpy()
+            items = sample_lists(model, batch, k, cfg.steps, cfg.temperature, generator, cfg.order).served.cpu().numpy()
             for row, n in enumerate(chunk):
                 out[n] = items[row]
     return out
 
-
-@torch.no_grad()
-def by_first_slot(model: Retriever, batch: RequestBatch, items: torch.Tensor) -> torch.Tensor:
-    """(B, K) lists re-sorted by each item's logit in slot 1 of the all-masked list (sampler.order=score): the
-    order the model would give one slot at a time, with no tie between slots that score an item alike."""
-    ctx = model.encode(batch)
-    first = model.hidden(ctx, torch.full_like(items, MASK))[:, 0]  # (B, D)
-    return items.gather(1, model.item_logits(ctx, first, items).argsort(dim=1, descending=True, stable=True))

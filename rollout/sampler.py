@@ -32,6 +32,7 @@ class Samples:
     items: torch.Tensor  # (B, K) long item indices, slot order = rank order
     step_of: torch.Tensor  # (B, K) long: denoising step at which each slot was committed
     logp: torch.Tensor  # (B, K) float: behaviour log-prob of each committed item
+    served: torch.Tensor  # (B, K) long: `items` in the order they are served (sampler.order, `served_order`)
 
 
 LOGIT_BOUND = 1e4  # far beyond any logit a trained model gives; keeps logits / T and the log-sum-exp finite
@@ -107,10 +108,21 @@ def resolve_collisions(candidate: torch.Tensor, confidence: torch.Tensor, open_:
     return open_ & ~(same & beats).any(-1)
 
 
+def served_order(model: Retriever, ctx: Context, items: torch.Tensor, order: str) -> torch.Tensor:
+    """(B, K) lists as served (sampler.order): "slots" as the sampler filled them; "score" re-sorted by each item's
+    logit in slot 1 of the all-masked list, the order the model would give one slot at a time, with no tie between
+    slots that score an item alike (one more forward pass)."""
+    if order == "slots":
+        return items
+    first = model.hidden(ctx, torch.full_like(items, MASK))[:, 0]  # (B, D)
+    return items.gather(1, model.item_logits(ctx, first, items).argsort(dim=1, descending=True, stable=True))
+
+
 @torch.no_grad()
 def sample_lists(model: Retriever, batch: RequestBatch, k: int, steps: int, temperature: float = 0.0,
-                 generator: torch.Generator | None = None) -> Samples:
-    """Generate B lists of k distinct valid items in about `steps` forward passes."""
+                 generator: torch.Generator | None = None, order: str = "slots") -> Samples:
+    """Generate B lists of k distinct valid items in about `steps` forward passes; `order` (sampler.order) sets
+    `Samples.served`."""
     b = len(batch)
     device = batch.valid.device
     if (batch.valid.sum(1) < k).any():
@@ -133,12 +145,12 @@ def sample_lists(model: Retriever, batch: RequestBatch, k: int, steps: int, temp
         confidence = torch.full((b, k), float("-inf"), device=device).index_put_((rows, cols), conf)
         keeps = resolve_collisions(candidate, confidence, open_)
         n_commit = -(-open_.sum(1) // max(steps - step, 1))  # ceil(open / steps left)  # (B,)
-        order = confidence.masked_fill(~keeps, float("-inf")).argsort(1, descending=True).argsort(1)
-        commit = keeps & (order < n_commit[:, None])
+        rank = confidence.masked_fill(~keeps, float("-inf")).argsort(1, descending=True).argsort(1)
+        commit = keeps & (rank < n_commit[:, None])
         slots = torch.where(commit, candidate, slots)
         step_of = torch.where(commit, torch.full_like(step_of, step), step_of)
         logp_out = torch.where(commit, confidence, logp_out)
         done_rows, done_cols = commit.nonzero(as_tuple=True)
         allowed[done_rows, slots[done_rows, done_cols]] = False  # = allowed_items(batch.valid, slots), in place
         step += 1
-    return Samples(slots, step_of, logp_out)
+    return Samples(slots, step_of, logp_out, served_order(model, ctx, slots, order))

@@ -5,8 +5,8 @@
   F = 1 keeps one EASE on every training user.
 - `most_step` with a fold takes its requests from the fold's users and uses the fold's prior both as MOST's target
   relevance and as the model's prior: the same loss as a model whose own prior is that fold's.
-- `by_first_slot` re-sorts a list by the first slot's logits (`Retriever.item_logits`, the entries of `logits` at
-  the list's items): for a model that is its prior (zero head), the prior's own order; always a permutation.
+- `served_order(..., "score")` re-sorts a list by the first slot's logits (`Retriever.item_logits`, the entries of
+  `logits` at the list's items): for a model that is its prior (zero head), the prior's own order; a permutation.
 Run: `python -m pytest tests/test_prior_folds.py -q` (about 20 s).
 """
 
@@ -28,8 +28,7 @@ from core.numerics import seed_row_sum
 from evaluation.baselines import EASE
 from learner.pretrain import Fold, most_step
 from learner.workspace import build_model, prior_neighbours, training_folds
-from rollout.retrieve import by_first_slot
-from rollout.sampler import sample_lists
+from rollout.sampler import sample_lists, served_order
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
 LAMBDA = 300.0
@@ -86,7 +85,7 @@ def test_most_step_with_a_fold_is_a_model_whose_prior_is_the_folds(workspace):
     assert not torch.isclose(losses[0], losses[2])  # the fold's prior is not the full one
 
 
-def test_by_first_slot_orders_a_prior_only_model_by_its_prior(tiny_catalog, tiny_vocab):
+def test_score_order_sorts_a_prior_only_model_by_its_prior(tiny_catalog, tiny_vocab):
     model = make_tiny_model(tiny_catalog, prior=True)
     zero = make_tiny_model(tiny_catalog, prior=True)
     with torch.no_grad():
@@ -97,9 +96,9 @@ def test_by_first_slot_orders_a_prior_only_model_by_its_prior(tiny_catalog, tiny
     shuffle = torch.randperm(8, generator=torch.Generator().manual_seed(0))
     for net in (model, zero):
         items = sample_lists(net, batch, 8, 4).items[:, shuffle]
-        ordered = by_first_slot(net, batch, items)
-        np.testing.assert_array_equal(np.sort(ordered.numpy(), 1), np.sort(items.numpy(), 1))
         ctx = net.encode(batch)
+        ordered = served_order(net, ctx, items, "score")
+        np.testing.assert_array_equal(np.sort(ordered.numpy(), 1), np.sort(items.numpy(), 1))
         first = net.hidden(ctx, torch.full_like(items, -1))[:, 0]
         scores = net.logits(ctx, first, torch.arange(3)).gather(1, ordered)
         torch.testing.assert_close(net.item_logits(ctx, first, ordered), scores)

@@ -19,7 +19,8 @@ from core.config import SamplerConfig
 from rewards.base import Reward, RewardContext
 from rewards.novelty import NoveltyReward
 from rollout.generate import generate_rollouts
-from rollout.retrieve import by_first_slot, recommend
+from rollout.retrieve import recommend
+from rollout.sampler import served_order
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 K, G = 5, 4
@@ -99,19 +100,19 @@ def test_recommend_keeps_request_order_and_each_k(tiny_catalog, tiny_vocab, tiny
 
 
 def test_score_order_rewards_the_served_order_and_keeps_the_trajectory(tiny_catalog, tiny_vocab, tiny_model):
-    """sampler.order=score: the rewards see each list as `recommend` serves it (re-sorted by `by_first_slot`); the
+    """sampler.order=score: the rewards see each list as `recommend` serves it (re-sorted by `served_order`); the
     rollout keeps the sampler's slots, whose trajectory the learner scores; the same draws either way."""
     batch = examples(tiny_catalog, 3, seed=4)
     runs = {order: generate_rollouts(tiny_model, tiny_catalog, tiny_vocab, batch, G, K, 1.0, [(FirstItemReward(), 1.0)],
                                      context(tiny_catalog), 0, torch.Generator().manual_seed(5), order=order)
             for order in ("slots", "score")}
     assert torch.equal(runs["slots"].items, runs["score"].items)
-    served = by_first_slot(tiny_model, runs["score"].batch, runs["score"].items)
+    served = served_order(tiny_model, tiny_model.encode(runs["score"].batch), runs["score"].items, "score")
     np.testing.assert_allclose(runs["score"].rewards[:, 0], served[:, 0].double().numpy())
     assert not np.allclose(runs["score"].rewards[:, 0], runs["slots"].rewards[:, 0])
     cfg = SamplerConfig(steps=K, temperature=0.0, order="score")
     requests = [e.request for e in batch]
     slots = np.stack(recommend(tiny_model, tiny_catalog, tiny_vocab, requests, dataclasses.replace(cfg, order="slots")))
     lists = np.stack(recommend(tiny_model, tiny_catalog, tiny_vocab, requests, cfg))
-    encoded = encode_requests(tiny_catalog, requests, tiny_vocab)
-    np.testing.assert_array_equal(lists, by_first_slot(tiny_model, encoded, torch.from_numpy(slots)).numpy())
+    encoded = tiny_model.encode(encode_requests(tiny_catalog, requests, tiny_vocab))
+    np.testing.assert_array_equal(lists, served_order(tiny_model, encoded, torch.from_numpy(slots), "score").numpy())
