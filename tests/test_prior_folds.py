@@ -55,7 +55,7 @@ def test_folds_cover_the_training_users_and_fit_without_them(workspace):
         torch.testing.assert_close(fold.prior.values, expected.values)
         torch.testing.assert_close(fold.prior.indices, expected.indices)
         assert not torch.equal(fold.prior.values, full)  # it did leave users out
-    one = pipeline.prepare(load_config(TINY, [f"out_dir={workspace.out_dir}", "threads=1"]))
+    one = pipeline.prepare(load_config(TINY, [f"out_dir={workspace.out_dir}", "threads=1", "model.prior_folds=1"]))
     assert training_folds(one, LAMBDA) is None
 
 
