@@ -83,6 +83,9 @@ class ModelConfig:
                                       "prior, in units of the standardised EASE score (prior=ease+intent; the value "
                                       "measured in docs/results.md, issue 13).",
                                 low=-100.0, high=100.0)
+    intent_gate: bool = option(False, "Scale each intent part per request by 2 sigmoid(g . c), c the pooled request "
+                                      "vector, g learned from zero (a gate of 1 at the start): a request whose seeds "
+                                      "share values by chance can weigh them less (prior=ease+intent).")
     prior_lambda: float = option(0.0, "EASE lambda of the prior; 0 = the value tuned on validation.", low=0.0, high=1e9)
     prior_neighbours: int = option(200, "m: the prior keeps each item's top-m EASE entries.", low=1, high=10**5)
     prior_items: int = option(20000, "P: exact EASE up to P warm items, else P most popular + kNN.", low=2, high=10**6)

@@ -94,11 +94,11 @@ def shared_values(values: torch.Tensor, seeds: torch.Tensor, seed_mask: torch.Te
 
 
 def intent_counts(values: torch.Tensor, shared: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, N) float32: sum over the request's shared values v of weights[v] * values[i, v] (weights (V,), default 1:
-    the number of shared values item i has). values (N, V), shared (B, V) bool.
+    """(B, N) float32: sum over the request's shared values v of weights[v] * values[i, v] (weights (V,) or, per
+    request, (B, V); default 1: the number of shared values item i has). values (N, V), shared (B, V) bool.
 
     Only the columns some request shares enter the product (a seed set shares a few values of thousands), so the
     cost is B x N x (shared columns), not B x N x V."""
     cols = shared.any(0).nonzero().squeeze(1)  # (C,)
-    mine = shared[:, cols].float() if weights is None else shared[:, cols].float() * weights[cols]
+    mine = shared[:, cols].float() if weights is None else shared[:, cols].float() * weights[..., cols]
     return mine @ values[:, cols].float().T

@@ -10,7 +10,9 @@ logit_k(i) = <W_o h_k, E_i> + b_i (+ prior_i when a prior is configured: the mod
 strong prior). The prior is prior_scale * (EASE's scores of the seeds, standardised over the valid items; B kept
 as each item's top-m neighbours, model.prior_neighbours, so memory is N x m, not N x N) and, with
 `model.prior=ease+intent`, + sum_v intent_scale[part(v)] * [all seeds have value v] * [item i has v]: the intent read
-off the seeds (catalog/intent.py; one learned scale per attribute field and one for the decade). The softmax is exact
+off the seeds (catalog/intent.py; one learned scale per attribute field and one for the decade; with
+`model.intent_gate`, each scale times 2 sigmoid(g_p . c), c the pooled request vector and g_p starting at zero, so that
+a request can trust its shared values more or less than another). The softmax is exact
 over all N items, computed in spans of model.item_chunk items (model/head.py).
 
 Shapes: B requests, K slots, N items, D width, L tokens. A slot value of -1 means [MASK].
@@ -124,6 +126,10 @@ class Retriever(nn.Module):
             self.intent_scale = nn.Parameter(torch.full((parts,), float(cfg.intent_init)))  # (P,)
         else:
             self.intent_values = None
+        self.intent_gate = nn.Linear(d, parts) if cfg.intent_gate and intent_values is not None else None
+        if self.intent_gate is not None:  # starts at a gate of 1 for every request: the ungated prior
+            nn.init.zeros_(self.intent_gate.weight)
+            nn.init.zeros_(self.intent_gate.bias)
 
     @property
     def device(self) -> torch.device:
@@ -155,22 +161,26 @@ class Retriever(nn.Module):
 
     def prior_scores(self, batch: RequestBatch, ease: Neighbours | None = None) -> torch.Tensor | None:
         """(B, N) prior logits of the seed set: prior_scale * EASE's scores standardised per request over its valid
-        items, + the intent counts weighted by intent_scale per part when the model has an intent prior.
-        `ease` replaces the model's own EASE rows (training on an out-of-fold prior, model.prior_folds)."""
+        items, + the intent counts weighted by intent_scale per part (and the request's gate, model.intent_gate) when
+        the model has an intent prior. `ease` replaces the model's own EASE rows (training on an out-of-fold prior,
+        model.prior_folds)."""
+        return self.encode(batch, ease).prior
+
+    def _prior_scores(self, batch: RequestBatch, ease: Neighbours | None, cond: torch.Tensor) -> torch.Tensor | None:
         if self.prior_indices is None and self.intent_values is None:
             return None
         with torch.autocast(device_type=batch.valid.device.type, enabled=False):  # fp32, as the logits
-            return self._prior_scores(batch, self.prior if ease is None else ease)
-
-    def _prior_scores(self, batch: RequestBatch, ease: Neighbours | None) -> torch.Tensor:
-        prior = torch.zeros(batch.valid.shape, device=batch.valid.device)
-        if self.prior_indices is not None:
-            raw = seed_row_sum(ease, batch.seeds, batch.seed_mask)  # (B, N)
-            prior = self.prior_scale * masked_zscore(raw, batch.valid)
-        if self.intent_values is not None:
-            shared = shared_values(self.intent_values, batch.seeds, batch.seed_mask)  # (B, V)
-            prior = prior + intent_counts(self.intent_values, shared, self.intent_scale[self.intent_parts])
-        return prior
+            prior = torch.zeros(batch.valid.shape, device=batch.valid.device)
+            if self.prior_indices is not None:
+                raw = seed_row_sum(self.prior if ease is None else ease, batch.seeds, batch.seed_mask)  # (B, N)
+                prior = self.prior_scale * masked_zscore(raw, batch.valid)
+            if self.intent_values is not None:
+                shared = shared_values(self.intent_values, batch.seeds, batch.seed_mask)  # (B, V)
+                weights = self.intent_scale  # (P,)
+                if self.intent_gate is not None:
+                    weights = weights * 2 * torch.sigmoid(self.intent_gate(cond.float()))  # (B, P)
+                prior = prior + intent_counts(self.intent_values, shared, weights[..., self.intent_parts])
+            return prior
 
     def encode(self, batch: RequestBatch, ease: Neighbours | None = None) -> Context:
         """Embed the request part of the sequence once per batch (`ease`: see `prior_scores`)."""
@@ -183,7 +193,8 @@ class Retriever(nn.Module):
         tokens = torch.cat([cons, negs, seeds], dim=1)  # (B, L0, D)
         keep = torch.cat([batch.con_mask, batch.negative_mask, batch.seed_mask], dim=1)
         pooled = (tokens * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp_min(1)
-        return Context(items, tokens, keep, self.cond(pooled), self.prior_scores(batch, ease), batch.valid)
+        cond = self.cond(pooled)
+        return Context(items, tokens, keep, cond, self._prior_scores(batch, ease, cond), batch.valid)
 
     def hidden(self, ctx: Context, slots: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """Slot outputs after the blocks, projected by W_o.  slots (B, K) long with MASK=-1 -> (B, K, D)"""

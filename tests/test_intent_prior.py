@@ -31,14 +31,16 @@ SEEDS = (0, 20, 40)
 HAND = {1: (0, 1), 2: (0, 0), 3: (1, 0), 4: (1, 0), 10: (0, 1), 12: (1, 0), 30: (0, 1)}  # item: (genre, decade)
 
 
-def intent_model(catalog, scale: float, ease: bool = True, seed: int = 0) -> Retriever:
-    """A randomised tiny Retriever with a random EASE-like prior matrix (when `ease`) and the intent prior."""
+def intent_model(catalog, scale: float, ease: bool = True, seed: int = 0, gate: bool = False) -> Retriever:
+    """A randomised tiny Retriever with a random EASE-like prior matrix (when `ease`) and the intent prior (gated
+    per request with `gate`, model.intent_gate; the gate's weights are randomised too)."""
     generator = torch.Generator().manual_seed(2000 + seed)
     features = torch.randn(catalog.n_items, N_FEATURES, generator=generator)
     prior = top_neighbours(torch.rand(catalog.n_items, catalog.n_items, generator=generator).half(), 10) if ease \
         else None
     index = IntentIndex(catalog)
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, dropout=0.0, id_dropout=0.0, prior="ease+intent")
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=2, dropout=0.0, id_dropout=0.0, prior="ease+intent",
+                      intent_gate=gate)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Retriever(cfg, features, len(constraint_vocab(catalog)), prior,
@@ -123,6 +125,38 @@ def test_gradients_reach_intent_scale(tiny_catalog, tiny_vocab):
     logp = masked_log_softmax(model.logits(ctx, model.hidden(ctx, torch.full((2, K), MASK))), batch.valid[:, None])
     (-logp[0, 0, 4]).backward()  # item 4 (Action) is the target of slot 1 of the first request
     assert model.intent_scale.grad[0] < 0  # raising the genre weight raises the target's probability
+
+
+def test_intent_gate_starts_at_one_and_weighs_each_request(tiny_catalog, tiny_vocab):
+    """model.intent_gate: with the gate at its initial zeros, the prior is bit for bit the ungated one of the same
+    weights; a gate bias of -30 on the genre part leaves (to float precision) only the decade's count; a randomised
+    gate weighs each part by intent_scale * 2 sigmoid(g . c) and gives two requests with the same shared values
+    different weights; the MOST-like loss reaches the gate's weights."""
+    gated = intent_model(tiny_catalog, 3.0, gate=True)
+    plain = intent_model(tiny_catalog, 3.0)
+    requests = [Request(SEEDS), Request(SEEDS, (), (Exclude("genre", "Drama"),)), Request((1, 5))]
+    batch = encode_requests(tiny_catalog, requests, tiny_vocab)
+    with torch.no_grad():
+        gated.intent_gate.weight.zero_()
+        gated.intent_gate.bias.zero_()
+        assert torch.equal(gated.prior_scores(batch), plain.prior_scores(batch))
+        gated.intent_gate.bias.copy_(torch.tensor([-30.0, 0.0]))
+        decade_only = intent_model(tiny_catalog, 3.0)
+        decade_only.intent_scale.copy_(torch.tensor([0.0, 3.0]))
+        torch.testing.assert_close(gated.prior_scores(batch), decade_only.prior_scores(batch))
+    # without EASE the prior is the gated intent alone: requests 0 and 1 share the same values (the same seeds) but
+    # differ in their constraint, so a gate that reads the pooled request vector weighs them apart
+    alone = intent_model(tiny_catalog, 3.0, ease=False, gate=True)
+    with torch.no_grad():
+        prior = alone.prior_scores(batch)
+        gates = 2 * torch.sigmoid(alone.intent_gate(alone.encode(batch).cond))  # (3, P)
+    genre, decade = prior[0, 3], prior[0, 10]  # item 3 matches only the shared genre, item 10 only the decade
+    torch.testing.assert_close(torch.stack([genre, decade]), alone.intent_scale.detach() * gates[0])
+    assert not torch.allclose(prior[0][batch.valid[1]], prior[1][batch.valid[1]])
+    ctx = gated.encode(batch)
+    logp = masked_log_softmax(gated.logits(ctx, gated.hidden(ctx, torch.full((3, K), MASK))), batch.valid[:, None])
+    (-logp[0, 0, 4]).backward()
+    assert gated.intent_gate.weight.grad.abs().sum() > 0
 
 
 def test_validity_masks_hold_with_the_intent_prior(tiny_catalog, tiny_vocab):
