@@ -52,7 +52,7 @@ import numpy as np
 import ray
 
 from actors.buffer import ReplayBufferActor
-from actors.calls import MAX_ROLLOUT_RESTARTS, Actors, RayWorkers, gather_ranks
+from actors.calls import ACTOR_GONE, MAX_ROLLOUT_RESTARTS, Actors, RayWorkers, gather_ranks
 from actors.learner import LearnerActor
 from actors.monitor import Monitor
 from actors.placement import driver_node_options, place_groups
@@ -84,7 +84,8 @@ class TrainResult:
     buffer: BufferStats
     checkpoint: Path
     seconds: float
-    rollout_versions: list[int] = field(default_factory=list)  # each rollout actor's weight version at the end
+    rollout_versions: list[int | None] = field(default_factory=list)  # each rollout actor's weight version at the end
+    # (None: the actor was restarting or its node gone when the run ended; the policy is rank 0's, not its)
     ledger: list[list[str]] = field(default_factory=list)  # per step: ids of the groups and pairs trained on
     rollout_restarts: int = 0  # rollout actors restarted after dying (this process's part of the run)
     resumed_from: int = 0  # steps already done by the train state this run resumed from
@@ -197,11 +198,26 @@ class LoopOptions:
 
 
 def peak_memory(actors: Actors) -> dict[str, float]:
-    """Peak resident memory of every actor's process, MiB."""
+    """Peak resident memory of every actor's process, MiB (a rollout actor away at the end is left out)."""
     named = {f"learner{r}": a for r, a in enumerate(actors.learners)}
-    named.update({f"rollout{i}": a for i, a in enumerate(actors.rollouts)})
     named["buffer"] = actors.buffer
-    return dict(zip(named, ray.get([a.peak_memory.remote() for a in named.values()]), strict=True))
+    out = dict(zip(named, ray.get([a.peak_memory.remote() for a in named.values()]), strict=True))
+    for i, mib in enumerate(ask_rollouts(actors.rollouts, "peak_memory")):
+        if mib is not None:
+            out[f"rollout{i}"] = mib
+    return out
+
+
+def ask_rollouts(rollouts: list, method: str) -> list:
+    """Each rollout actor's answer to a no-argument `method` at the end of a run; None for one that is restarting or
+    lost with its node then (the policy is rank 0's and already written: such an actor does not fail the run)."""
+    out = []
+    for actor in rollouts:
+        try:
+            out.append(ray.get(getattr(actor, method).remote()))
+        except ACTOR_GONE:
+            out.append(None)
+    return out
 
 
 def resume_hint(cfg: RunConfig) -> str:
@@ -330,8 +346,9 @@ def write_policy(actors: Actors, cfg: RunConfig, state: DriverState, weights, me
     if with_pairs:
         print(ray.get(actors.buffer.preference_report.remote()))
     return TrainResult(ray.get(weights), state.version, state.history, ray.get(actors.buffer.stats.remote()),
-                       out, 0.0, ray.get([a.weight_version.remote() for a in actors.rollouts]), state.ledger,
+                       out, 0.0, ask_rollouts(actors.rollouts, "weight_version"), state.ledger,
                        state.rollout_restarts, state.step, peak_memory(actors))
+
 
 
 def start_state(actors: Actors, cfg: RunConfig, opts: LoopOptions, resume: bool) -> tuple[DriverState,
