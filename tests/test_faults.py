@@ -8,6 +8,8 @@
   a killed learner rank fails the next step at once with `LearnerFailed` naming the rank and `--resume`;
   a driver killed with SIGKILL after its first checkpoint resumes, and the ledger (ids trained on per step) equals
   the uninterrupted schedule's, with no id trained twice.
+- A rollout actor dead or restarting when a run ends answers None to the end-of-run questions (`ask_rollouts`)
+  instead of failing the run after its policy was written.
 - A learner rank starts and steps although a rank killed while compiling DeepSpeed's JIT op left its build lock
   behind (a fresh process, its TORCH_EXTENSIONS_DIR holding only that lock): nothing waits on the lock.
 Run: `python -m pytest tests/test_faults.py -q` (the slow ones take about a minute each on 2 cores).
