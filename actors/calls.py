@@ -9,7 +9,9 @@ other ranks would wait in a collective for ever, so no learner wait is without a
 rank's node (`actors.placement.node_name`, recorded when it was placed) and says when Ray reports that node dead.
 A rollout actor's results lost with its node (`ObjectLostError`) count as the worker gone: the call is retried.
 Published weights are one object in Ray's object store per version (rank 0's return value): every rollout actor is
-sent the same `ObjectRef`, so each node fetches the weights once, whatever the number of actors.
+sent the same `ObjectRef`, so each node fetches the weights once, whatever the number of actors. At the end of a run
+the driver's questions to rollout actors (`ask_rollouts`: weight version, peak memory) answer None for one that is
+restarting or gone, since the policy is already written.
 """
 
 from __future__ import annotations
@@ -154,3 +156,26 @@ def gather_ranks(refs: list, what: str, timeout: float, hint: str, nodes: list[t
     if failed is not None:
         raise failed[0]
     return ray.get(list(refs))
+
+
+def peak_memory(actors: Actors) -> dict[str, float]:
+    """Peak resident memory of every actor's process, MiB (a rollout actor away at the end is left out)."""
+    named = {f"learner{r}": a for r, a in enumerate(actors.learners)}
+    named["buffer"] = actors.buffer
+    out = dict(zip(named, ray.get([a.peak_memory.remote() for a in named.values()]), strict=True))
+    for i, mib in enumerate(ask_rollouts(actors.rollouts, "peak_memory")):
+        if mib is not None:
+            out[f"rollout{i}"] = mib
+    return out
+
+
+def ask_rollouts(rollouts: list, method: str) -> list:
+    """Each rollout actor's answer to a no-argument `method` at the end of a run; None for one that is restarting or
+    lost with its node then (the policy is rank 0's and already written: such an actor does not fail the run)."""
+    out = []
+    for ref in [getattr(actor, method).remote() for actor in rollouts]:  # all asked at once, answers read in turn
+        try:
+            out.append(ray.get(ref))
+        except ACTOR_GONE:
+            out.append(None)
+    return out

@@ -52,7 +52,7 @@ import numpy as np
 import ray
 
 from actors.buffer import ReplayBufferActor
-from actors.calls import ACTOR_GONE, MAX_ROLLOUT_RESTARTS, Actors, RayWorkers, gather_ranks
+from actors.calls import MAX_ROLLOUT_RESTARTS, Actors, RayWorkers, ask_rollouts, gather_ranks, peak_memory
 from actors.learner import LearnerActor
 from actors.monitor import Monitor
 from actors.placement import driver_node_options, place_groups
@@ -197,29 +197,6 @@ class LoopOptions:
     rewards: list[tuple[str, float]] = field(default_factory=list)  # (name, weight) of the configured rewards
 
 
-def peak_memory(actors: Actors) -> dict[str, float]:
-    """Peak resident memory of every actor's process, MiB (a rollout actor away at the end is left out)."""
-    named = {f"learner{r}": a for r, a in enumerate(actors.learners)}
-    named["buffer"] = actors.buffer
-    out = dict(zip(named, ray.get([a.peak_memory.remote() for a in named.values()]), strict=True))
-    for i, mib in enumerate(ask_rollouts(actors.rollouts, "peak_memory")):
-        if mib is not None:
-            out[f"rollout{i}"] = mib
-    return out
-
-
-def ask_rollouts(rollouts: list, method: str) -> list:
-    """Each rollout actor's answer to a no-argument `method` at the end of a run; None for one that is restarting or
-    lost with its node then (the policy is rank 0's and already written: such an actor does not fail the run)."""
-    out = []
-    for actor in rollouts:
-        try:
-            out.append(ray.get(getattr(actor, method).remote()))
-        except ACTOR_GONE:
-            out.append(None)
-    return out
-
-
 def resume_hint(cfg: RunConfig) -> str:
     found = find_train_state(cfg.out_dir)
     if found is None:
@@ -348,7 +325,6 @@ def write_policy(actors: Actors, cfg: RunConfig, state: DriverState, weights, me
     return TrainResult(ray.get(weights), state.version, state.history, ray.get(actors.buffer.stats.remote()),
                        out, 0.0, ask_rollouts(actors.rollouts, "weight_version"), state.ledger,
                        state.rollout_restarts, state.step, peak_memory(actors))
-
 
 
 def start_state(actors: Actors, cfg: RunConfig, opts: LoopOptions, resume: bool) -> tuple[DriverState,

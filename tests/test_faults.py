@@ -199,7 +199,7 @@ def test_a_rollout_actor_away_at_the_end_does_not_fail_the_run(cluster):  # noqa
     """The end-of-run questions to the rollout actors (`ask_rollouts`: weight version, peak memory) answer None for
     an actor that is dead or restarting, as when its node was lost just before the run ended (it failed the whole
     run in tests/test_multinode.py once, after the policy was written); the live actor still answers."""
-    from actors.driver import ask_rollouts
+    from actors.calls import ask_rollouts
     live, gone = _Answering.remote(), _Answering.remote()
     assert ray.get(gone.weight_version.remote()) == 7
     ray.kill(gone, no_restart=True)
