@@ -12,7 +12,7 @@ and logged pairs); the placement comes from `system.placement`. A node is lost b
 raylet, agents and the actors on it. Teardown stops the remaining nodes by session id and checks nothing is left.
 
 - Rollout node lost: 2 rollout actors spread over node_a and node_b, 1 learner rank; node_a is killed after step 1
-  (async, 4 steps). Its rollout actor comes back on node_b and the run finishes every step, training on exactly the
+  (async, 8 steps). Its rollout actor comes back on node_b and the run finishes every step, training on exactly the
   scheduled groups, each once.
 - Learner node lost: 2 learner ranks spread over the head and node_b (sync, a train state every step, logged pairs);
   node_b is killed once the state of step 1 is written. The job fails with one line naming the rank and node_b;
