@@ -137,9 +137,7 @@ class MostConfig:
     eps: float = option(1e-3, "Smallest diffusion time t.", above=0.0, below=1.0)
 
 
-# evaluation/rivals.py; starting points from validation sweeps on ml-latest-small, wide enough that its chosen values
-# sit inside them (Mult-VAE's beta and both neural budgets had sat at an edge: docs/results.md)
-RIVAL_GRIDS = {
+RIVAL_GRIDS = {  # evaluation/rivals.py; ml-latest-small's tuned values sit inside these (docs/results.md)
     "ALS": {"factors": [32, 64, 128], "regularization": [3.0, 10.0, 30.0], "alpha": [1.0, 3.0, 10.0]},
     "two-tower": {"temperature": [0.05, 0.1, 0.2], "dim": [64], "epochs": [60]},
     "two-tower + MMR": {"lam": [0.5, 0.7, 0.9]},
