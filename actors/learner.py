@@ -5,7 +5,8 @@ section 5) and a DeepSpeed `Engine`. The driver starts all ranks, asks rank 0 fo
 `init_distributed` concurrently, then passes each rank its shard of every learner batch as an object reference
 from the replay buffer (Ray resolves it in this process; the data never passes through the driver). Per batch a
 rank runs `learner.update.h2po_update` with the engine's `step` (which averages gradients over the ranks) and
-advances the weight version by one. Ranks draw their MOST anchor batches and VRPO noise from their own seeds.
+advances the weight version by one. Ranks draw their MOST anchor batches and VRPO noise from their own seeds; with
+model.prior_folds an anchor batch comes from one fold, as in MOST.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from core.config import RunConfig
 from core.errors import UserError
 from learner.checkpoint import save_checkpoint
 from learner.engine import Engine, EngineConfig, init_distributed
-from learner.pretrain import most_step
+from learner.pretrain import draw_fold, most_step
 from learner.update import h2po_update
 
 
@@ -86,7 +87,7 @@ class LearnerActor(ActorProcess):
 
         def anchor():  # the MOST loss on a fresh batch of training requests
             return most_step(model, ws.data, ws.vocab, ws.unit_features, self.policy.relevance, cfg.requests, cfg.most,
-                             self.rng, self.generator)
+                             self.rng, self.generator, draw_fold(self.policy.folds, self.rng))
         out = h2po_update(model, self.ref, shard.rollouts, shard.pairs, self.engine.step, cfg.h2po, lambda_off,
                           cfg.most.eps, self.generator, anchor, cfg.system.bf16)
         self.version += 1

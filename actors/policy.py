@@ -4,6 +4,9 @@ Every actor process builds its own `Workspace` from the run config (the catalog 
 which must be shared storage on a multi-node cluster) and loads the MOST checkpoint, which must have been made on
 that catalog. The relevance of the MOST anchor and the rewards is the model's sparse EASE prior when it has one
 (the same top-m neighbours pretraining used), else EASE's top-m neighbours with the configured or tuned lambda.
+With `model.prior_folds`, H2PO trains as MOST did: each batch of training requests (rollouts, anchor) comes from one
+fold's users and its prior is EASE fit without them (`learner.workspace.training_folds`, cached in the run
+directory), as it would be for a user EASE never saw.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import torch
 from core.config import RunConfig
 from core.numerics import Neighbours
 from learner.checkpoint import load_checkpoint
-from learner.workspace import Workspace, ease_lambda, fit_ease, prepare, prior_neighbours
+from learner.pretrain import Fold
+from learner.workspace import Workspace, ease_lambda, fit_ease, prepare, prior_neighbours, training_folds
 from model.transformer import Retriever
 
 
@@ -29,6 +33,7 @@ class Policy:
     ws: Workspace
     model: Retriever
     relevance: Neighbours  # (N, m) item-to-item relevance: EASE's B, each item's top-m neighbours
+    folds: list[Fold] | None  # model.prior_folds: training users in folds, each with EASE fit without them
 
 
 def load_policy(cfg: RunConfig, checkpoint: str | Path) -> Policy:
@@ -38,7 +43,7 @@ def load_policy(cfg: RunConfig, checkpoint: str | Path) -> Policy:
     relevance = model.prior
     if relevance is None:
         relevance = prior_neighbours(ws, fit_ease(ws, ease_lambda(ws)))
-    return Policy(ws, model, relevance)
+    return Policy(ws, model, relevance, training_folds(ws, ease_lambda(ws)))
 
 
 def frozen_copy(model: Retriever) -> Retriever:

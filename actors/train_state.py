@@ -153,10 +153,12 @@ def write_buffer_state(directory: Path, state: dict) -> None:
     for i, (group_id, rollouts) in enumerate(state["groups"]):
         for name in GROUP_TENSORS:
             value = getattr(rollouts, name)
-            value = torch.from_numpy(value) if not isinstance(value, torch.Tensor) else value
+            value = torch.tensor(value) if not isinstance(value, torch.Tensor) else value  # a copy: may be read-only
             tensors[f"g{i}.{name}"] = value.detach().cpu().clone(memory_format=torch.contiguous_format)
         for name in BATCH_TENSORS:
-            tensors[f"g{i}.batch.{name}"] = getattr(rollouts.batch, name).clone(memory_format=torch.contiguous_format)
+            value = getattr(rollouts.batch, name)
+            if value is not None:  # `ease` is None without model.prior_folds
+                tensors[f"g{i}.batch.{name}"] = value.clone(memory_format=torch.contiguous_format)
         groups.append({"id": group_id, "version": rollouts.version, "seconds": rollouts.seconds,
                        "examples": [_example_to_json(e) for e in rollouts.examples]})
     save_file(tensors, str(Path(directory) / "buffer.safetensors"))
@@ -174,7 +176,8 @@ def read_buffer_state(directory: Path) -> dict:
         for i, group in enumerate(plain["groups"]):
             parts = {name: tensors[f"g{i}.{name}"] for name in GROUP_TENSORS}
             parts["rewards"] = parts["rewards"].numpy()
-            batch = RequestBatch(**{name: tensors[f"g{i}.batch.{name}"] for name in BATCH_TENSORS})
+            batch = RequestBatch(**{name: tensors[f"g{i}.batch.{name}"] for name in BATCH_TENSORS
+                                    if f"g{i}.batch.{name}" in tensors})
             rollouts = Rollouts([_example_from_json(e) for e in group["examples"]], batch, parts["items"],
                                 parts["step_of"], parts["behaviour_logp"], parts["rewards"], parts["advantages"],
                                 int(group["version"]), float(group["seconds"]))

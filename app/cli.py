@@ -18,8 +18,8 @@ from core.config import describe, load_config
 from core.errors import UserError, quoted
 
 # what `run`, `pretrain` and `train` write into OUT_DIR: each must be absent or a regular file before work starts
-RUN_FILES = ("ease.json", "most.safetensors", "pretrain.json", "preferences.parquet", "h2po.safetensors",
-             "metrics.jsonl", "report.html", "results.json")
+RUN_FILES = ("ease.json", "folds.safetensors", "most.safetensors", "pretrain.json", "preferences.parquet",
+             "h2po.safetensors", "metrics.jsonl", "report.html", "results.json")
 
 
 def _field_value(text: str, flag: str) -> tuple[str, str]:
@@ -90,6 +90,7 @@ def _run_h2po(ws, most_path: Path):
 
     prefs = ws.out_dir / "preferences.parquet"
     pipeline.make_preferences(ws, prefs)
+    pipeline.training_folds(ws, pipeline.ease_lambda(ws))  # cached before the actors start, so none fits them
     try:
         result = train(ws.cfg, most_path, prefs, ws.cfg.h2po.steps)
     except LearnerFailed as err:

@@ -2,9 +2,10 @@
 H2PO (`actors.driver.train`, on a local Ray instance) -> evaluation.
 
 Every stage writes into the run directory (`cfg.out_dir`): `catalog/` (Parquet + the dataset's LICENSE.txt),
-`ease.json` (tuned lambda), `most.safetensors` (best-validating checkpoint; `complete: false` in its meta until the
-pretraining ends), `pretrain.json` (curve; its presence marks a finished pretraining, which a later run with the
-same data/model/MOST settings reuses), `preferences.parquet` (logged pairs), `h2po.safetensors` + `metrics.jsonl` +
+`ease.json` (tuned lambda), `folds.safetensors` (the out-of-fold EASE priors of model.prior_folds, which MOST and
+H2PO train on), `most.safetensors` (best-validating checkpoint; `complete: false` in its meta until the pretraining
+ends), `pretrain.json` (curve; its presence marks a finished pretraining, which a later run with the same
+data/model/MOST settings reuses), `preferences.parquet` (logged pairs), `h2po.safetensors` + `metrics.jsonl` +
 `report.html` (H2PO), `results.json` (the comparison table). Files are written atomically.
 """
 

@@ -11,6 +11,8 @@ on the test split. Decide on validation; the test line is for the record.
 - `--terms`: which data the loss sees, on-policy rollouts and/or logged pairs (the MOST anchor follows
   h2po.lambda_sft);
 - `--freeze`: parameter name prefixes left out of the update (e.g. the per-item residuals and biases);
+- rollouts (and anchor batches) of training users come from one fold of model.prior_folds each, with EASE fit
+  without that fold as their prior, as in the distributed learner;
 - `--rollout-users val`: rollouts from validation users instead of training users. This trains on the users that
   the validation lines score, so those lines become in-sample: the measure of how far H2PO moves the greedy lists
   of the very users it is rewarded on (a ceiling), while the test lines stay out of sample.
@@ -34,7 +36,7 @@ from catalog.preferences import read_preferences
 from evaluation.metrics import paired_bootstrap
 from learner.checkpoint import load_checkpoint
 from learner.h2po import lambda_off_at
-from learner.pretrain import most_step
+from learner.pretrain import draw_fold, most_step
 from learner.update import adamw_step, h2po_update
 from rewards.base import RewardContext
 from rewards.registry import build_rewards
@@ -97,14 +99,18 @@ def main() -> None:
     step_fn = adamw_step(model, h2po.lr, h2po.grad_clip)
     rng, generator = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
 
+    folds = pipeline.training_folds(ws, pipeline.ease_lambda(ws)) if args.rollout_users == "train" else None
+
     def anchor():  # the MOST loss on a fresh batch of training requests
-        return most_step(model, ws.data, ws.vocab, ws.unit_features, relevance, cfg.requests, cfg.most, rng, generator)
+        return most_step(model, ws.data, ws.vocab, ws.unit_features, relevance, cfg.requests, cfg.most, rng, generator,
+                         draw_fold(folds, rng))
     history, start = [], time.time()
     for step in range(args.steps):
+        fold = draw_fold(folds, rng)
         rollouts = generate_rollouts(model, ws.data.catalog, ws.vocab, training_examples(
-            users, cfg.requests, h2po.batch_requests, rng), h2po.group_size, cfg.sampler.steps,
-            h2po.rollout_temperature, rewards, reward_ctx, step, generator,
-            order=cfg.sampler.order) if "on" in args.terms else None
+            users, cfg.requests, h2po.batch_requests, rng, None if fold is None else fold.users), h2po.group_size,
+            cfg.sampler.steps, h2po.rollout_temperature, rewards, reward_ctx, step, generator, order=cfg.sampler.order,
+            ease=None if fold is None else fold.prior) if "on" in args.terms else None
         batch = encode_pairs(ws.data.catalog, [pairs[(step * h2po.batch_requests + i) % len(pairs)]
                                                for i in range(h2po.batch_requests)], ws.vocab) if pairs else None
         stats = h2po_update(model, reference, rollouts, batch, step_fn, h2po,

@@ -13,6 +13,7 @@ import torch
 from catalog.requests import valid_mask
 from catalog.schema import Catalog
 from core.carriers import CONSTRAINT_KINDS, Exclude, Prefer, Recency, Request, RequestBatch, Require
+from core.numerics import Neighbours, seed_row_sum
 
 
 def constraint_vocab(catalog: Catalog) -> dict[tuple[str, str], int]:
@@ -45,8 +46,11 @@ def _constraint_token(c, vocab: dict[tuple[str, str], int]) -> tuple[int, int, f
     return CONSTRAINT_KINDS["half_life"], 0, float(c.half_life) / 10.0
 
 
-def encode_requests(catalog: Catalog, requests: list[Request], vocab: dict[tuple[str, str], int]) -> RequestBatch:
-    """Pad B requests into a RequestBatch (Recency with both min_year and half_life yields two tokens)."""
+def encode_requests(catalog: Catalog, requests: list[Request], vocab: dict[tuple[str, str], int],
+                    ease: Neighbours | None = None) -> RequestBatch:
+    """Pad B requests into a RequestBatch (Recency with both min_year and half_life yields two tokens). `ease`: an
+    EASE fit without the requests' users (a training fold's, model.prior_folds), whose seed scores the batch carries
+    for the model to read in place of its own EASE rows."""
     tokens = []
     for r in requests:
         row = []
@@ -63,4 +67,8 @@ def encode_requests(catalog: Catalog, requests: list[Request], vocab: dict[tuple
     value, _ = _pad([[t[1] for t in row] for row in tokens], 0, torch.long)
     scalar, _ = _pad([[t[2] for t in row] for row in tokens], 0.0, torch.float32)
     valid = torch.from_numpy(np.stack([valid_mask(catalog, r) for r in requests]))
-    return RequestBatch(seeds, seed_mask, negatives, negative_mask, kind, value, scalar, con_mask, valid)
+    scores = None
+    if ease is not None:
+        device = ease.indices.device
+        scores = seed_row_sum(ease, seeds.to(device), seed_mask.to(device)).cpu()
+    return RequestBatch(seeds, seed_mask, negatives, negative_mask, kind, value, scalar, con_mask, valid, scores)

@@ -89,9 +89,13 @@ class RequestBatch:
     con_scalar: torch.Tensor  # (B, C) float
     con_mask: torch.Tensor  # (B, C) bool
     valid: torch.Tensor  # (B, N) bool
+    # (B, N) float: the seeds' EASE scores from an EASE fit without the request's user (model.prior_folds), which
+    # the model reads in place of its own EASE rows; None: the model's own (`catalog.batch.encode_requests`)
+    ease: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> RequestBatch:
-        return RequestBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return RequestBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                               for f in fields(self)})
 
     def __len__(self) -> int:
         return self.seeds.shape[0]

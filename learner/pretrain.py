@@ -49,6 +49,11 @@ class Fold:
     prior: Neighbours
 
 
+def draw_fold(folds: list[Fold] | None, rng: np.random.Generator) -> Fold | None:
+    """A fold drawn uniformly, whose users one batch of H2PO's training requests comes from (None without folds)."""
+    return None if folds is None else folds[int(rng.integers(len(folds)))]
+
+
 def relevance_scores(prior: Neighbours, seeds: torch.Tensor, seed_mask: torch.Tensor) -> np.ndarray:
     """Raw relevance of every item to a seed set: the sum of the seeds' sparse prior rows.  -> (B, N)"""
     device = prior.indices.device
@@ -60,11 +65,10 @@ def most_step(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray
               generator: torch.Generator, fold: Fold | None = None) -> torch.Tensor:
     """The MOST loss of one fresh batch of training requests (graph attached). With a `fold`, the requests come from
     its users, and its out-of-fold EASE is both the targets' relevance and the model's prior."""
-    if fold is not None:
-        relevance_matrix = fold.prior
     examples = training_examples(data, req, cfg.batch_size, rng, None if fold is None else fold.users)
-    batch = encode_requests(data.catalog, [e.request for e in examples], vocab)
-    relevance = relevance_scores(relevance_matrix, batch.seeds, batch.seed_mask)
+    batch = encode_requests(data.catalog, [e.request for e in examples], vocab, None if fold is None else fold.prior)
+    relevance = (batch.ease.numpy() if fold is not None
+                 else relevance_scores(relevance_matrix, batch.seeds, batch.seed_mask))
     bonus = np.stack([soft_bonus(data.catalog, e.request) for e in examples])
     preferred = np.zeros(relevance.shape, dtype=bool)
     for b, e in enumerate(examples):
@@ -75,8 +79,7 @@ def most_step(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray
     t = stratified_times(len(examples), cfg.eps, generator)
     u = torch.rand(x0.shape, generator=generator)
     x0, weights, t, u = (x.to(model.device) for x in (x0, weights, t, u))
-    ease = None if fold is None else fold.prior.to(model.device)
-    return most_loss(elbo_nll(model, model.encode(batch.to(model.device), ease), x0, t, u), weights)
+    return most_loss(elbo_nll(model, model.encode(batch.to(model.device)), x0, t, u), weights)
 
 
 def pretrain(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray, relevance_matrix: Neighbours,

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from catalog.batch import constraint_vocab
@@ -92,7 +94,9 @@ def prior_neighbours(ws: Workspace, ease: EASE) -> Neighbours:
 
 def training_folds(ws: Workspace, lam: float) -> list[Fold] | None:
     """model.prior_folds > 1 (and an EASE prior): the training users in F folds (a permutation seeded by
-    data.split_seed), each with EASE fit on the other folds' users; None otherwise."""
+    data.split_seed), each with EASE fit on the other folds' users; None otherwise. MOST's requests and H2PO's
+    (rollouts and anchor) read them, so they are cached in the run directory (`folds.safetensors`, keyed by what
+    they are computed from) and every process of a run fits them at most once."""
     m = ws.cfg.model
     if m.prior_folds <= 1 or m.prior not in ("ease", "ease+intent"):
         return None
@@ -101,11 +105,25 @@ def training_folds(ws: Workspace, lam: float) -> list[Fold] | None:
         raise UserError(f"model.prior_folds={m.prior_folds} is more than the {len(users)} training users")
     fold = np.empty(len(users), np.int64)
     fold[np.random.default_rng(ws.cfg.data.split_seed).permutation(len(users))] = np.arange(len(users)) % m.prior_folds
+    path = ws.out_dir / "folds.safetensors"
+    key = json.dumps({"catalog": ws.data.catalog.fingerprint, "split_seed": ws.cfg.data.split_seed, "lambda": lam,
+                      "folds": m.prior_folds, "prior_items": m.prior_items, "neighbours": m.prior_neighbours})
+    cached = None
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            cached = (f.metadata() or {}).get("key")
+    if cached == key:
+        rows = load_file(str(path))
+        return [Fold(users[fold == f], Neighbours(rows[f"indices{f}"], rows[f"values{f}"]))
+                for f in range(m.prior_folds)]
     out = []
     for f in tqdm(range(m.prior_folds), desc="out-of-fold EASE priors", unit="fold", dynamic_ncols=True):
         rest = EASE(ws.data.catalog, ws.data.train_sparse[np.flatnonzero(fold != f)], lam, m.prior_items,
                     m.prior_neighbours)
         out.append(Fold(users[fold == f], prior_neighbours(ws, rest)))
+    tensors = {f"{name}{f}": getattr(one.prior, name).contiguous() for f, one in enumerate(out)
+               for name in ("indices", "values")}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"key": key}))
     return out
 
 def build_model(ws: Workspace, ease: EASE | None) -> Retriever:

@@ -159,20 +159,22 @@ class Retriever(nn.Module):
         """The sparse EASE prior (each item's top-m neighbours), or None."""
         return None if self.prior_indices is None else Neighbours(self.prior_indices, self.prior_values)
 
-    def prior_scores(self, batch: RequestBatch, ease: Neighbours | None = None) -> torch.Tensor | None:
+    def prior_scores(self, batch: RequestBatch) -> torch.Tensor | None:
         """(B, N) prior logits of the seed set: prior_scale * EASE's scores standardised per request over its valid
         items, + the intent counts weighted by intent_scale per part (and the request's gate, model.intent_gate) when
-        the model has an intent prior. `ease` replaces the model's own EASE rows (training on an out-of-fold prior,
-        model.prior_folds)."""
-        return self.encode(batch, ease).prior
+        the model has an intent prior. EASE's scores are the batch's own when it carries them (`batch.ease`: an
+        out-of-fold EASE for training requests, model.prior_folds), else the seeds' rows of the model's EASE."""
+        return self.encode(batch).prior
 
-    def _prior_scores(self, batch: RequestBatch, ease: Neighbours | None, cond: torch.Tensor) -> torch.Tensor | None:
+    def _prior_scores(self, batch: RequestBatch, cond: torch.Tensor) -> torch.Tensor | None:
         if self.prior_indices is None and self.intent_values is None:
             return None
+        if batch.ease is not None and self.prior_indices is None:
+            raise ValueError("the batch carries EASE scores (batch.ease) but the model has no EASE prior")
         with torch.autocast(device_type=batch.valid.device.type, enabled=False):  # fp32, as the logits
             prior = torch.zeros(batch.valid.shape, device=batch.valid.device)
             if self.prior_indices is not None:
-                raw = seed_row_sum(self.prior if ease is None else ease, batch.seeds, batch.seed_mask)  # (B, N)
+                raw = batch.ease if batch.ease is not None else seed_row_sum(self.prior, batch.seeds, batch.seed_mask)
                 prior = self.prior_scale * masked_zscore(raw, batch.valid)
             if self.intent_values is not None:
                 shared = shared_values(self.intent_values, batch.seeds, batch.seed_mask)  # (B, V)
@@ -182,8 +184,8 @@ class Retriever(nn.Module):
                 prior = prior + intent_counts(self.intent_values, shared, weights[..., self.intent_parts])
             return prior
 
-    def encode(self, batch: RequestBatch, ease: Neighbours | None = None) -> Context:
-        """Embed the request part of the sequence once per batch (`ease`: see `prior_scores`)."""
+    def encode(self, batch: RequestBatch) -> Context:
+        """Embed the request part of the sequence once per batch (its prior: `prior_scores`)."""
         items = self.item_embeddings()
         seg = self.segment.weight
         cons = (self.con_kind(batch.con_kind) + self.con_value(batch.con_value)
@@ -194,7 +196,7 @@ class Retriever(nn.Module):
         keep = torch.cat([batch.con_mask, batch.negative_mask, batch.seed_mask], dim=1)
         pooled = (tokens * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp_min(1)
         cond = self.cond(pooled)
-        return Context(items, tokens, keep, cond, self._prior_scores(batch, ease, cond), batch.valid)
+        return Context(items, tokens, keep, cond, self._prior_scores(batch, cond), batch.valid)
 
     def hidden(self, ctx: Context, slots: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """Slot outputs after the blocks, projected by W_o.  slots (B, K) long with MASK=-1 -> (B, K, D)"""

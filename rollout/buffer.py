@@ -24,7 +24,7 @@ Deliberate simplification: a concatenated batch carries the oldest version of it
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +43,14 @@ def request_rows(batches: list[RequestBatch], rows: list[torch.Tensor] | None = 
     """The given rows of each batch, stacked, every padded field cut or zero-padded to the widest row actually used
     (`catalog.batch.encode_requests` pads with zeros to the longest request), so the result equals encoding those
     rows' requests together."""
-    parts = [b if r is None else RequestBatch(**{f.name: getattr(b, f.name)[r] for f in fields(b)})
+    parts = [b if r is None else RequestBatch(**{name: None if v is None else v[r] for name, v in vars(b).items()})
              for b, r in zip(batches, rows or [None] * len(batches), strict=True)]
     out = {"valid": torch.cat([p.valid for p in parts])}
+    carried = {p.ease is not None for p in parts}
+    if len(carried) > 1:
+        raise ValueError("cannot stack requests that carry out-of-fold EASE scores with requests that do not")
+    if carried == {True}:
+        out["ease"] = torch.cat([p.ease for p in parts])
     for name, mask in PADDED:
         width = max((used_width(getattr(p, mask)) for p in parts), default=0)
         out[name] = torch.cat([_width(getattr(p, name), width) for p in parts])

@@ -16,6 +16,7 @@ import torch
 from catalog.batch import encode_requests
 from catalog.schema import Catalog
 from core.carriers import Example, Rollouts
+from core.numerics import Neighbours
 from model.transformer import Retriever, precision
 from rewards.base import Reward, RewardBatch, RewardContext
 from rewards.registry import group_advantages, score_rewards
@@ -25,16 +26,18 @@ from rollout.sampler import sample_lists
 def generate_rollouts(model: Retriever, catalog: Catalog, vocab: dict, examples: list[Example], group_size: int,
                       steps: int, temperature: float, rewards: list[tuple[Reward, float]], ctx: RewardContext,
                       version: int, generator: torch.Generator | None = None, bf16: bool = False,
-                      order: str = "slots") -> Rollouts:
+                      order: str = "slots", ease: Neighbours | None = None) -> Rollouts:
     """Sample G lists for each of B training requests and score them; `order` (sampler.order) "score": the rewards
     score each list in the order it would be served (`served_order`), the trajectory keeps the sampler's slots.
+    `ease`: the EASE the requests' prior reads, fit without their users (model.prior_folds), carried in
+    `Rollouts.batch` so that the learner scores the lists with the same prior; None: the model's own.
 
     The sampler runs on the model's device (`generator`, if given, must live there too), under bf16 autocast when
     `bf16` is set and that device is a GPU; the returned tensors are on the CPU."""
     start = time.perf_counter()
     model.eval()
     repeated = [e for e in examples for _ in range(group_size)]
-    batch = encode_requests(catalog, [e.request for e in repeated], vocab)
+    batch = encode_requests(catalog, [e.request for e in repeated], vocab, ease)
     k = examples[0].request.k
     with precision(model, bf16):
         on_device = batch.to(model.device)

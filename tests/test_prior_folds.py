@@ -5,13 +5,20 @@
   F = 1 keeps one EASE on every training user.
 - `most_step` with a fold takes its requests from the fold's users and uses the fold's prior both as MOST's target
   relevance and as the model's prior: the same loss as a model whose own prior is that fold's.
+- The folds are cached in the run directory by what they are computed from: a second call reads them back without
+  fitting EASE, another lambda fits them again.
+- H2PO trains as MOST does: rollouts of a fold's requests carry that fold's EASE scores (`RequestBatch.ease`), so
+  the learner scores each list under the prior it was sampled with (its log-probs equal the sampler's at T = 1, and
+  differ under the model's own full prior); the replay buffer's split and concatenation keep them, and requests
+  with and without them do not stack.
 - `served_order(..., "score")` re-sorts a list by the first slot's logits (`Retriever.item_logits`, the entries of
   `logits` at the list's items): for a model that is its prior (zero head), the prior's own order; a permutation.
-Run: `python -m pytest tests/test_prior_folds.py -q` (about 20 s).
+Run: `python -m pytest tests/test_prior_folds.py -q` (about 30 s).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +33,14 @@ from core.carriers import Request
 from core.config import load_config
 from core.numerics import seed_row_sum
 from evaluation.baselines import EASE
+from learner import workspace as workspace_module
 from learner.pretrain import Fold, most_step
+from learner.update import rollout_log_probs
 from learner.workspace import build_model, prior_neighbours, training_folds
+from rewards.base import RewardContext
+from rewards.registry import build_rewards
+from rollout.buffer import concat_groups, request_rows, split_groups
+from rollout.generate import generate_rollouts
 from rollout.sampler import sample_lists, served_order
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
@@ -83,6 +96,45 @@ def test_most_step_with_a_fold_is_a_model_whose_prior_is_the_folds(workspace):
                         torch.Generator().manual_seed(2))]
     torch.testing.assert_close(losses[0], losses[1])
     assert not torch.isclose(losses[0], losses[2])  # the fold's prior is not the full one
+
+
+class Refit(Exception):
+    """Raised by a stand-in EASE: the folds were fitted, not read from the cache."""
+
+
+def test_folds_are_cached_by_what_they_are_computed_from(workspace, monkeypatch):
+    path = workspace.out_dir / "folds.safetensors"
+    path.unlink(missing_ok=True)
+    first = training_folds(workspace, LAMBDA)
+    assert path.is_file()
+
+    def refit(*args, **kwargs):
+        raise Refit
+    monkeypatch.setattr(workspace_module, "EASE", refit)
+    again = training_folds(workspace, LAMBDA)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a.users, b.users)
+        assert torch.equal(a.prior.indices, b.prior.indices) and torch.equal(a.prior.values, b.prior.values)
+    with pytest.raises(Refit):
+        training_folds(workspace, 2 * LAMBDA)
+
+
+def test_rollouts_carry_their_folds_prior_to_the_learner(workspace):
+    ws = workspace
+    fold = training_folds(ws, LAMBDA)[1]
+    torch.manual_seed(0)
+    model = build_model(ws, pipeline.fit_ease(ws, LAMBDA)).eval()
+    examples = training_examples(ws.data, ws.cfg.requests, 3, np.random.default_rng(0), fold.users)
+    out = generate_rollouts(model, ws.data.catalog, ws.vocab, examples, 2, 3, 1.0, build_rewards(ws.cfg.h2po.rewards),
+                            RewardContext.from_dataset(ws.data, ws.features, model.prior), 0,
+                            torch.Generator().manual_seed(1), ease=fold.prior)
+    torch.testing.assert_close(out.batch.ease, seed_row_sum(fold.prior, out.batch.seeds, out.batch.seed_mask))
+    torch.testing.assert_close(rollout_log_probs(model, out), out.behaviour_logp, atol=1e-4, rtol=0)
+    own = dataclasses.replace(out, batch=dataclasses.replace(out.batch, ease=None))  # the full prior instead
+    assert (rollout_log_probs(model, own) - out.behaviour_logp).abs().max() > 1e-2
+    assert torch.equal(concat_groups(split_groups(out)).batch.ease, out.batch.ease)
+    with pytest.raises(ValueError, match="out-of-fold EASE"):
+        request_rows([out.batch, own.batch])
 
 
 def test_score_order_sorts_a_prior_only_model_by_its_prior(tiny_catalog, tiny_vocab):

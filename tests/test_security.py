@@ -66,10 +66,14 @@ def rollouts_with_everything(version: int) -> Rollouts:
 
 def test_resume_never_unpickles_the_buffer(tmp_path):
     """A complete train state with a pickle planted as buffer.pkl: reading it restores the real buffer (groups with
-    their examples, tensors, rewards, counters) and never opens the pickle."""
+    their examples, tensors, rewards, counters, and out-of-fold EASE scores where a group carries them) and never
+    opens the pickle."""
     marker = tmp_path / "marker"
     buffer = ReplayBuffer(2)
     buffer.put(rollouts_with_everything(3), ["a", "b"])
+    carrying = rollouts_with_everything(3)  # requests that carry their out-of-fold EASE scores (model.prior_folds)
+    carrying.batch.ease = torch.rand(carrying.batch.valid.shape, generator=torch.Generator().manual_seed(0))
+    buffer.put(carrying, ["c", "d"])
     cfg = load_config(TINY, [f"out_dir={tmp_path}"])
     write_train_state(tmp_path, lambda d: Path(d).mkdir(), buffer.state(), DriverState(step=2, version=2), cfg)
     state_dir = find_train_state(tmp_path)
@@ -85,7 +89,9 @@ def test_resume_never_unpickles_the_buffer(tmp_path):
             assert torch.equal(getattr(a, name), getattr(b, name)) and getattr(a, name).dtype == getattr(b, name).dtype
         assert np.array_equal(a.rewards, b.rewards) and a.rewards.dtype == b.rewards.dtype
         for name, value in vars(a.batch).items():
-            assert torch.equal(value, getattr(b.batch, name)) and value.dtype == getattr(b.batch, name).dtype
+            other = getattr(b.batch, name)
+            assert (value is None and other is None) or (torch.equal(value, other) and value.dtype == other.dtype)
+    assert [g.batch.ease is None for _, g in restored.queue.groups] == [True, True, False, False]
     assert restored.stats() == buffer.stats()
 
 
