@@ -28,6 +28,7 @@ from core.config_yaml import (
 )
 from core.errors import quoted
 from core.placement import PlacementConfig
+from core.rival_grids import RIVAL_GRIDS, merge_rival_grids
 
 MAX_K = 64  # = catalog.requests.MAX_K and MAX_SEEDS (this leaf package cannot import catalog/; a test ties them)
 MAX_SEEDS = 32
@@ -89,11 +90,12 @@ class ModelConfig:
     prior_lambda: float = option(0.0, "EASE lambda of the prior; 0 = the value tuned on validation.", low=0.0, high=1e9)
     prior_neighbours: int = option(200, "m: the prior keeps each item's top-m EASE entries.", low=1, high=10**5)
     prior_items: int = option(20000, "P: exact EASE up to P warm items, else P most popular + kNN.", low=2, high=10**6)
-    prior_folds: int = option(1, "F: MOST pretraining's requests see an out-of-fold prior. The training users are "
-                                 "split into F folds, and a request of a user in fold f uses EASE fit without fold f "
-                                 "(as its prior and MOST's target relevance), so that training sees the prior as it "
-                                 "is at serving time, not one that saw the user's held-out items; 1 = one EASE on all "
-                                 "training users. Validation and serving use the full EASE.", low=1, high=100)
+    prior_folds: int = option(1, "F: training requests (MOST's, H2PO's rollouts and anchor) see an out-of-fold "
+                                 "prior. The training users are split into F folds, and a request of a user in fold f "
+                                 "uses EASE fit without fold f (as its prior and MOST's target relevance), so that "
+                                 "training sees the prior as it is at serving time, not one that saw the user's "
+                                 "held-out items; 1 = one EASE on all training users. Validation and serving use the "
+                                 "full EASE.", low=1, high=100)
     zero_head: bool = option(False, "Start the item head W_o at zero: an untrained model scores exactly its prior "
                                     "(+ b_i = 0), and MOST learns a residual from there; MOST then validates step 0 "
                                     "too and keeps the prior unless training beats it.")
@@ -137,15 +139,6 @@ class MostConfig:
     eps: float = option(1e-3, "Smallest diffusion time t.", above=0.0, below=1.0)
 
 
-RIVAL_GRIDS = {  # evaluation/rivals.py; ml-latest-small's tuned values sit inside these (docs/results.md)
-    "ALS": {"factors": [32, 64, 128], "regularization": [3.0, 10.0, 30.0], "alpha": [1.0, 3.0, 10.0]},
-    "two-tower": {"temperature": [0.05, 0.1, 0.2], "dim": [64], "epochs": [60]},
-    "two-tower + MMR": {"lam": [0.5, 0.7, 0.9]},
-    "Mult-VAE": {"beta": [0.003, 0.00625, 0.0125, 0.025], "epochs": [100]},
-    "intent": {"weight": [1.0, 3.0, 10.0, 30.0]},
-}
-
-
 @dataclass
 class EvalConfig:
     """Evaluation and baselines (DESIGN section 2)."""
@@ -164,28 +157,15 @@ class EvalConfig:
                                 "and add them, and the best rival per family, to the test table.")
     rival_grids: dict = option(RIVAL_GRIDS, "Starting grids of the rivals' validation tuning, {rival: {parameter: "
                                             "[values]}} (what is not given keeps its default); a one-value list is "
-                                            "fixed (epochs: a neural rival's budget).")
-    rival_extensions: int = option(3, "Times a rival's grid may grow past the edge where its best value sits.",
+                                            "fixed (epochs: a neural rival's starting budget).")
+    rival_extensions: int = option(3, "Times a rival's grid may grow past the edge where its best value sits, and "
+                                      "a neural rival's budget may double while its last epoch validates best.",
                                    low=0, high=20)
     rival_eval_every: int = option(5, "Validate the neural rivals every this many epochs; the best epoch is kept.",
                                    low=1, high=10000)
 
     def __post_init__(self):
-        unknown = sorted(set(self.rival_grids) - set(RIVAL_GRIDS))
-        if unknown:
-            raise ConfigError(f"eval.rival_grids: unknown rival {unknown[0]!r} (known: {', '.join(RIVAL_GRIDS)})")
-        merged = {}
-        for name, default in RIVAL_GRIDS.items():  # a rival or parameter not given keeps its default grid
-            grid = self.rival_grids.get(name, {})
-            if not isinstance(grid, dict) or set(grid) - set(default):
-                raise ConfigError(f"eval.rival_grids.{name}: expected a mapping of {sorted(default)}, got {grid!r}")
-            for param, values in grid.items():
-                if not (isinstance(values, list) and values and all(
-                        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)):
-                    raise ConfigError(f"eval.rival_grids.{name}.{param} must be a non-empty list of numbers > 0, "
-                                      f"got {values!r}")
-            merged[name] = {**default, **grid}
-        self.rival_grids = merged
+        self.rival_grids = merge_rival_grids(self.rival_grids)
 
 
 @dataclass

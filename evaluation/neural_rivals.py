@@ -11,7 +11,8 @@
   so folding in an unseen request's seed set would mean reaching into their internal networks and item maps.
 
 Both train for `epochs` passes over the training users (budgets in epochs, not minutes); `stop` < epochs ends
-training early at the same state a full run passes through, so validation can choose the epoch (`fit_neural`).
+training early at the same state a full run passes through, so validation can choose the epoch (`fit_neural`),
+and a budget whose last epoch validates best is doubled (`fit_within_budget`).
 Seeded: the same arguments give the same weights.
 
 Example:
@@ -200,3 +201,16 @@ def fit_neural(make: Callable[[int | None], NeuralRival], every: int,
     model.net.load_state_dict(best["state"])
     model.stop = best["epoch"]
     return model, best["epoch"]
+
+
+def fit_within_budget(make: Callable[[int, int | None], NeuralRival], epochs: int, every: int,
+                      validate: Callable[[NeuralRival], float], extensions: int) -> tuple[NeuralRival, int, int]:
+    """`fit_neural` with a budget of `epochs` (`make(epochs, stop)`); while the epoch kept is the budget's last, the
+    budget was too short to show where validation peaks, and it doubles (at most `extensions` times).
+    -> (model at its best epoch, the budget it was planned with, that epoch)"""
+    for extension in range(extensions + 1):
+        model, stop = fit_neural(lambda s: make(epochs, s), every, validate)
+        if stop < epochs or extension == extensions:
+            break
+        epochs *= 2
+    return model, epochs, stop

@@ -38,7 +38,7 @@ from catalog.schema import atomic_write
 from core.carriers import Example
 from core.numerics import masked_zscore
 from evaluation.baselines import EASE, Baseline, filtered_scores, mmr_rerank, seed_matrix
-from evaluation.neural_rivals import MultVAE, NeuralRival, TwoTower, fit_neural
+from evaluation.neural_rivals import MultVAE, NeuralRival, TwoTower, fit_within_budget
 from evaluation.tuning import Params, Tuned, ValidationSet, objective, tune
 
 VERSION = 1  # part of the tuning cache's key: bump when a rival's code changes what tuning would find
@@ -107,7 +107,8 @@ class EmbeddingMMR(Baseline):
 
 class Rivals:
     """Fits, tunes and builds the rivals on one dataset. `grids`: {rival: {parameter: [values]}} (a one-value list
-    is fixed; the neural rivals' `epochs` is their budget, the epoch kept is chosen on validation every `every`)."""
+    is fixed; the neural rivals' `epochs` is their starting budget, doubled while its last epoch validates best, and
+    the epoch kept is chosen on validation every `every`)."""
 
     def __init__(self, data: Dataset, grids: dict[str, dict[str, list[float]]], extensions: int, every: int,
                  ease: EASE, seed: int, k: int = 10, threads: int = 1) -> None:
@@ -139,9 +140,11 @@ class Rivals:
 
     def _tune_neural(self, name: str, val: ValidationSet) -> Tuned:
         def evaluate(params: Params) -> tuple[dict[str, float], Params]:
-            model, stop = fit_neural(lambda s: self._neural(name, params, s), self.every,
-                                     lambda m: objective(val.family_ndcg(m.scores(val.examples))))
-            resolved = {**params, "stop": stop}
+            model, epochs, stop = fit_within_budget(lambda e, s: self._neural(name, {**params, "epochs": e}, s),
+                                                    int(params["epochs"]), self.every,
+                                                    lambda m: objective(val.family_ndcg(m.scores(val.examples))),
+                                                    self.extensions)
+            resolved = {**params, "epochs": epochs, "stop": stop}
             self.fitted[json.dumps([name, resolved], sort_keys=True)] = model
             return val.family_ndcg(model.scores(val.examples)), resolved
         return tune(evaluate, self.grids[name], self.extensions, LIMITS)

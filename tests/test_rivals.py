@@ -1,7 +1,8 @@
 """Tests of the rivals (evaluation/rivals.py, evaluation/neural_rivals.py) and their tuner (evaluation/tuning.py):
 contract (shape, finite, deterministic, the shared post-filter), the intent boost on a hand-built catalog, ALS's
-solved user factors against a direct ridge solve, the grid extension, the neural rivals' epoch choice, and the
-"best rival" rows of the report. Tiny synthetic data; seconds."""
+solved user factors against a direct ridge solve, the grid extension, the neural rivals' epoch choice and the
+doubling of a budget whose last epoch validates best, and the "best rival" rows of the report. Tiny synthetic data;
+seconds."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from core.carriers import Example, Request
 from core.config import EvalConfig
 from evaluation.baselines import EASE, Popularity, build_baselines
 from evaluation.metrics import list_metrics
-from evaluation.neural_rivals import MultVAE, TwoTower, fit_neural
+from evaluation.neural_rivals import MultVAE, TwoTower, fit_neural, fit_within_budget
 from evaluation.report import evaluate_methods
 from evaluation.rivals import ALS, IntentBoost, Rivals, best_per_family, load_or_tune, standardise
 from evaluation.tuning import ValidationSet, tune
@@ -135,6 +136,34 @@ def test_fit_neural_keeps_the_best_epoch(kind):
     assert epoch == 2 and model.stop == 2
     np.testing.assert_array_equal(model.scores(examples), make(2).fit().scores(examples))
     assert not np.array_equal(model.scores(examples), make(None).fit().scores(examples))
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_a_budget_whose_last_epoch_validates_best_doubles():
+    """Validation peaks at epoch 3: a 2-epoch budget keeps its last epoch, so it doubles to 4, which keeps epoch 3
+    (the same weights as a fresh 4-epoch fit stopped at 3); a score that never peaks doubles the budget
+    `extensions` times and stops there."""
+    data = tiny_dataset(23)
+    examples = random_examples(data, 10, k=4, seed=14)
+
+    def make(epochs, stop):
+        return TwoTower(data.catalog, data.train_matrix, 8, 0.1, epochs=epochs, stop=stop, seed=3)
+
+    def peak_at(epoch):
+        seen = {"model": None, "epochs": 0}
+
+        def validate(model):  # every = 1: called once per epoch of each fit
+            if model is not seen["model"]:
+                seen.update(model=model, epochs=0)
+            seen["epochs"] += 1
+            return -abs(seen["epochs"] - epoch)
+        return validate
+
+    model, budget, stop = fit_within_budget(make, 2, 1, peak_at(3), extensions=3)
+    assert (budget, stop) == (4, 3)
+    np.testing.assert_array_equal(model.scores(examples), make(4, 3).fit().scores(examples))
+    assert fit_within_budget(make, 1, 1, peak_at(100), extensions=2)[1:] == (4, 4)
+    assert fit_within_budget(make, 4, 1, peak_at(2), extensions=2)[1:] == (4, 2)
 
 
 def test_best_rival_rows():
