@@ -95,7 +95,10 @@ class RayWorkers:
             raise WorkerGone(type(err).__name__) from None
 
     def deliver(self, handle: tuple, ids: list[str]) -> None:
-        ray.get(self.buffer.put.remote(handle[1], ids))  # Ray resolves the reference in the buffer's process
+        try:
+            ray.get(self.buffer.put.remote(handle[1], ids))  # Ray resolves the reference in the buffer's process
+        except ObjectLostError as err:  # the rollouts were in the object store of a node that has gone since
+            raise WorkerGone(type(err).__name__) from None
 
     def set_weights(self, worker: int, weights: Any, version: int) -> Any:
         if not isinstance(weights, ray.ObjectRef):  # a value would be serialised into every actor's call

@@ -41,7 +41,7 @@ from evaluation.baselines import EASE, Baseline, filtered_scores, mmr_rerank, se
 from evaluation.neural_rivals import MultVAE, NeuralRival, TwoTower, fit_within_budget
 from evaluation.tuning import Params, Tuned, ValidationSet, objective, tune
 
-VERSION = 1  # part of the tuning cache's key: bump when a rival's code changes what tuning would find
+VERSION = 2  # part of the tuning cache's key: bump when a rival's code changes what tuning would find
 LEARNED = ("ALS", "two-tower", "Mult-VAE")  # candidates for "X + intent"
 LIMITS = {"factors": (2, 512), "regularization": (1e-6, 1e6), "alpha": (1e-3, 1e4), "temperature": (1e-3, 10.0),
           "beta": (1e-4, 1.0), "lam": (0.0, 1.0), "weight": (0.0, 1e6)}

@@ -106,8 +106,9 @@ def training_folds(ws: Workspace, lam: float) -> list[Fold] | None:
     fold = np.empty(len(users), np.int64)
     fold[np.random.default_rng(ws.cfg.data.split_seed).permutation(len(users))] = np.arange(len(users)) % m.prior_folds
     path = ws.out_dir / "folds.safetensors"
-    key = json.dumps({"catalog": ws.data.catalog.fingerprint, "split_seed": ws.cfg.data.split_seed, "lambda": lam,
-                      "folds": m.prior_folds, "prior_items": m.prior_items, "neighbours": m.prior_neighbours})
+    key = json.dumps({"catalog": ws.data.catalog.fingerprint, "split_seed": ws.cfg.data.split_seed,
+                      "positive_threshold": ws.cfg.data.positive_threshold, "lambda": lam, "folds": m.prior_folds,
+                      "prior_items": m.prior_items, "neighbours": m.prior_neighbours})
     cached = None
     if path.is_file():
         with safe_open(str(path), "pt") as f:
