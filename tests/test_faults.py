@@ -8,6 +8,7 @@
   a killed learner rank fails the next step at once with `LearnerFailed` naming the rank and `--resume`;
   a driver killed with SIGKILL after its first checkpoint resumes, and the ledger (ids trained on per step) equals
   the uninterrupted schedule's, with no id trained twice.
+- Rollouts lost from the object store before they reach the buffer count as their worker gone (the call is retried).
 - A rollout actor dead or restarting when a run ends answers None to the end-of-run questions (`ask_rollouts`)
   instead of failing the run after its policy was written.
 - A learner rank starts and steps although a rank killed while compiling DeepSpeed's JIT op left its build lock
@@ -205,3 +206,38 @@ def test_a_rollout_actor_away_at_the_end_does_not_fail_the_run(cluster):  # noqa
     ray.kill(gone, no_restart=True)
     assert ask_rollouts([live, gone], "weight_version") == [7, None]
     assert ask_rollouts([gone, live], "peak_memory") == [None, 12.0]
+
+
+@ray.remote
+class _Owner:
+    def rollouts(self) -> list:
+        return [ray.put(b"x" * (1 << 20))]  # owned by this actor: lost with it, as a task's output with its node
+
+
+@ray.remote
+class _Buffer:
+    def put(self, rollouts: bytes, ids: list[str]) -> int:
+        return len(ids)
+
+
+@pytest.mark.slow
+def test_rollouts_lost_before_delivery_count_as_the_worker_gone(cluster):  # noqa: F811
+    """Rollouts lost between the call and the buffer's put (here their owner dies; in tests/test_multinode.py their
+    node went, and this once stopped the whole run): `deliver` raises WorkerGone, so the scheduler retries the call;
+    rollouts still there are delivered."""
+    from actors.calls import RayWorkers
+    from actors.scheduler import WorkerGone
+    workers = RayWorkers([], _Buffer.remote())
+    owner = _Owner.remote()
+    [kept], [lost] = ray.get(owner.rollouts.remote()), ray.get(owner.rollouts.remote())
+    workers.deliver((None, kept), ["a"])
+    ray.kill(owner, no_restart=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # until Ray knows the owner is gone
+        try:
+            ray.get(lost, timeout=10)
+        except ray.exceptions.ObjectLostError:
+            break
+        time.sleep(0.5)
+    with pytest.raises(WorkerGone, match="OwnerDied"):
+        workers.deliver((None, lost), ["b"])
