@@ -157,7 +157,7 @@ class EvalConfig:
                                 "and add them, and the best rival per family, to the test table.")
     rival_grids: dict = option(RIVAL_GRIDS, "Starting grids of the rivals' validation tuning, {rival: {parameter: "
                                             "[values]}} (what is not given keeps its default); a one-value list is "
-                                            "fixed (epochs: a neural rival's starting budget).")
+                                            "fixed, but for epochs: a neural rival's starting budget.")
     rival_extensions: int = option(3, "Times a rival's grid may grow past the edge where its best value sits, and "
                                       "a neural rival's budget may double while its last epoch validates best.",
                                    low=0, high=20)
