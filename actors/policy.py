@@ -43,7 +43,7 @@ def load_policy(cfg: RunConfig, checkpoint: str | Path) -> Policy:
     relevance = model.prior
     if relevance is None:
         relevance = prior_neighbours(ws, fit_ease(ws, ease_lambda(ws)))
-    return Policy(ws, model, relevance, training_folds(ws, ease_lambda(ws)))
+    return Policy(ws, model, relevance, training_folds(ws))
 
 
 def frozen_copy(model: Retriever) -> Retriever:

@@ -90,7 +90,7 @@ def _run_h2po(ws, most_path: Path):
 
     prefs = ws.out_dir / "preferences.parquet"
     pipeline.make_preferences(ws, prefs)
-    pipeline.training_folds(ws, pipeline.ease_lambda(ws))  # cached before the actors start, so none fits them
+    pipeline.training_folds(ws)  # cached before the actors start, so none fits them
     try:
         result = train(ws.cfg, most_path, prefs, ws.cfg.h2po.steps)
     except LearnerFailed as err:
@@ -222,7 +222,7 @@ def cmd_train(args) -> None:
     if cfg.model.prior_folds > 1:  # the out-of-fold priors, fit (or found) once here rather than in every actor
         from app import pipeline
         ws = pipeline.prepare(cfg)
-        pipeline.training_folds(ws, pipeline.ease_lambda(ws))
+        pipeline.training_folds(ws)
     try:
         steps = cfg.h2po.steps if args.steps is None else args.steps
         train(cfg, args.checkpoint, args.preferences, steps, args.mode, resume=args.resume)

@@ -99,7 +99,7 @@ def main() -> None:
     step_fn = adamw_step(model, h2po.lr, h2po.grad_clip)
     rng, generator = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
 
-    folds = pipeline.training_folds(ws, pipeline.ease_lambda(ws)) if args.rollout_users == "train" else None
+    folds = pipeline.training_folds(ws) if args.rollout_users == "train" else None
 
     def anchor():  # the MOST loss on a fresh batch of training requests
         return most_step(model, ws.data, ws.vocab, ws.unit_features, relevance, cfg.requests, cfg.most, rng, generator,

@@ -92,9 +92,10 @@ def prior_neighbours(ws: Workspace, ease: EASE) -> Neighbours:
     rows = ease.neighbours(ws.cfg.model.prior_neighbours)
     return Neighbours(rows.indices, rows.values.half())
 
-def training_folds(ws: Workspace, lam: float) -> list[Fold] | None:
+def training_folds(ws: Workspace, lam: float | None = None) -> list[Fold] | None:
     """model.prior_folds > 1 (and an EASE prior): the training users in F folds (a permutation seeded by
-    data.split_seed), each with EASE fit on the other folds' users; None otherwise. MOST's requests and H2PO's
+    data.split_seed), each with EASE fit on the other folds' users at `lam` (default: `ease_lambda`, looked up only
+    when there are folds); None otherwise. MOST's requests and H2PO's
     (rollouts and anchor) read them, so they are cached in the run directory (`folds.safetensors`, keyed by what
     they are computed from) and every process of a run fits them at most once."""
     m = ws.cfg.model
@@ -103,6 +104,7 @@ def training_folds(ws: Workspace, lam: float) -> list[Fold] | None:
     users = ws.data.train_users
     if len(users) < m.prior_folds:
         raise UserError(f"model.prior_folds={m.prior_folds} is more than the {len(users)} training users")
+    lam = ease_lambda(ws) if lam is None else lam
     fold = np.empty(len(users), np.int64)
     fold[np.random.default_rng(ws.cfg.data.split_seed).permutation(len(users))] = np.arange(len(users)) % m.prior_folds
     path = ws.out_dir / "folds.safetensors"

@@ -6,7 +6,7 @@
 - `most_step` with a fold takes its requests from the fold's users and uses the fold's prior both as MOST's target
   relevance and as the model's prior: the same loss as a model whose own prior is that fold's.
 - The folds are cached in the run directory by what they are computed from: a second call reads them back without
-  fitting EASE, another lambda fits them again.
+  fitting EASE, another lambda fits them again; EASE's lambda is looked up only when there are folds.
 - H2PO trains as MOST does: rollouts of a fold's requests carry that fold's EASE scores (`RequestBatch.ease`), so
   the learner scores each list under the prior it was sampled with (its log-probs equal the sampler's at T = 1, and
   differ under the model's own full prior); the replay buffer's split and concatenation keep them, and requests
@@ -117,6 +117,11 @@ def test_folds_are_cached_by_what_they_are_computed_from(workspace, monkeypatch)
         assert torch.equal(a.prior.indices, b.prior.indices) and torch.equal(a.prior.values, b.prior.values)
     with pytest.raises(Refit):
         training_folds(workspace, 2 * LAMBDA)
+    monkeypatch.setattr(workspace_module, "ease_lambda", lambda ws: LAMBDA)  # the lambda, looked up when not given
+    assert torch.equal(training_folds(workspace)[0].prior.values, first[0].prior.values)
+    monkeypatch.setattr(workspace_module, "ease_lambda", refit)  # without folds it is never looked up (no tuning)
+    one = pipeline.prepare(load_config(TINY, [f"out_dir={workspace.out_dir}", "threads=1", "model.prior_folds=1"]))
+    assert training_folds(one) is None
 
 
 def test_rollouts_carry_their_folds_prior_to_the_learner(workspace):
