@@ -186,6 +186,19 @@ def test_driver_killed_after_checkpoint_resumes_without_loss_or_duplicates(run_d
     assert records[-1]["kind"] == "end" and records[-1]["status"] == "done"
 
 
+def until_raises(ref, error: type[Exception], seconds: float = 60.0) -> None:
+    """ray.kill returns before Ray has removed what it killed: wait until getting `ref()` raises `error` (a call or
+    an object of the killed actor), so that what the test asks next sees it gone."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            ray.get(ref(), timeout=10)
+        except (error, ray.exceptions.GetTimeoutError):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no {error.__name__} within {seconds:.0f} s of the kill")
+
+
 @ray.remote(num_cpus=0)
 class _Answering:
     def weight_version(self) -> int:
