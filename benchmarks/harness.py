@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -66,11 +67,19 @@ def set_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
+def now() -> float:
+    """perf_counter after finishing queued device work (a no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def machine() -> dict:
     """The machine the numbers were measured on."""
     return {"cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "cuda": torch.cuda.is_available()}
+            "processor": platform.processor() or platform.machine(), "cuda": torch.cuda.is_available(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def workspace(args: argparse.Namespace, base: dict | None = None) -> pipeline.Workspace:

@@ -1,7 +1,7 @@
 """Sampler throughput (DESIGN section 8): the batched sampler against a per-request reference and the FLOP floor.
 
 Run:  python benchmarks/sampler.py [--checkpoint C] [--batch 256] [--k 20] [--steps 10] [--repeats 3] [--threads 0]
-      [--requests 0] [--out results.json] [key=value ...]
+      [--requests 0] [--device cpu|cuda] [--bf16] [--no-reference] [--out results.json] [key=value ...]
 
 Three numbers on the same real validation requests (`learner.workspace.examples(ws, "val")`), greedy (T=0) and T=1:
 - batched: `rollout.retrieve.recommend` -> `rollout.sampler.sample_lists`, `--batch` requests per batch;
@@ -10,9 +10,13 @@ Three numbers on the same real validation requests (`learner.workspace.examples(
   it implements the same algorithm (DESIGN 3.4) and is the benchmark's one deliberate re-implementation;
 - floor: `flops_per_list` over the FLOP rate of a large float32 matmul measured on the same machine, in the
   same thread count. "vs floor" = achieved lists/s / floor lists/s.
-Times include request encoding (both methods turn `Request`s into lists); each is the best of `--repeats` runs
-after a warm-up. Every list of both methods is checked: k distinct items, no seed or negative, every item
-allowed by the request's hard constraints. Without `--checkpoint` the model is the configured default
+`--device cuda` puts the model, both methods and the floor's matmul on the GPU (Gumbel noise from a generator
+there); `--bf16` runs them under the bf16 autocast of `system.bf16` (`model.transformer.precision`), and the floor
+then counts the item head, which stays fp32, at the float32 matmul rate and the rest at the bf16 rate.
+`--no-reference` leaves the reference out (one request at a time it is slow, and on a GPU it only measures launch
+overhead). Times include request encoding (both methods turn `Request`s into lists); each is the best of
+`--repeats` runs after a warm-up. Every list of both methods is checked: k distinct items, no seed or negative,
+every item allowed by the request's hard constraints. Without `--checkpoint` the model is the configured default
 (d_model=128, 3 layers) with random weights and, with `--ease-lambda` > 0, the EASE prior; with a checkpoint,
 the trained model with the prior it carries. Deliberately not measured here: rollouts with trajectories and
 rewards (the sampler is the cost that matters, DESIGN section 9).
@@ -23,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -34,6 +37,7 @@ from harness import (
     fit_ease,
     format_rows,
     machine,
+    now,
     set_threads,
     workspace,
     write_result,
@@ -45,7 +49,7 @@ from catalog.requests import valid_mask
 from catalog.schema import Catalog
 from core.carriers import Request
 from core.config import SamplerConfig
-from model.transformer import MASK, Retriever
+from model.transformer import MASK, Retriever, precision
 from rollout.retrieve import recommend
 
 
@@ -60,9 +64,9 @@ def reference_list(model: Retriever, catalog: Catalog, vocab: dict, request: Req
     the others are committed until ceil(open / steps left) are; repeat until all K slots are filled.
     """
     k = request.k
-    batch = encode_requests(catalog, [request], vocab)
+    batch = encode_requests(catalog, [request], vocab).to(model.device)
     ctx = model.encode(batch)
-    slots = torch.full((1, k), MASK, dtype=torch.long)
+    slots = torch.full((1, k), MASK, dtype=torch.long, device=model.device)
     allowed = batch.valid[0].clone()  # (N,)
     step = 0
     while (slots == MASK).any():
@@ -73,7 +77,7 @@ def reference_list(model: Retriever, catalog: Catalog, vocab: dict, request: Req
                 continue
             row = logits[slot]
             if temperature > 0:
-                u = torch.rand(row.shape, generator=generator).clamp_(1e-10, 1.0)
+                u = torch.rand(row.shape, generator=generator, device=row.device).clamp_(1e-10, 1.0)
                 pick = int((row / temperature - torch.log(-torch.log(u))).argmax())
             else:
                 pick = int(row.argmax())
@@ -89,7 +93,7 @@ def reference_list(model: Retriever, catalog: Catalog, vocab: dict, request: Req
                 allowed[item] = False
                 committed += 1
         step += 1
-    return slots[0].numpy()
+    return slots[0].cpu().numpy()
 
 
 def reference_lists(model: Retriever, catalog: Catalog, vocab: dict, requests: list[Request], steps: int,
@@ -126,18 +130,23 @@ def flops_per_list(d: int, n_layers: int, n_items: int, k: int, steps: int, cont
     return steps * (blocks + 4 * d * d + 2 * k * d * d + 2 * k * d * n_items)
 
 
-def matmul_rate(size: int, repeats: int = 5) -> float:
-    """FLOP/s of a (size x size) @ (size x size) float32 matmul, best of `repeats` after a warm-up."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def head_flops_per_list(d: int, n_items: int, k: int, steps: int) -> float:
+    """The item head's share of `flops_per_list`, S * 2 K D N: it runs in fp32 also under bf16 autocast."""
+    return steps * 2 * k * d * n_items
+
+
+def matmul_rate(size: int, repeats: int = 5, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a (size x size) @ (size x size) matmul in `dtype` on `device`, best of `repeats` after a warm-up."""
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
     a @ b
     best = min(_seconds(lambda: a @ b) for _ in range(repeats))
     return 2 * size**3 / best
 
 
 def _seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+    start = now()
     fn()
-    return time.perf_counter() - start
+    return now() - start
 
 
 def time_method(run: Callable[[list[Request]], list[np.ndarray]], requests: list[Request], repeats: int,
@@ -146,9 +155,9 @@ def time_method(run: Callable[[list[Request]], list[np.ndarray]], requests: list
     run(requests[:4])
     best, lists = math.inf, []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = now()
         lists = run(requests)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, now() - start)
     check_lists(catalog, requests, lists)
     return best, lists
 
@@ -164,8 +173,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ease-lambda", type=float, default=DEFAULT_EASE_LAMBDA,
                         help="without a checkpoint: EASE prior lambda (0 = no prior); ignored with a checkpoint")
     parser.add_argument("--matmul-size", type=int, default=2048, help="size of the matmul measuring the FLOP rate")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model and sampler run")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward passes (needs --device cuda)")
+    parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the per-request reference")
     add_common_arguments(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.bf16 and args.device != "cuda":
+        parser.error("--bf16 needs --device cuda (system.bf16 autocasts on a GPU only)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible")
+    return args
 
 
 def load_model(args: argparse.Namespace) -> tuple[pipeline.Workspace, torch.nn.Module]:
@@ -180,18 +198,21 @@ def load_model(args: argparse.Namespace) -> tuple[pipeline.Workspace, torch.nn.M
 
 
 def measure(model, ws: pipeline.Workspace, requests: list[Request], args: argparse.Namespace,
-            floor: float) -> tuple[list[list], list[dict], float]:
-    """Time batched and reference sampling at T=0 and T=1.  -> (table rows, records, greedy-identical share)"""
+            floor: float) -> tuple[list[list], list[dict], float | None]:
+    """Time batched and reference sampling at T=0 and T=1.  -> (table rows, records, greedy-identical share; None
+    without the reference)"""
     cat, vocab = ws.data.catalog, ws.vocab
     rows, records, greedy = [], [], {}
     for temperature in (0.0, 1.0):
         sampler_cfg = SamplerConfig(steps=args.steps, temperature=temperature, batch_size=args.batch)
         methods = {
             "batched": lambda reqs, c=sampler_cfg: recommend(model, cat, vocab, reqs, c,
-                                                               torch.Generator().manual_seed(0)),
+                                                               torch.Generator(args.device).manual_seed(0)),
             "reference": lambda reqs, t=temperature: reference_lists(model, cat, vocab, reqs, args.steps, t,
-                                                                     torch.Generator().manual_seed(0)),
+                                                                     torch.Generator(args.device).manual_seed(0)),
         }
+        if not args.reference:
+            del methods["reference"]
         for name, run in methods.items():
             seconds, lists = time_method(run, requests, args.repeats, cat)
             if temperature == 0:
@@ -201,6 +222,8 @@ def measure(model, ws: pipeline.Workspace, requests: list[Request], args: argpar
             records.append({"method": name, "temperature": temperature, "lists_per_s": per_second,
                             "ms_per_list": 1000 / per_second, "vs_floor": per_second / floor, "seconds": seconds})
     rows.append(["floor", "-", floor, 1000 / floor, 1.0])
+    if not args.reference:
+        return rows, records, None
     same = float(np.mean([np.array_equal(a, b) for a, b in zip(greedy["batched"], greedy["reference"])]))
     return rows, records, same
 
@@ -209,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     ws, model = load_model(args)
     threads = set_threads(args.threads)
-    model.eval()
+    model.to(args.device).eval()
     cat = ws.data.catalog
     requests = [Request(e.request.seeds, e.request.negatives, e.request.constraints, args.k)
                 for e in pipeline.examples(ws, "val")]
@@ -217,24 +240,33 @@ def main(argv: list[str] | None = None) -> dict:
     mc = model.cfg
     context = float(np.mean([len(r.seeds) + len(r.negatives) + len(r.constraints) for r in requests]))
     flops = flops_per_list(mc.d_model, mc.n_layers, cat.n_items, args.k, args.steps, context)
-    rate = matmul_rate(args.matmul_size)
-    floor = rate / flops  # lists/s
-    rows, records, same = measure(model, ws, requests, args, floor)
+    head = head_flops_per_list(mc.d_model, cat.n_items, args.k, args.steps)
+    rate = matmul_rate(args.matmul_size, device=args.device)
+    body_rate = matmul_rate(args.matmul_size, device=args.device, dtype=torch.bfloat16) if args.bf16 else rate
+    floor = 1 / (head / rate + (flops - head) / body_rate)  # lists/s
+    with torch.no_grad(), precision(model, args.bf16):
+        rows, records, same = measure(model, ws, requests, args, floor)
 
     info = machine()
-    print(f"machine: {info['cpu_count']} CPUs, torch {info['torch']}, {threads} threads; "
-          f"matmul {args.matmul_size}^3: {rate / 1e9:.1f} GFLOP/s")
+    print(f"machine: {info['cpu_count']} CPUs, torch {info['torch']}, {threads} threads, {info['gpu'] or 'no GPU'}; "
+          f"{args.device} matmul {args.matmul_size}^3: {rate / 1e9:.1f} GFLOP/s float32"
+          + (f", {body_rate / 1e9:.1f} bf16" if args.bf16 else ""))
     print(f"model: d_model={mc.d_model}, n_layers={mc.n_layers}, N={cat.n_items}, prior="
           f"{model.prior is not None}; k={args.k}, S={args.steps}, batch={args.batch}, "
-          f"{len(requests)} validation requests; {flops / 1e6:.1f} MFLOP/list")
+          f"{len(requests)} validation requests; {flops / 1e6:.1f} MFLOP/list; {args.device}"
+          f"{', bf16 autocast' if args.bf16 else ', float32'}")
     print(format_rows(["method", "T", "lists/s", "ms/list", "vs floor"], rows))
-    print(f"greedy lists identical between batched and reference: {same:.1%}; all lists valid")
+    if same is not None:
+        print(f"greedy lists identical between batched and reference: {same:.1%}")
+    print("all lists valid")
     result = {"benchmark": "sampler", "machine": info,
               "settings": {"checkpoint": args.checkpoint, "batch": args.batch, "k": args.k, "steps": args.steps,
+                           "device": args.device, "bf16": args.bf16,
                            "repeats": args.repeats, "requests": len(requests), "d_model": mc.d_model,
                            "n_layers": mc.n_layers, "n_items": cat.n_items,
                            "prior": model.prior is not None, "mean_context_tokens": context},
-              "flops_per_list": flops, "matmul_size": args.matmul_size, "matmul_flops_per_s": rate,
+              "flops_per_list": flops, "head_flops_per_list": head, "matmul_size": args.matmul_size,
+              "matmul_flops_per_s": rate, "bf16_matmul_flops_per_s": body_rate if args.bf16 else None,
               "floor_lists_per_s": floor, "results": records, "greedy_identical_share": same}
     write_result(args.out, result)
     return result

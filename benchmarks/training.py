@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ from harness import (
     fit_ease,
     format_rows,
     machine,
+    now,
     set_threads,
     workspace,
     write_result,
@@ -56,13 +56,6 @@ class EncodeClock:
             return original(batch)
 
         model.encode = encode  # instance attribute: shadows the method for this model only
-
-
-def now() -> float:
-    """perf_counter after finishing queued device work (a no-op on CPU)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def timed_steps(model: Retriever, ws: pipeline.Workspace, relevance_matrix: Neighbours, batch: int,

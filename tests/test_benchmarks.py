@@ -77,6 +77,20 @@ def test_flops_per_list_hand_computed():
     assert bench.flops_per_list(2, 1, 10, 2, 3, 1.0) == 1560
 
 
+def test_head_flops_are_the_item_head_term():
+    """The same D=2, N=10, K=2: the head's 2*2*2*10 = 80 FLOPs per step (x S=3: 240), the part of the floor that
+    stays fp32 under bf16 autocast."""
+    assert bench.head_flops_per_list(2, 10, 2, 1) == 80
+    assert bench.head_flops_per_list(2, 10, 2, 3) == 240
+
+
+def test_bf16_is_refused_without_a_gpu(capsys):
+    """--bf16 on the CPU would measure float32 under a bf16 label (system.bf16 autocasts on a GPU only)."""
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--bf16"])
+    assert "--bf16 needs --device cuda" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- benchmarks/probe.py
 
 
