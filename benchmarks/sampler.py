@@ -4,7 +4,8 @@ Run:  python benchmarks/sampler.py [--checkpoint C] [--batch 256] [--k 20] [--st
       [--requests 0] [--device cpu|cuda] [--bf16] [--no-reference] [--out results.json] [key=value ...]
 
 Three numbers on the same real validation requests (`learner.workspace.examples(ws, "val")`), greedy (T=0) and T=1:
-- batched: `rollout.retrieve.recommend` -> `rollout.sampler.sample_lists`, `--batch` requests per batch;
+- batched: `rollout.retrieve.recommend` -> `rollout.sampler.sample_lists`, `--batch` requests per batch, the lists
+  served in sampler.order (by default "score": re-sorted by their first-slot logits, one more forward pass);
 - reference: `reference_lists` below, the straightforward version one writes first: a loop over requests and,
   per request, a loop over steps, each computing the logits of that one request (batch of 1, all K slots);
   it implements the same algorithm (DESIGN 3.4) and is the benchmark's one deliberate re-implementation;
@@ -103,6 +104,13 @@ def reference_lists(model: Retriever, catalog: Catalog, vocab: dict, requests: l
     return [reference_list(model, catalog, vocab, r, steps, temperature, generator) for r in requests]
 
 
+def same_items_share(batched: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """Share of requests whose batched list holds the reference's items. The batched lists are served in
+    sampler.order, which may re-sort the slots the reference fills in place, so the order is not compared;
+    tests/test_benchmarks.py compares the two slot by slot."""
+    return float(np.mean([set(a.tolist()) == set(b.tolist()) for a, b in zip(batched, reference)]))
+
+
 def check_lists(catalog: Catalog, requests: list[Request], lists: list[np.ndarray]) -> None:
     """Raise AssertionError unless every list has k distinct items, no seed/negative, all constraints met."""
     for n, (request, items) in enumerate(zip(requests, lists)):
@@ -199,8 +207,8 @@ def load_model(args: argparse.Namespace) -> tuple[pipeline.Workspace, torch.nn.M
 
 def measure(model, ws: pipeline.Workspace, requests: list[Request], args: argparse.Namespace,
             floor: float) -> tuple[list[list], list[dict], float | None]:
-    """Time batched and reference sampling at T=0 and T=1.  -> (table rows, records, greedy-identical share; None
-    without the reference)"""
+    """Time batched and reference sampling at T=0 and T=1.  -> (table rows, records, share of greedy lists with the
+    reference's items; None without the reference)"""
     cat, vocab = ws.data.catalog, ws.vocab
     rows, records, greedy = [], [], {}
     for temperature in (0.0, 1.0):
@@ -224,8 +232,7 @@ def measure(model, ws: pipeline.Workspace, requests: list[Request], args: argpar
     rows.append(["floor", "-", floor, 1000 / floor, 1.0])
     if not args.reference:
         return rows, records, None
-    same = float(np.mean([np.array_equal(a, b) for a, b in zip(greedy["batched"], greedy["reference"])]))
-    return rows, records, same
+    return rows, records, same_items_share(greedy["batched"], greedy["reference"])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -257,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{', bf16 autocast' if args.bf16 else ', float32'}")
     print(format_rows(["method", "T", "lists/s", "ms/list", "vs floor"], rows))
     if same is not None:
-        print(f"greedy lists identical between batched and reference: {same:.1%}")
+        print(f"greedy batched lists with the reference's items: {same:.1%}")
     print("all lists valid")
     result = {"benchmark": "sampler", "machine": info,
               "settings": {"checkpoint": args.checkpoint, "batch": args.batch, "k": args.k, "steps": args.steps,
@@ -267,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "prior": model.prior is not None, "mean_context_tokens": context},
               "flops_per_list": flops, "head_flops_per_list": head, "matmul_size": args.matmul_size,
               "matmul_flops_per_s": rate, "bf16_matmul_flops_per_s": body_rate if args.bf16 else None,
-              "floor_lists_per_s": floor, "results": records, "greedy_identical_share": same}
+              "floor_lists_per_s": floor, "results": records, "greedy_same_items_share": same}
     write_result(args.out, result)
     return result
 

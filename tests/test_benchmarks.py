@@ -19,6 +19,8 @@ import torch
 from catalog.batch import encode_requests
 from catalog.requests import valid_mask
 from core.carriers import Exclude, Recency, Request
+from core.config import SamplerConfig
+from rollout.retrieve import recommend
 from rollout.sampler import sample_lists
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -54,6 +56,16 @@ def test_reference_greedy_equals_batched_sampler(tiny_catalog, tiny_vocab, tiny_
     batched = sample_lists(model, encode_requests(tiny_catalog, requests, tiny_vocab), K, steps).items.numpy()
     reference = bench.reference_lists(model, tiny_catalog, tiny_vocab, requests, steps, 0.0)
     np.testing.assert_array_equal(np.stack(reference), batched)
+
+
+def test_served_greedy_lists_hold_the_reference_items(tiny_catalog, tiny_vocab, tiny_prior_model):
+    """`recommend` serves in sampler.order (default "score": re-sorted), so the benchmark compares item sets: every
+    served greedy list holds the reference's items on 40 requests, though some come in another order."""
+    requests = some_requests(tiny_catalog, 40, seed=5)
+    served = recommend(tiny_prior_model, tiny_catalog, tiny_vocab, requests, SamplerConfig(steps=3))
+    reference = bench.reference_lists(tiny_prior_model, tiny_catalog, tiny_vocab, requests, 3, 0.0)
+    assert SamplerConfig().order == "score" and bench.same_items_share(served, reference) == 1.0
+    assert not all(np.array_equal(a, b) for a, b in zip(served, reference))
 
 
 def test_reference_samples_are_valid(tiny_catalog, tiny_vocab, tiny_prior_model):
