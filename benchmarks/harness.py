@@ -1,10 +1,12 @@
-"""What the benchmark scripts share: the machine description, the workspace and model, tables and JSON output.
+"""What the benchmark scripts share: the machine description, the workspace and model, the device arguments and a
+clock synchronised with the device, tables and JSON output.
 
-`sampler.py` and `training.py` load the run configuration exactly like `h2po run` (`core.config.load_config`:
-defaults, an optional YAML file, `key=value` overrides), prepare the real catalog with `learner.workspace.prepare`
-into a scratch run directory, and build the model with `learner.workspace.build_model`, so they measure the code and
-model sizes that the pipeline uses. `system.py` and `ablation.py` run real H2PO (`actors.driver.train`) from an
-`h2po run` directory with the config of its MOST checkpoint (`add_run_arguments`, `h2po_run_config`).
+`sampler.py`, `learner_step.py` and `training.py` load the run configuration exactly like `h2po run`
+(`core.config.load_config`: defaults, an optional YAML file, `key=value` overrides), prepare the real catalog with
+`learner.workspace.prepare` into a scratch run directory, and build the model with `learner.workspace.build_model`,
+so they measure the code and model sizes that the pipeline uses. `system.py` and `ablation.py` run real H2PO
+(`actors.driver.train`) from an `h2po run` directory with the config of its MOST checkpoint (`add_run_arguments`,
+`h2po_run_config`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,20 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = all cores")
     parser.add_argument("--out", default=None, type=output_file, help="write the results as JSON to this file")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. model.d_model=32")
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device cpu|cuda and --bf16 (system.bf16's autocast of the forward passes, on a GPU only)."""
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward passes (needs --device cuda)")
+
+
+def check_device_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A usage error for --bf16 off the GPU (it would measure float32 under a bf16 label) or a missing GPU."""
+    if args.bf16 and args.device != "cuda":
+        parser.error("--bf16 needs --device cuda (system.bf16 autocasts on a GPU only)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, steps: int) -> None:

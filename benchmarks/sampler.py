@@ -35,6 +35,8 @@ import torch
 from harness import (
     DEFAULT_EASE_LAMBDA,
     add_common_arguments,
+    add_device_arguments,
+    check_device_arguments,
     fit_ease,
     format_rows,
     machine,
@@ -181,16 +183,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ease-lambda", type=float, default=DEFAULT_EASE_LAMBDA,
                         help="without a checkpoint: EASE prior lambda (0 = no prior); ignored with a checkpoint")
     parser.add_argument("--matmul-size", type=int, default=2048, help="size of the matmul measuring the FLOP rate")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model and sampler run")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward passes (needs --device cuda)")
+    add_device_arguments(parser)
     parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the per-request reference")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
-    if args.bf16 and args.device != "cuda":
-        parser.error("--bf16 needs --device cuda (system.bf16 autocasts on a GPU only)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU is visible")
+    check_device_arguments(parser, args)
     return args
 
 

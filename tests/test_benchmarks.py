@@ -142,6 +142,20 @@ def test_probe_differences_are_paired_against_most(tiny_run, tmp_path, monkeypat
     assert "frozen: item_residual" in capsys.readouterr().out
 
 
+def test_learner_step_times_rollouts_and_an_update_on_cpu(tiny_run, tmp_path):
+    """benchmarks/learner_step.py on the tiny checkpoint (h2po.batch_requests 2 x group 2): one timed repetition of
+    each part after one warm-up, positive and finite; on the CPU there is no GPU memory figure."""
+    import learner_step
+
+    out = tmp_path / "learner.json"
+    result = learner_step.main(["--checkpoint", str(tiny_run / "most.safetensors"), "--steps", "1", "--warmup", "1",
+                                "--threads", "1", "--workdir", str(tiny_run), "--out", str(out)])
+    assert json.loads(out.read_text())["seconds"] == result["seconds"]
+    assert all(len(v) == 1 and 0 < v[0] < math.inf for v in result["seconds"].values())
+    assert result["rollout_lists_per_s"] > 0 and result["peak_gpu_gib"] is None
+    assert result["settings"]["batch_requests"] * result["settings"]["group_size"] == 4
+
+
 def test_ablation_variants_take_pairs_although_the_main_job_has_none():
     """configs/default.yaml trains on-policy only (h2po.pairs_per_step=0); from its config the ablation's hybrid
     still takes h2po.batch_requests pairs per step next to the rollouts, off-policy only the same pairs and no
