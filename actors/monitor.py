@@ -24,6 +24,14 @@ from dashboard.feed import MetricsLog, set_aside
 from rollout.buffer import BatchSummary
 
 
+def metrics_urls(nodes: list[dict]) -> str:
+    """The Prometheus endpoints of the live nodes (`ray.nodes()`). A node whose Ray runs without its metrics agent
+    (Ray installed without the `default` extra) reports port -1: it exports nothing, and the line says so."""
+    live = {(n["NodeManagerAddress"], n.get("MetricsExportPort")) for n in nodes if n.get("Alive")}
+    urls = [f"http://{address}:{port}/metrics" for address, port in sorted(live) if port and port > 0]
+    return ", ".join(urls) or "none (Ray's metrics agent is not running: Ray without its `default` extra)"
+
+
 def actor_figures(calls: list) -> list[dict]:
     """Per rollout actor of the step's generation calls: lists/s and the weight version its rollouts came from."""
     done = [c for c in calls if c.done]
@@ -76,9 +84,7 @@ class Monitor:
     def start(self, facts: dict, resumed_from: int) -> None:
         """The `run` record, the Ray metrics endpoints, and (fresh runs) baselines + the start policy on validation."""
         self.log.write("run", resumed_from=resumed_from, **facts)
-        nodes = {(n["NodeManagerAddress"], n.get("MetricsExportPort")) for n in ray.nodes() if n.get("Alive")}
-        urls = ", ".join(f"http://{address}:{port}/metrics" for address, port in sorted(nodes) if port)
-        print(f"Ray metrics (Prometheus, ray_h2po_*): {urls}", flush=True)
+        print(f"Ray metrics (Prometheus, ray_h2po_*): {metrics_urls(ray.nodes())}", flush=True)
         if self.probe is not None and resumed_from == 0:
             start = time.time()
             records = self.probe.baselines() + self.probe.policy_records({}, 0, "H2PO")

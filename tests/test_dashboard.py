@@ -278,6 +278,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_metrics_urls_leave_out_nodes_without_a_metrics_agent():
+    """Ray without its `default` extra (as on the GPU machine of docs/results.md) reports MetricsExportPort -1: no
+    URL with port -1 is printed, and a cluster with no endpoint at all says so."""
+    from actors.monitor import metrics_urls
+
+    nodes = [{"NodeManagerAddress": "10.0.0.2", "MetricsExportPort": 8080, "Alive": True},
+             {"NodeManagerAddress": "10.0.0.3", "MetricsExportPort": -1, "Alive": True},
+             {"NodeManagerAddress": "10.0.0.4", "MetricsExportPort": 8081, "Alive": False}]
+    assert metrics_urls(nodes) == "http://10.0.0.2:8080/metrics"
+    assert metrics_urls(nodes[1:]).startswith("none (")
+    assert ":-1" not in metrics_urls(nodes[1:])
+
+
 @pytest.mark.slow
 def test_ray_gauges_reach_rays_metrics_endpoint(tmp_path):
     """Step records written by a Ray driver appear on Ray's Prometheus endpoint as `ray_h2po_*` gauges (Ray
