@@ -51,7 +51,7 @@ def run_pretrain(ws: Workspace, ease: EASE) -> tuple[Path, PretrainResult]:
     """MOST pretraining; the best-validating checkpoint is written to out_dir/most.safetensors."""
     cfg = ws.cfg
     model = build_model(ws, ease)
-    val = examples(ws, "val")
+    val = examples(ws, "val", cfg.most.val_draws)
     rng = np.random.default_rng(cfg.seed)
     val = [val[i] for i in sorted(rng.permutation(len(val))[: cfg.most.val_requests])]
     path = ws.out_dir / "most.safetensors"
@@ -65,7 +65,8 @@ def run_pretrain(ws: Workspace, ease: EASE) -> tuple[Path, PretrainResult]:
     write_json(ws.out_dir / "pretrain.json", {"steps": result.steps, "best_step": result.best_step,
                                               "best_val_ndcg@10": result.best_score, "seconds": result.seconds,
                                               "samples_per_second": result.samples_per_second,
-                                              "stopped_by": result.stopped_by, "history": result.history})
+                                              "stopped_by": result.stopped_by, "val_requests": len(val),
+                                              "history": result.history})
     return path, result
 
 

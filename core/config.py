@@ -131,9 +131,13 @@ class MostConfig:
                                 "early stopping, a WARNING says so and pretrain.json / the checkpoint record it.",
                                 above=0.0, high=MAX_MINUTES)
     eval_every: int = option(100, "Validate every this many steps; the best checkpoint is kept.", low=1, high=MAX_STEPS)
-    val_requests: int = option(256, "Validation requests scored at each validation (a fixed subset).",
-                               low=1, high=10**6)
+    val_requests: int = option(256, "Validation requests scored at each validation (a fixed subset of those "
+                               "of val_draws).", low=1, high=10**6)
+    val_draws: int = option(1, "Validation requests drawn per validation user, family and seed size.", low=1,
+                            high=100)
     patience: int = option(6, "Stop after this many validations without improvement.", low=1, high=MAX_STEPS)
+    ema: float = option(0.0, "Decay of an exponential moving average of the weights, which is validated and kept "
+                        "instead of the last step's (0 = off).", low=0.0, below=1.0)
     fill_weight: float = option(0.3, "Loss weight of teacher items that fill targets up to k.", low=0.0, high=1.0)
     redundancy: float = option(0.1, "MMR redundancy penalty when ordering targets.", low=0.0, high=10.0)
     eps: float = option(1e-3, "Smallest diffusion time t.", above=0.0, below=1.0)

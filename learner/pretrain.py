@@ -3,6 +3,8 @@
 Overfitting, not compute, is the bottleneck on small catalogs (DESIGN section 9): every step draws fresh seed
 subsets (augmentation), blocks use dropout, item ids use id dropout, AdamW decays weights, and the checkpoint
 kept is the one with the best validation score; training stops after `patience` validations without progress.
+With `ema` > 0 the weights validated and kept are an exponential moving average of the trained ones (torch's
+AveragedModel), which moves less from one validation to the next than the last step's weights do.
 
 The budget is in steps (`max_steps`, early stopping by `patience`), so a config gives the same checkpoint on a fast
 or a loaded machine. `max_minutes` is a wall-clock safety net: when it ends training first, a WARNING says so on
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from catalog.batch import encode_requests
@@ -89,13 +92,15 @@ def pretrain(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray,
     """Train with AdamW until max_steps, max_minutes or patience; keep the best-validating weights via save_best.
     `validate_start`: the untrained model (step 0) is a candidate too; for a model that starts at its prior
     (model.zero_head), so that training keeps the prior unless it beats it on validation. `folds`
-    (model.prior_folds): step s trains on fold s mod F's users with that fold's out-of-fold prior."""
+    (model.prior_folds): step s trains on fold s mod F's users with that fold's out-of-fold prior. With cfg.ema > 0
+    the validated and saved weights are the moving average of the trained ones."""
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
     start, bar = time.time(), tqdm(total=cfg.max_steps, desc="MOST pretraining", unit="step", dynamic_ncols=True)
-    keeper = BestKeeper(model, validate, save_best, bar, start)
+    average = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) if cfg.ema > 0 else None)
+    keeper = BestKeeper(model if average is None else average.module, validate, save_best, bar, start)
     if validate_start:
         keeper.check(0, None)
     step, losses, stopped_by = 0, [], "max_steps"
@@ -108,6 +113,8 @@ def pretrain(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
+        if average is not None:
+            average.update_parameters(model)
         step += 1
         losses.append(loss.item())
         bar.update(1)

@@ -58,9 +58,12 @@ def prepare(cfg: RunConfig) -> Workspace:
     features = item_features(data)
     return Workspace(cfg, data, features, unit_rows(features), constraint_vocab(data.catalog), out_dir)
 
-def examples(ws: Workspace, split: str) -> list[Example]:
+def examples(ws: Workspace, split: str, draws: int | None = None) -> list[Example]:
+    """The fixed requests of a split's users: `draws` per user, family and seed size (default: eval.test_draws for
+    the test split, 1 for validation)."""
     users = {"val": ws.data.val_users, "test": ws.data.test_users}[split]
-    draws = ws.cfg.eval.test_draws if split == "test" else 1
+    if draws is None:
+        draws = ws.cfg.eval.test_draws if split == "test" else 1
     return benchmark_examples(ws.data, users, ws.cfg.requests, ws.cfg.eval.request_seed, draws)
 
 def ease_lambda(ws: Workspace) -> float:

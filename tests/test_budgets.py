@@ -91,3 +91,13 @@ def test_zero_head_pretraining_keeps_step_0_unless_training_beats_it(tmp_path, z
     best = max(record["history"], key=lambda h: h["val_ndcg@10"])  # the first of equal scores, as training keeps
     assert record["best_step"] == best["step"]
     assert json.loads(read_header(tmp_path / "most.safetensors")["meta"])["step"] == best["step"]
+
+
+def test_validation_draws_widen_the_validation_set(tmp_path):
+    """most.val_draws = 2 with a large most.val_requests validates on every request of two draws per validation
+    user (pretrain.json records how many), more than one draw has."""
+    main(["pretrain", "--config", TINY, f"out_dir={tmp_path}", "threads=1", "most.max_steps=2", "most.eval_every=2",
+          "most.val_draws=2", "most.val_requests=1000000"])
+    ws = pipeline.prepare(load_config(TINY, [f"out_dir={tmp_path}"]))
+    used = json.loads((tmp_path / "pretrain.json").read_text())["val_requests"]
+    assert used == len(pipeline.examples(ws, "val", 2)) > len(pipeline.examples(ws, "val"))

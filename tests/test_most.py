@@ -11,9 +11,13 @@ import pytest
 import torch
 
 from catalog.batch import encode_requests
+from catalog.dataset import Dataset
 from catalog.requests import valid_mask
+from conftest import make_tiny_model
 from core.carriers import Example, Exclude, Recency, Request
+from core.config import DataConfig, MostConfig, RequestConfig
 from learner.most import build_targets, metric_scores, mmr_order, most_loss
+from learner.pretrain import pretrain
 from model.diffusion import elbo_nll, stratified_times
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -155,3 +159,33 @@ def test_training_lowers_the_loss(tiny_catalog, tiny_vocab, tiny_model, examples
         final = most_loss(elbo_nll(tiny_model, tiny_model.encode(batch), x0, t, u), weights).item()
     assert np.isfinite(losses).all()
     assert final < 0.7 * losses[0]
+
+
+def _pretrained_weights(tiny_catalog, tiny_vocab, steps: int, ema: float) -> tuple[dict, dict]:
+    """`pretrain` of the tiny prior model for `steps` steps, validated at the last: (the weights it validated and
+    saved, the trained model's own weights at the end)."""
+    model = make_tiny_model(tiny_catalog, prior=True)
+    saved = {}
+
+    def save_best(kept, record):
+        saved.update({k: v.detach().clone() for k, v in kept.state_dict().items()})
+    cfg = MostConfig(batch_size=3, max_steps=steps, eval_every=steps, warmup_steps=0, ema=ema)
+    pretrain(model, Dataset.build(tiny_catalog, DataConfig()), tiny_vocab, np.eye(tiny_catalog.n_items, 8),
+             model.prior, RequestConfig(seed_sizes=[1, 2], family_b_share=0.0, k=4), cfg, 0, lambda m: 0.0,
+             save_best)
+    return saved, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_pretraining_keeps_the_moving_average_of_the_weights(tiny_catalog, tiny_vocab):
+    """most.ema = 0.5 over two steps validates and keeps 0.5 w1 + 0.5 w2 (torch's AveragedModel starts from the
+    first step's weights), where w1, w2 are the weights the same seed reaches after one and two steps; with ema = 0
+    the kept weights are the trained ones. Buffers (features, prior) are the model's."""
+    _, w1 = _pretrained_weights(tiny_catalog, tiny_vocab, 1, 0.0)
+    kept, w2 = _pretrained_weights(tiny_catalog, tiny_vocab, 2, 0.0)
+    averaged, trained = _pretrained_weights(tiny_catalog, tiny_vocab, 2, 0.5)
+    for name in w2:
+        torch.testing.assert_close(kept[name], w2[name])
+        torch.testing.assert_close(trained[name], w2[name])
+        expected = 0.5 * w1[name] + 0.5 * w2[name] if w2[name].is_floating_point() else w2[name]
+        torch.testing.assert_close(averaged[name], expected.to(averaged[name].dtype))
+    assert any(not torch.equal(w1[name], w2[name]) for name in w2)  # the two steps moved the weights
