@@ -99,7 +99,7 @@ def pretrain(model: Retriever, data: Dataset, vocab: dict, features: np.ndarray,
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)))
     start, bar = time.time(), tqdm(total=cfg.max_steps, desc="MOST pretraining", unit="step", dynamic_ncols=True)
-    average = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) if cfg.ema > 0 else None)
+    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) if cfg.ema > 0 else None
     keeper = BestKeeper(model if average is None else average.module, validate, save_best, bar, start)
     if validate_start:
         keeper.check(0, None)
