@@ -140,18 +140,26 @@ def main() -> None:
             floor = flops_per_list(mc.d_model, mc.n_layers, n_items, k, steps, context) / rate * 1000
             rows.append({"method": f"h2po S={steps}", "ndcg": scores, "floor_ms": floor,
                          "load": measure(f"{server.url}retrieve", bodies, args.clients, args.seconds)})
-            print(f"h2po S={steps} done", flush=True)
+            print(done(rows[-1]), flush=True)
         for name, url in server.rival_urls().items():
             scores = quality(load_rival(name, checkpoint, serve_cfg.ease_lambda), test, n_items)
             rows.append({"method": name, "ndcg": scores, "floor_ms": None,
                          "load": measure(f"{url}retrieve", bodies, args.clients, args.seconds)})
-            print(f"{name} done", flush=True)
+            print(done(rows[-1]), flush=True)
     finally:
         server.stop()
     print_table(rows, args.clients)
     write_result(args.out, {"machine": machine(), "checkpoint": str(checkpoint), "test_requests": len(test),
                             "serve": dataclasses.asdict(serve_cfg), "seconds": args.seconds,
                             "load_average": os.getloadavg(), "rows": rows})
+
+
+def done(row: dict) -> str:
+    """A row's figures on one line, printed as soon as it is measured: a run cut short still shows the rows it did."""
+    cells = [f"C={c} p50/p95/p99 {cell['p50']:.0f}/{cell['p95']:.0f}/{cell['p99']:.0f} ms {cell['lists_per_s']:.0f} "
+             f"lists/s shed {cell['shed'] + cell['failed']}" for c, cell in row["load"].items()]
+    ndcg = " ".join(f"{family} {value:.3f}" for family, value in row["ndcg"].items())
+    return f"{row['method']} done: NDCG@10 {ndcg} | " + "; ".join(cells)
 
 
 def print_table(rows: list[dict], clients: list[int]) -> None:
