@@ -98,7 +98,12 @@ def main(argv: list[str] | None = None) -> dict:
         if repetition >= args.warmup:
             seconds["rollouts"].append(middle - start)
             seconds["learner update"].append(end - middle)
+    return report(args, ws, model, threads, seconds)
 
+
+def report(args: argparse.Namespace, ws, model, threads: int, seconds: dict[str, list[float]]) -> dict:
+    """Print the table of the timed parts and write the result JSON (`--out`).  -> the result"""
+    cfg, h2po = ws.cfg, ws.cfg.h2po
     lists = h2po.batch_requests * h2po.group_size
     rows = [[name, 1000 * float(np.median(v)), 1000 * float(np.min(v)), 1000 * float(np.max(v))]
             for name, v in seconds.items()]
