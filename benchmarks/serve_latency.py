@@ -14,7 +14,9 @@ For every row:
   client's wall time per answered request (p50/p95/p99); lists/s = answered requests / seconds; shed = 503s;
 - floor (model rows): `flops_per_list` of benchmarks/sampler.py (one forward pass's matmul arithmetic per step,
   times S, for the mean context length of the test requests) over the FLOP rate of a large float32 matmul in the
-  replica's thread count: no implementation on this machine lists faster than that, batching aside.
+  replica's thread count (with serve.replica_gpus > 0: of a larger one on the GPU, in bf16 under serve.bf16): no
+  implementation on this machine lists faster than that, batching aside.
+`serve.replica_gpus=1` serves the model (and computes its quality) on the GPU, in bf16 unless `serve.bf16=false`.
 The client shares the machine with the server (on 2 cores it costs them CPU), as any loopback load test does.
 """
 
@@ -124,11 +126,15 @@ def main() -> None:
               for i in np.random.default_rng(0).permutation(len(test))]
     threads = replica_threads(serve_cfg)
     torch.set_num_threads(threads)
-    rate = matmul_rate(1024)
+    device = "cuda" if serve_cfg.replica_gpus else "cpu"  # where the replicas put the model (serve.replica_gpus)
+    half = serve_cfg.bf16 and device == "cuda"
+    dtype = torch.bfloat16 if half else torch.float32
+    rate = matmul_rate(1024 if device == "cpu" else 8192, device=device, dtype=dtype)
     context = float(np.mean([len(e.request.seeds) + len(e.request.negatives) + len(e.request.constraints)
                              for e in test]))
     mc, k = cfg.model, cfg.requests.k
-    print(f"{len(test)} test requests; matmul rate {rate / 1e9:.1f} GFLOP/s on {threads} threads", flush=True)
+    where = f"{threads} threads" if device == "cpu" else f"the GPU, {'bf16' if half else 'fp32'}"
+    print(f"{len(test)} test requests; matmul rate {rate / 1e9:.1f} GFLOP/s on {where}", flush=True)
 
     rows: list[dict] = []
     server = start(checkpoint, dataclasses.replace(serve_cfg, steps=args.steps[0]))
@@ -136,7 +142,7 @@ def main() -> None:
         for steps in args.steps:
             server.cfg = dataclasses.replace(serve_cfg, steps=steps)
             reload(server, checkpoint)
-            scores = quality(load_policy(checkpoint, steps, ws.data.catalog), test, n_items)
+            scores = quality(load_policy(checkpoint, steps, ws.data.catalog, device, half), test, n_items)
             floor = flops_per_list(mc.d_model, mc.n_layers, n_items, k, steps, context) / rate * 1000
             rows.append({"method": f"h2po S={steps}", "ndcg": scores, "floor_ms": floor,
                          "load": measure(f"{server.url}retrieve", bodies, args.clients, args.seconds)})

@@ -271,6 +271,11 @@ class ServeConfig:
     port: int = option(8000, "HTTP port of the Ray Serve proxy.", low=1, high=65535)
     replicas: int = option(1, "Replicas of the model deployment (each rival deployment gets one).", low=1, high=1024)
     replica_cpus: float = option(1.0, "Ray CPUs reserved by each replica.", low=0.0, high=1024.0)
+    replica_gpus: float = option(0.0, "Ray GPUs reserved by each model replica; > 0 loads the model onto the "
+                                 "replica's GPU and samples there (rivals stay on the CPU); 0 = CPU.",
+                                 low=0.0, high=64.0)
+    bf16: bool = option(True, "bf16 autocast of the served sampler's forward passes on a GPU replica (fp32 weights, "
+                        "as system.bf16 in training); no effect on the CPU.")
     threads: int = option(0, "Torch CPU threads of each replica; 0 = the machine's cores over the replicas.",
                           low=0, high=1024)
     steps: int = option(0, "Sampler steps S per list; 0 = the checkpoint's sampler.steps.", low=0, high=MAX_K)

@@ -46,7 +46,7 @@ class Refused(Exception):
 @serve.deployment
 class ListServer:
     """A replica serving one method. `method`: "h2po" or a rival name; `token`: required on every request when set;
-    `limits`: {"max_body_bytes", "max_batch_size", "batch_wait_ms", "threads", "ease_lambda"}."""
+    `limits`: {"max_body_bytes", "max_batch_size", "batch_wait_ms", "threads", "ease_lambda", "gpus", "bf16"}."""
 
     def __init__(self, method: str, token: str | None, limits: dict) -> None:
         import torch
@@ -73,7 +73,8 @@ class ListServer:
         path = Path(config["checkpoint"])
         if self.method == MODEL:
             catalog = self.lister.catalog if self.lister is not None else None  # another catalog raises here
-            return load_policy(path, int(config.get("steps", 0)), catalog)
+            device = "cuda" if self.limits.get("gpus") else "cpu"  # Ray shows the replica its own GPU as cuda:0
+            return load_policy(path, int(config.get("steps", 0)), catalog, device, bool(self.limits.get("bf16")))
         return load_rival(self.method, path, float(self.limits.get("ease_lambda", 0.0)))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)

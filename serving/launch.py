@@ -95,14 +95,14 @@ def deployment(method: str, checkpoint: Path, cfg: ServeConfig, token: str | Non
 
     from serving.app import ListServer
 
-    replicas = cfg.replicas if method == MODEL else 1
+    replicas, gpus = (cfg.replicas, cfg.replica_gpus) if method == MODEL else (1, 0.0)
     threads = replica_threads(cfg)
     limits = {"max_body_bytes": cfg.max_body_bytes, "max_batch_size": cfg.max_batch_size,
               "batch_wait_ms": cfg.batch_wait_ms, "threads": threads, "ease_lambda": cfg.ease_lambda,
-              "rivals": {name: RIVALS[name] for name in cfg.rivals}}
+              "gpus": gpus, "bf16": cfg.bf16, "rivals": {name: RIVALS[name] for name in cfg.rivals}}
     return ListServer.options(
         name=app_name(method), num_replicas=replicas, max_ongoing_requests=cfg.max_ongoing,
-        max_queued_requests=cfg.max_queued, ray_actor_options={"num_cpus": cfg.replica_cpus},
+        max_queued_requests=cfg.max_queued, ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": gpus},
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
         user_config=user_config(checkpoint, cfg.steps if method == MODEL else 0),
     ).bind(method, token, limits)
@@ -133,6 +133,7 @@ def start(checkpoint: Path, cfg: ServeConfig, token: str | None = None, address:
     token = serve_token(cfg.host, token)
     started = connect(address, cfg.replica_cpus * (cfg.replicas + len(cfg.rivals)))
     try:
+        check_gpus(cfg, started)
         serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=LOGGING)
         running = running_catalog()
         if running is not None and running != fingerprint:
@@ -152,6 +153,21 @@ def start(checkpoint: Path, cfg: ServeConfig, token: str | None = None, address:
     from dashboard.server import page_url
 
     return Server(page_url(cfg.host, cfg.port), token, checkpoint, fingerprint, cfg, started)
+
+
+def check_gpus(cfg: ServeConfig, local: bool) -> None:
+    """serve.replica_gpus asks for GPUs the cluster lacks: an error on the local instance (none can join it), a
+    warning on a cluster (an autoscaler may add GPU nodes; until then the replicas wait to be placed)."""
+    import ray
+
+    need, have = cfg.replica_gpus * cfg.replicas, ray.cluster_resources().get("GPU", 0.0)
+    if need <= have:
+        return
+    problem = (f"serve.replica_gpus={cfg.replica_gpus:g} x serve.replicas={cfg.replicas} asks for {need:g} GPUs and "
+               f"the Ray cluster has {have:g}")
+    if local:
+        raise UserError(f"{problem}; set serve.replica_gpus=0 to serve on the CPU")
+    print(f"warning: {problem}; the model's replicas wait until GPUs join", file=sys.stderr, flush=True)
 
 
 def running_catalog() -> str | None:

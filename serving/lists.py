@@ -72,13 +72,16 @@ def load_catalog_for(path: Path):
     return load_catalog(cfg.data, Path(path).parent), cfg
 
 
-def load_policy(path: Path, steps: int = 0, catalog: Catalog | None = None) -> Lister:
-    """The checkpoint's policy, sampling with `steps` (0 = its sampler.steps) greedy-or-as-configured steps.
-    A checkpoint of another catalog than `catalog` (when given) raises CatalogError."""
+def load_policy(path: Path, steps: int = 0, catalog: Catalog | None = None, device: str = "cpu",
+                bf16: bool = False) -> Lister:
+    """The checkpoint's policy, sampling with `steps` (0 = its sampler.steps) greedy-or-as-configured steps, on
+    `device` (under bf16 autocast there when `bf16` and the device is a GPU). A checkpoint of another catalog than
+    `catalog` (when given) raises CatalogError."""
     import torch
 
     from catalog.batch import constraint_vocab
     from learner.checkpoint import load_checkpoint
+    from model.transformer import precision
     from rollout.retrieve import recommend
 
     path = Path(path)
@@ -86,15 +89,17 @@ def load_policy(path: Path, steps: int = 0, catalog: Catalog | None = None) -> L
     if catalog is None:
         catalog = load_catalog_for(path)[0]
     model, cfg, meta = load_checkpoint(path, catalog)
-    model.freeze_items()
+    model.to(device).freeze_items()
     sampler = replace(cfg.sampler, steps=steps or cfg.sampler.steps)
     vocab = constraint_vocab(catalog)
 
     def lists(requests: list[Request]) -> list[np.ndarray]:
-        with torch.inference_mode():
+        with torch.inference_mode(), precision(model, bf16):
             return recommend(model, catalog, vocab, requests, sampler)
 
-    facts = {"steps": sampler.steps, "temperature": sampler.temperature, "stamp": stamp,
+    half = bf16 and model.device.type == "cuda"
+    facts = {"steps": sampler.steps, "temperature": sampler.temperature, "stamp": stamp, "device": str(model.device),
+             "precision": "bf16" if half else "fp32",
              "complete": meta.get("complete", True), "parameters": sum(p.numel() for p in model.parameters())}
     return Lister(MODEL, catalog, lists, cfg.requests.k, cfg.model.max_k, str(path), facts)
 

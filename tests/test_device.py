@@ -146,3 +146,24 @@ def test_engine_steps_on_cuda_with_nccl(inputs, tiny_catalog, tiny_vocab):
         assert any(not torch.equal(before[k], after[k]) for k in before)
     finally:
         dist.destroy_process_group()
+
+
+@cuda
+@pytest.mark.parametrize("bf16", [False, True])
+def test_served_policy_on_cuda(tiny_checkpoint, tiny_catalog, bf16):
+    """`serve.replica_gpus` > 0: the replica's lister holds the model on the GPU and says so (with bf16 when
+    serve.bf16); its greedy lists are valid (k distinct items, no seed, the hard constraint kept), and in fp32
+    they are the CPU lister's lists."""
+    from core.carriers import Exclude, Request
+    from serving.lists import load_policy
+
+    lister = load_policy(tiny_checkpoint, device="cuda", bf16=bf16)
+    assert lister.facts["device"].startswith("cuda") and lister.facts["precision"] == ("bf16" if bf16 else "fp32")
+    requests = [Request((0, 1), k=8), Request((5,), (), (Exclude("genre", "Horror"),), 12), Request((2, 3, 4), k=5)]
+    lists = lister.lists(requests)
+    assert [len(x) for x in lists] == [8, 12, 5] and all(len(set(x)) == len(x) for x in lists)
+    assert all(not set(r.seeds) & set(x) for r, x in zip(requests, lists))
+    assert not tiny_catalog.has_value("genre", "Horror")[lists[1]].any()
+    if not bf16:
+        cpu = load_policy(tiny_checkpoint).lists(requests)
+        assert [sorted(x) for x in lists] == [sorted(x) for x in cpu]

@@ -119,6 +119,7 @@ def test_answers_with_titles_as_retrieve_does(server, capsys, restore_threads):
         assert status == 200 and rival["method"] == name and len(set(ids)) == 6 and not {101, 104} & set(ids)
     status, _, health = run(one(url + "health"))
     assert status == 200 and health["checkpoint"] == "most.safetensors" and health["steps"] == 10
+    assert (health["device"], health["precision"]) == ("cpu", "fp32")  # serve.replica_gpus=0, the default
     assert health["catalog"] == make_tiny_catalog().fingerprint
 
 
@@ -273,3 +274,16 @@ def test_try_page_lists_the_three_methods_with_titles_as_text(server, browser): 
     ARTIFACTS.mkdir(exist_ok=True)
     save_screenshot(browser, "try.png")
     assert (ARTIFACTS / "try.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_gpus_the_cluster_lacks_are_one_line_before_anything_serves(tmp_path):
+    """serve.replica_gpus beyond the local Ray instance's GPUs (64: more than any one machine here has) ends the
+    command with one line naming the setting, instead of replicas waiting for ever to be placed."""
+    checkpoint = write_tiny_checkpoint(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--checkpoint", str(checkpoint),
+                           f"serve.port={free_port()}", "serve.replica_gpus=64", "serve.rivals=[]"],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "RAY_AUTH_MODE": "token"},
+                          timeout=180)
+    problem = [line for line in done.stderr.splitlines() if "serve.replica_gpus" in line]
+    assert done.returncode != 0 and "try it:" not in done.stdout
+    assert len(problem) == 1 and "asks for 64 GPUs and the Ray cluster has" in problem[0], done.stderr[-2000:]

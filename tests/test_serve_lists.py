@@ -58,6 +58,9 @@ def test_policy_lists_are_the_retrieve_lists(tiny_checkpoint, tiny_catalog):
     rows = answer(tiny_catalog, lists[0])
     assert rows[0] == {"rank": 1, "item_id": int(tiny_catalog.item_ids[lists[0][0]]),
                        "title": tiny_catalog.titles[lists[0][0]]}
+    assert (lister.facts["device"], lister.facts["precision"]) == ("cpu", "fp32")
+    on_cpu = load_policy(tiny_checkpoint, bf16=True)  # serve.bf16 autocasts on a GPU only: the same fp32 lists here
+    assert on_cpu.facts["precision"] == "fp32" and all(map(np.array_equal, on_cpu.lists(requests), lists))
 
 
 def test_rival_lister_is_the_evaluations_ease(tiny_checkpoint, tiny_catalog):
