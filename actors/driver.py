@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -54,7 +55,7 @@ import ray
 from actors.buffer import ReplayBufferActor
 from actors.calls import MAX_ROLLOUT_RESTARTS, Actors, RayWorkers, ask_rollouts, gather_ranks, peak_memory
 from actors.learner import LearnerActor
-from actors.monitor import Monitor
+from actors.monitor import Monitor, best_path
 from actors.placement import driver_node_options, place_groups
 from actors.rollout import RolloutActor
 from actors.scheduler import RolloutScheduler
@@ -139,6 +140,8 @@ def check_inputs(cfg: RunConfig, checkpoint: Path, preferences: str | None, step
                            f"{catalog.fingerprint})")
     if preferences:
         read_preferences(preferences, catalog)  # missing file or columns -> CatalogError now
+    if cfg.h2po.keep == "best" and cfg.h2po.eval_every < 1:
+        raise UserError("h2po.keep=best chooses among the validation probes: it needs h2po.eval_every >= 1")
     return [(reward.name, weight) for reward, weight in build_rewards(cfg.h2po.rewards)]
 
 
@@ -327,6 +330,21 @@ def write_policy(actors: Actors, cfg: RunConfig, state: DriverState, weights, me
                        state.rollout_restarts, state.step, peak_memory(actors))
 
 
+def keep_best(cfg: RunConfig, monitor: Monitor, last_step: int, policy: Path) -> None:
+    """h2po.keep=best: OUT_DIR/h2po.safetensors becomes the best probed policy (the last one stays beside it as
+    h2po_last.safetensors), and the run says which step it kept."""
+    if cfg.h2po.keep != "best" or monitor.best is None:
+        return
+    score, step = monitor.best
+    last = policy.with_name("h2po_last.safetensors")
+    os.replace(policy, last)
+    shutil.copyfile(best_path(cfg.out_dir), last.with_name(".h2po.kept.tmp"))
+    os.replace(last.with_name(".h2po.kept.tmp"), policy)
+    print(f"H2PO: kept the policy of step {step} of {last_step} (h2po.keep=best: validation NDCG@10 {score:.4f}, the "
+          f"best probe{'; step 0 is the start checkpoint' if step == 0 else ''}); the last step's is {last}",
+          flush=True)
+
+
 def start_state(actors: Actors, cfg: RunConfig, opts: LoopOptions, resume: bool) -> tuple[DriverState,
                                                                                            RolloutScheduler]:
     """A fresh or restored driver state and the rollout scheduler that continues from it (`actors.scheduler`)."""
@@ -372,6 +390,7 @@ def train(cfg: RunConfig, checkpoint: str | Path, preferences_path: str | Path |
         result = write_policy(actors, cfg, state, scheduler.weights, {"mode": mode, "from": str(checkpoint),
                                                                       "stopped_by": state.stopped_by},
                               preferences is not None)
+        keep_best(cfg, monitor, state.step, result.checkpoint)
         result.seconds, result.resumed_from = time.time() - start, resumed_from
         print(f"H2PO done: version {result.version} in {result.seconds:.1f}s; {result.buffer}; rollout restarts "
               f"{result.rollout_restarts}; peak memory (MiB) "

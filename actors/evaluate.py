@@ -38,6 +38,11 @@ class ValidationProbe:
                  "metrics": {"ndcg@10": float(ndcg[self.families == family].mean())}}
                 for family in sorted(set(self.families))]
 
+    def score(self, records: list[dict]) -> float:
+        """NDCG@10 over all validation requests of one recommender's per-family `records` (what MOST validates)."""
+        counts = {str(f): int((self.families == f).sum()) for f in set(self.families)}
+        return sum(r["metrics"]["ndcg@10"] * counts[r["family"]] for r in records) / len(self.families)
+
     def baselines(self) -> list[dict]:
         ws = self.policy.ws
         found = build_baselines(ws.data, ws.features, ws.cfg.eval, workspace.ease_lambda(ws))

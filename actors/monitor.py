@@ -52,6 +52,20 @@ def sample_record(batch: BatchSummary, catalog, weights: np.ndarray) -> dict | N
             "list": [catalog.titles[i] for i in r.items[best].tolist()], "reward": float(total[best])}
 
 
+def best_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "h2po_best.safetensors"
+
+
+def kept_best(out_dir: str | Path) -> tuple[float, int] | None:
+    """(validation NDCG@10, step) of the best policy a resumed run has kept so far, None when it has none."""
+    from learner.checkpoint import read_header
+
+    if not best_path(out_dir).is_file():
+        return None
+    meta = json.loads(read_header(best_path(out_dir))["meta"])
+    return float(meta["val_ndcg@10"]), int(meta["steps"])
+
+
 class Monitor:
     """The feed, probes and page of one training run (module docstring).
 
@@ -69,6 +83,8 @@ class Monitor:
                 print(f"previous run's {moved.name.split('.')[0]} kept as {moved}", flush=True)
         self.log = MetricsLog(cfg.out_dir)
         self.probe = ValidationProbe(cfg, checkpoint) if cfg.h2po.eval_every > 0 else None
+        self.checkpoint = checkpoint
+        self.best = kept_best(cfg.out_dir) if resume and cfg.h2po.keep == "best" else None  # (score, step)
         self.server = None
         if cfg.dashboard.enabled:
             from dashboard.server import start_dashboard
@@ -90,6 +106,7 @@ class Monitor:
             records = self.probe.baselines() + self.probe.policy_records({}, 0, "H2PO")
             for record in records:
                 self.log.write("eval", **record)
+            self.keep([r for r in records if r["step"] == 0], 0)
             start_ndcg = {r["family"]: r["metrics"]["ndcg@10"] for r in records if r["step"] == 0}
             print(f"validation probe: baselines and the start policy in {time.time() - start:.1f}s (start NDCG@10 "
                   + ", ".join(f"{f} {v:.4f}" for f, v in start_ndcg.items()) + f"; again every "
@@ -105,8 +122,23 @@ class Monitor:
             self.log.write("sample", step=step, **sample)
         every = self.cfg.h2po.eval_every
         if self.probe is not None and every > 0 and step % every == 0:
-            for record in self.probe.policy_records(ray.get(state_ref), step):
+            records = self.probe.policy_records(ray.get(state_ref), step)
+            for record in records:
                 self.log.write("eval", **record)
+            self.keep(records, step)
+
+    def keep(self, records: list[dict], step: int) -> None:
+        """h2po.keep=best: the probed policy (the probe's model holds its weights now) becomes OUT_DIR/
+        h2po_best.safetensors when its validation NDCG@10 beats every earlier probe's."""
+        if self.cfg.h2po.keep != "best":
+            return
+        score = self.probe.score(records)
+        if self.best is None or score > self.best[0]:
+            from learner.checkpoint import save_checkpoint
+
+            meta = {"from": self.checkpoint, "steps": step, "kept": "best", "val_ndcg@10": score}
+            save_checkpoint(best_path(self.cfg.out_dir), self.probe.policy.model, self.cfg, self.catalog, meta)
+            self.best = (score, step)
 
     def failed(self, message: str) -> None:
         """A `failed` event, then `finish("failed")`; an error while reporting is printed, never raised (the run's

@@ -19,7 +19,8 @@ from core.errors import UserError, quoted
 
 # what `run`, `pretrain` and `train` write into OUT_DIR: each must be absent or a regular file before work starts
 RUN_FILES = ("ease.json", "folds.safetensors", "most.safetensors", "pretrain.json", "preferences.parquet",
-             "h2po.safetensors", "metrics.jsonl", "report.html", "results.json")
+             "h2po.safetensors", "h2po_best.safetensors", "h2po_last.safetensors", "metrics.jsonl", "report.html",
+             "results.json")
 
 
 def _field_value(text: str, flag: str) -> tuple[str, str]:

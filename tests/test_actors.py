@@ -11,8 +11,10 @@ Run: `python -m pytest tests/test_actors.py -q` (about 1.5 minutes on 2 cores).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +201,38 @@ def test_sync_run_trains_and_publishes_weights(run_dir, cluster):
     assert {name: value.shape for name, value in saved.items()} == {name: value.shape for name, value in start.items()}
     assert not torch.equal(saved["item_residual"], start["item_residual"])
     assert result.history[-1]["kl"] > 0
+
+
+@pytest.mark.slow
+def test_keep_best_keeps_the_best_validated_policy(run_dir, cluster, tmp_path):
+    """h2po.keep=best, a probe every step: h2po.safetensors holds the policy whose validation NDCG@10 (over all
+    validation requests) is the first maximum of the probes, step 0 (the MOST start) included; the last step's
+    weights stay beside it as h2po_last.safetensors. keep=best without probes is refused before anything starts."""
+    from actors.driver import train
+    from actors.evaluate import ValidationProbe
+    from core.config import SystemConfig
+    from core.errors import UserError
+    from dashboard.feed import read_records
+
+    shutil.copytree(run_dir / "catalog", tmp_path / "catalog")
+    cfg = h2po_config(run_dir, f"out_dir={tmp_path}", "h2po.eval_every=1", "h2po.keep=best")
+    with pytest.raises(UserError, match="h2po.keep=best .* h2po.eval_every >= 1"):
+        train(dataclasses.replace(cfg, h2po=dataclasses.replace(cfg.h2po, eval_every=0)), run_dir / "most.safetensors")
+    result = train(cfg, run_dir / "most.safetensors", None, steps=3, mode="sync", system=SystemConfig(learners=1))
+    probe = ValidationProbe(cfg, run_dir / "most.safetensors")
+    records = [r for r in read_records(tmp_path)[0] if r["kind"] == "eval" and r["method"] == "H2PO"]
+    scores = [probe.score([r for r in records if r["step"] == step]) for step in range(4)]
+    best = scores.index(max(scores))
+    meta = json.loads(read_header(result.checkpoint)["meta"])
+    assert (meta["kept"], meta["steps"]) == ("best", best) and meta["val_ndcg@10"] == pytest.approx(scores[best])
+    kept, last = load_file(result.checkpoint), load_file(tmp_path / "h2po_last.safetensors")
+    start = load_file(run_dir / "most.safetensors")
+    assert all(torch.equal(last[f"model.{name}"], value) for name, value in result.state_dict.items())
+    if best == 0:
+        assert all(torch.equal(kept[name], start[name]) for name in start)
+    else:
+        assert not torch.equal(kept["model.item_residual"], start["model.item_residual"])
+    assert best == 3 or not torch.equal(kept["model.item_residual"], last["model.item_residual"])
 
 
 def check_feed(run_dir: Path, cfg) -> None:
