@@ -336,10 +336,10 @@ def keep_best(cfg: RunConfig, monitor: Monitor, last_step: int, policy: Path) ->
     if cfg.h2po.keep != "best" or monitor.best is None:
         return
     score, step = monitor.best
-    last = policy.with_name("h2po_last.safetensors")
+    last, copy = policy.with_name("h2po_last.safetensors"), policy.with_name(".h2po.kept.tmp")
+    shutil.copyfile(best_path(cfg.out_dir), copy)  # first, so a failed copy leaves h2po.safetensors as it was
     os.replace(policy, last)
-    shutil.copyfile(best_path(cfg.out_dir), last.with_name(".h2po.kept.tmp"))
-    os.replace(last.with_name(".h2po.kept.tmp"), policy)
+    os.replace(copy, policy)
     print(f"H2PO: kept the policy of step {step} of {last_step} (h2po.keep=best: validation NDCG@10 {score:.4f}, the "
           f"best probe{'; step 0 is the start checkpoint' if step == 0 else ''}); the last step's is {last}",
           flush=True)
