@@ -65,7 +65,7 @@ from catalog.preferences import read_preferences
 from catalog.schema import CatalogError
 from core.config import RunConfig, SystemConfig
 from core.errors import UserError
-from learner.checkpoint import read_header
+from learner.checkpoint import finish_checkpoint, read_header
 from learner.engine import EngineConfig
 from learner.h2po import lambda_off_at
 from rewards.registry import build_rewards
@@ -338,6 +338,8 @@ def keep_best(cfg: RunConfig, monitor: Monitor, last_step: int, policy: Path) ->
     score, step = monitor.best
     last, copy = policy.with_name("h2po_last.safetensors"), policy.with_name(".h2po.kept.tmp")
     shutil.copyfile(best_path(cfg.out_dir), copy)  # first, so a failed copy leaves h2po.safetensors as it was
+    run = json.loads(read_header(policy)["meta"])  # what ended the run, as the last step's policy says
+    finish_checkpoint(copy, {"mode": run["mode"], "stopped_by": run["stopped_by"], "last_step": last_step})
     os.replace(policy, last)
     os.replace(copy, policy)
     print(f"H2PO: kept the policy of step {step} of {last_step} (h2po.keep=best: validation NDCG@10 {score:.4f}, the "

@@ -225,6 +225,7 @@ def test_keep_best_keeps_the_best_validated_policy(run_dir, cluster, tmp_path):
     best = scores.index(max(scores))
     meta = json.loads(read_header(result.checkpoint)["meta"])
     assert (meta["kept"], meta["steps"]) == ("best", best) and meta["val_ndcg@10"] == pytest.approx(scores[best])
+    assert (meta["stopped_by"], meta["last_step"], meta["complete"]) == ("steps", 3, True)
     kept, last = load_file(result.checkpoint), load_file(tmp_path / "h2po_last.safetensors")
     start = load_file(run_dir / "most.safetensors")
     assert all(torch.equal(last[f"model.{name}"], value) for name, value in result.state_dict.items())
