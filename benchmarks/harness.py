@@ -68,12 +68,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
 
 def h2po_run_config(parser: argparse.ArgumentParser, run: Path, out_dir: Path, overrides: list[str]) -> RunConfig:
     """The config of `run`'s MOST checkpoint + overrides, for a measured H2PO run into out_dir: dashboard, report,
-    validation probes, train-state checkpoints and the time budget off. A run directory without its checkpoint or
-    preferences is a usage error."""
+    validation probes (so the last step's policy is kept), train-state checkpoints and the time budget off. A run
+    directory without its checkpoint or preferences is a usage error."""
     if not (run / "most.safetensors").is_file() or not (run / "preferences.parquet").is_file():
         parser.error(f"{run} needs most.safetensors and preferences.parquet (run `h2po run` first)")
     fixed = [f"out_dir={out_dir}", "dashboard.enabled=false", "dashboard.report=false", "h2po.eval_every=0",
-             "h2po.max_minutes=0", "h2po.checkpoint_every=0"]
+             "h2po.keep=last", "h2po.max_minutes=0", "h2po.checkpoint_every=0"]
     return config_from_checkpoint(run / "most.safetensors", None, [*fixed, *overrides])  # a header is data
 
 

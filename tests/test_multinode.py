@@ -47,7 +47,8 @@ HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout
 NO_GPUS_TINY = ["system.rollout_gpus=0", "system.learner_gpus=0", "system.rollout_cpus=1", "system.learner_cpus=1",
                 "threads=1", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "requests.k=8",
                 "h2po.group_size=2", "h2po.batch_requests=2", "h2po.vrpo_samples=2", "most.batch_size=4",
-                "h2po.lr=1e-3", "h2po.eval_every=0", "dashboard.enabled=false", "dashboard.report=false"]
+                "h2po.lr=1e-3", "h2po.eval_every=0", "h2po.keep=last", "dashboard.enabled=false",
+                "dashboard.report=false"]
 JOB_TIMEOUT = 600  # seconds; on 2 cores under a load of 15 a worker node alone takes a minute to start
 
 pytestmark = pytest.mark.slow
