@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -55,7 +54,7 @@ import ray
 from actors.buffer import ReplayBufferActor
 from actors.calls import MAX_ROLLOUT_RESTARTS, Actors, RayWorkers, ask_rollouts, gather_ranks, peak_memory
 from actors.learner import LearnerActor
-from actors.monitor import Monitor, best_path
+from actors.monitor import Monitor
 from actors.placement import driver_node_options, place_groups
 from actors.rollout import RolloutActor
 from actors.scheduler import RolloutScheduler
@@ -65,7 +64,7 @@ from catalog.preferences import read_preferences
 from catalog.schema import CatalogError
 from core.config import RunConfig, SystemConfig
 from core.errors import UserError
-from learner.checkpoint import finish_checkpoint, read_header
+from learner.checkpoint import read_header
 from learner.engine import EngineConfig
 from learner.h2po import lambda_off_at
 from rewards.registry import build_rewards
@@ -330,23 +329,6 @@ def write_policy(actors: Actors, cfg: RunConfig, state: DriverState, weights, me
                        state.rollout_restarts, state.step, peak_memory(actors))
 
 
-def keep_best(cfg: RunConfig, monitor: Monitor, last_step: int, policy: Path) -> None:
-    """h2po.keep=best: OUT_DIR/h2po.safetensors becomes the best probed policy (the last one stays beside it as
-    h2po_last.safetensors), and the run says which step it kept."""
-    if cfg.h2po.keep != "best" or monitor.best is None:
-        return
-    score, step = monitor.best
-    last, copy = policy.with_name("h2po_last.safetensors"), policy.with_name(".h2po.kept.tmp")
-    shutil.copyfile(best_path(cfg.out_dir), copy)  # first, so a failed copy leaves h2po.safetensors as it was
-    run = json.loads(read_header(policy)["meta"])  # what ended the run, as the last step's policy says
-    finish_checkpoint(copy, {"mode": run["mode"], "stopped_by": run["stopped_by"], "last_step": last_step})
-    os.replace(policy, last)
-    os.replace(copy, policy)
-    print(f"H2PO: kept the policy of step {step} of {last_step} (h2po.keep=best: validation NDCG@10 {score:.4f}, the "
-          f"best probe{'; step 0 is the start checkpoint' if step == 0 else ''}); the last step's is {last}",
-          flush=True)
-
-
 def start_state(actors: Actors, cfg: RunConfig, opts: LoopOptions, resume: bool) -> tuple[DriverState,
                                                                                            RolloutScheduler]:
     """A fresh or restored driver state and the rollout scheduler that continues from it (`actors.scheduler`)."""
@@ -392,7 +374,7 @@ def train(cfg: RunConfig, checkpoint: str | Path, preferences_path: str | Path |
         result = write_policy(actors, cfg, state, scheduler.weights, {"mode": mode, "from": str(checkpoint),
                                                                       "stopped_by": state.stopped_by},
                               preferences is not None)
-        keep_best(cfg, monitor, state.step, result.checkpoint)
+        monitor.keep_best(result.checkpoint, {"mode": mode, "stopped_by": state.stopped_by, "last_step": state.step})
         result.seconds, result.resumed_from = time.time() - start, resumed_from
         print(f"H2PO done: version {result.version} in {result.seconds:.1f}s; {result.buffer}; rollout restarts "
               f"{result.rollout_restarts}; peak memory (MiB) "

@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -139,6 +141,23 @@ class Monitor:
             meta = {"from": self.checkpoint, "steps": step, "kept": "best", "val_ndcg@10": score}
             save_checkpoint(best_path(self.cfg.out_dir), self.probe.policy.model, self.cfg, self.catalog, meta)
             self.best = (score, step)
+
+    def keep_best(self, policy: Path, run: dict) -> None:
+        """h2po.keep=best, at the end: `policy` (OUT_DIR/h2po.safetensors) becomes the best probe, with the run's
+        meta `run` (mode, stopped_by, last_step); the last step's policy stays beside it as h2po_last.safetensors."""
+        if self.cfg.h2po.keep != "best" or self.best is None:
+            return
+        from learner.checkpoint import finish_checkpoint
+
+        score, step = self.best
+        last, copy = policy.with_name("h2po_last.safetensors"), policy.with_name(".h2po.kept.tmp")
+        shutil.copyfile(best_path(self.cfg.out_dir), copy)  # first, so a failed copy leaves h2po.safetensors as it was
+        finish_checkpoint(copy, run)
+        os.replace(policy, last)
+        os.replace(copy, policy)
+        print(f"H2PO: kept the policy of step {step} of {run['last_step']} (h2po.keep=best: validation NDCG@10 "
+              f"{score:.4f}, the best probe{'; step 0 is the start checkpoint' if step == 0 else ''}); the last "
+              f"step's is {last}", flush=True)
 
     def failed(self, message: str) -> None:
         """A `failed` event, then `finish("failed")`; an error while reporting is printed, never raised (the run's
