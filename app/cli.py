@@ -220,7 +220,7 @@ def cmd_train(args) -> None:
     # placement: system.learners=2 system.zero_stage=2 ...
     cfg = config_from_checkpoint(Path(args.checkpoint), args.config, args.overrides)
     check_output_dir(cfg.out_dir, RUN_FILES, "out_dir")
-    if cfg.model.prior_folds > 1:  # the out-of-fold priors, fit (or found) once here rather than in every actor
+    if cfg.model.out_of_fold():  # the out-of-fold priors, fit (or found) once here rather than in every actor
         from app import pipeline
         ws = pipeline.prepare(cfg)
         pipeline.training_folds(ws)

@@ -102,7 +102,7 @@ def training_folds(ws: Workspace, lam: float | None = None) -> list[Fold] | None
     (rollouts and anchor) read them, so they are cached in the run directory (`folds.safetensors`, keyed by what
     they are computed from) and every process of a run fits them at most once."""
     m = ws.cfg.model
-    if m.prior_folds <= 1 or m.prior not in ("ease", "ease+intent"):
+    if not m.out_of_fold():
         return None
     users = ws.data.train_users
     if len(users) < m.prior_folds:
@@ -133,7 +133,7 @@ def training_folds(ws: Workspace, lam: float | None = None) -> list[Fold] | None
     return out
 
 def build_model(ws: Workspace, ease: EASE | None) -> Retriever:
-    prior = prior_neighbours(ws, ease) if ease is not None and ws.cfg.model.prior in ("ease", "ease+intent") else None
+    prior = prior_neighbours(ws, ease) if ease is not None and ws.cfg.model.ease_prior() else None
     intent = IntentIndex(ws.data.catalog) if ws.cfg.model.prior == "ease+intent" else None
     return Retriever(ws.cfg.model, torch.from_numpy(ws.features), len(ws.vocab), prior,
                      *((torch.from_numpy(intent.values), torch.from_numpy(intent.parts)) if intent else ()))
