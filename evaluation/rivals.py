@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 
 from catalog.dataset import Dataset
 from catalog.intent import IntentIndex
@@ -71,10 +72,11 @@ class ALS(Baseline):
     def __init__(self, data: Dataset, factors: int, regularization: float, alpha: float, seed: int,
                  iterations: int = 15, threads: int = 1) -> None:
         from implicit.cpu.als import AlternatingLeastSquares
-        from threadpoolctl import threadpool_limits
 
         super().__init__(data.catalog)
-        with threadpool_limits(1, "blas"):  # implicit's own threads; BLAS threads inside them only contend
+        # implicit runs its own OpenMP threads (fit and recalculate_user) and calls BLAS inside them: BLAS threads
+        # there only contend, and OpenBLAS prints a warning per call (16 per request at 256 factors)
+        with threadpool_limits(1, "blas"):
             self.model = AlternatingLeastSquares(factors=int(factors), regularization=float(regularization),
                                                  alpha=float(alpha), iterations=iterations, random_state=seed,
                                                  num_threads=threads)
@@ -83,7 +85,8 @@ class ALS(Baseline):
     def user_factors(self, examples: Sequence[Example]) -> np.ndarray:
         """(R, F) least-squares user factors of each request's seed set (confidence alpha on the seeds)."""
         seeds = sp.csr_matrix(seed_matrix(examples, self.catalog.n_items))
-        return self.model.recalculate_user(np.arange(len(examples)), seeds)
+        with threadpool_limits(1, "blas"):
+            return self.model.recalculate_user(np.arange(len(examples)), seeds)
 
     def scores(self, examples: Sequence[Example]) -> np.ndarray:
         return self.user_factors(examples) @ self.model.item_factors.T  # (R, N)

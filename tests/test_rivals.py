@@ -98,6 +98,17 @@ def test_als_user_factors_are_a_ridge_solve():
     np.testing.assert_allclose(als.scores(examples), als.user_factors(examples) @ als.model.item_factors.T)
 
 
+def test_als_runs_blas_on_one_thread_inside_its_own_threads(capfd):
+    """implicit solves users in its own OpenMP threads and calls BLAS inside them: with BLAS threads there, OpenBLAS
+    prints "Detect OpenMP Loop" per call (16 per request at 256 factors; 22,992 lines in a MovieTweetings job).
+    Two implicit threads, 256 factors: the fit and the solved user factors print nothing."""
+    data = tiny_dataset(23, n_items=300, n_users=60)
+    als = ALS(data, factors=256, regularization=1.0, alpha=3.0, seed=0, iterations=2, threads=2)
+    scores = als.scores(random_examples(data, 20, k=4, seed=14))
+    assert np.isfinite(scores).all()
+    assert "OpenBLAS" not in capfd.readouterr().err
+
+
 def peaked(best: float, params: dict) -> tuple[dict[str, float], dict]:
     """Validation score -(log2 x - log2 best)^2 with its maximum at x = best; y changes nothing."""
     return {"A": -(math.log2(params["x"]) - math.log2(best)) ** 2, "B": 0.0}, params
