@@ -216,11 +216,12 @@ def cmd_train(args) -> None:
     from actors.calls import LearnerFailed
     from actors.driver import train
     from learner.checkpoint import config_from_checkpoint
+    from learner.workspace import out_of_fold
 
     # placement: system.learners=2 system.zero_stage=2 ...
     cfg = config_from_checkpoint(Path(args.checkpoint), args.config, args.overrides)
     check_output_dir(cfg.out_dir, RUN_FILES, "out_dir")
-    if cfg.model.out_of_fold():  # the out-of-fold priors, fit (or found) once here rather than in every actor
+    if out_of_fold(cfg.model):  # the out-of-fold priors, fit (or found) once here rather than in every actor
         from app import pipeline
         ws = pipeline.prepare(cfg)
         pipeline.training_folds(ws)

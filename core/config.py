@@ -103,14 +103,6 @@ class ModelConfig:
                                     "peak memory rows x chunk, not rows x N; N <= chunk runs in one piece.",
                              low=1, high=2**31 - 1)
 
-    def ease_prior(self) -> bool:
-        """The item head adds EASE's scores (prior=ease or ease+intent)."""
-        return self.prior in ("ease", "ease+intent")
-
-    def out_of_fold(self) -> bool:
-        """Training requests see an out-of-fold EASE prior (prior_folds > 1 with an EASE prior)."""
-        return self.prior_folds > 1 and self.ease_prior()
-
 
 @dataclass
 class SamplerConfig:

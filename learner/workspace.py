@@ -25,7 +25,7 @@ from catalog.features import item_features
 from catalog.intent import IntentIndex
 from catalog.schema import atomic_write
 from core.carriers import Example
-from core.config import RunConfig
+from core.config import ModelConfig, RunConfig
 from core.errors import UserError
 from core.numerics import Neighbours, unit_rows
 from evaluation.baselines import EASE, tune_ease
@@ -95,6 +95,11 @@ def prior_neighbours(ws: Workspace, ease: EASE) -> Neighbours:
     rows = ease.neighbours(ws.cfg.model.prior_neighbours)
     return Neighbours(rows.indices, rows.values.half())
 
+def out_of_fold(m: ModelConfig) -> bool:
+    """Training requests see an out-of-fold EASE prior: model.prior_folds > 1 with an EASE prior."""
+    return m.prior_folds > 1 and m.prior != "none"
+
+
 def training_folds(ws: Workspace, lam: float | None = None) -> list[Fold] | None:
     """model.prior_folds > 1 (and an EASE prior): the training users in F folds (a permutation seeded by
     data.split_seed), each with EASE fit on the other folds' users at `lam` (default: `ease_lambda`, looked up only
@@ -102,7 +107,7 @@ def training_folds(ws: Workspace, lam: float | None = None) -> list[Fold] | None
     (rollouts and anchor) read them, so they are cached in the run directory (`folds.safetensors`, keyed by what
     they are computed from) and every process of a run fits them at most once."""
     m = ws.cfg.model
-    if not m.out_of_fold():
+    if not out_of_fold(m):
         return None
     users = ws.data.train_users
     if len(users) < m.prior_folds:
@@ -133,7 +138,7 @@ def training_folds(ws: Workspace, lam: float | None = None) -> list[Fold] | None
     return out
 
 def build_model(ws: Workspace, ease: EASE | None) -> Retriever:
-    prior = prior_neighbours(ws, ease) if ease is not None and ws.cfg.model.ease_prior() else None
+    prior = prior_neighbours(ws, ease) if ease is not None and ws.cfg.model.prior != "none" else None
     intent = IntentIndex(ws.data.catalog) if ws.cfg.model.prior == "ease+intent" else None
     return Retriever(ws.cfg.model, torch.from_numpy(ws.features), len(ws.vocab), prior,
                      *((torch.from_numpy(intent.values), torch.from_numpy(intent.parts)) if intent else ()))
