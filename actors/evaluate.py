@@ -30,27 +30,27 @@ class ValidationProbe:
         self.examples = workspace.examples(ws, "val")
         self.relevant = item_mask([e.targets for e in self.examples], ws.data.catalog.n_items)
         self.families = np.array([e.family for e in self.examples])
+        self.users = np.array([e.user for e in self.examples])  # clusters of the bootstrap over users
 
-    def records(self, method: str, recommend, step: int | None) -> list[dict]:
-        """`eval` records (`dashboard.feed`) of one recommender: examples -> (R, k) lists."""
-        ndcg = ranking_metrics(recommend(self.examples), self.relevant, [10])["ndcg@10"]
+    def ndcg(self, recommend) -> np.ndarray:
+        """(R,) NDCG@10 of one recommender (examples -> (R, k) lists) on each validation request."""
+        return ranking_metrics(recommend(self.examples), self.relevant, [10])["ndcg@10"]
+
+    def records(self, method: str, ndcg: np.ndarray, step: int | None) -> list[dict]:
+        """`eval` records (`dashboard.feed`), one per family, of one recommender's per-request NDCG@10."""
         return [{"step": step, "method": method, "split": "val", "family": str(family),
                  "metrics": {"ndcg@10": float(ndcg[self.families == family].mean())}}
                 for family in sorted(set(self.families))]
-
-    def score(self, records: list[dict]) -> float:
-        """NDCG@10 over all validation requests of one recommender's per-family `records` (what MOST validates)."""
-        counts = {str(f): int((self.families == f).sum()) for f in set(self.families)}
-        return sum(r["metrics"]["ndcg@10"] * counts[r["family"]] for r in records) / len(self.families)
 
     def baselines(self) -> list[dict]:
         ws = self.policy.ws
         found = build_baselines(ws.data, ws.features, ws.cfg.eval, workspace.ease_lambda(ws))
         k = ws.cfg.requests.k
-        return [r for name, b in found.items() for r in self.records(name, functools.partial(b.recommend, k=k), None)]
+        return [r for name, b in found.items()
+                for r in self.records(name, self.ndcg(functools.partial(b.recommend, k=k)), None)]
 
-    def policy_records(self, state: dict[str, torch.Tensor], step: int, method: str = "H2PO") -> list[dict]:
-        """Load published weights (step 0: the MOST checkpoint as loaded) and evaluate them."""
+    def policy_ndcg(self, state: dict[str, torch.Tensor]) -> np.ndarray:
+        """(R,) NDCG@10 of published weights (an empty `state`: the policy as loaded, the MOST checkpoint)."""
         if state:
             load_weights(self.policy.model, state)
-        return self.records(method, workspace.model_recommender(self.policy.ws, self.policy.model), step)
+        return self.ndcg(workspace.model_recommender(self.policy.ws, self.policy.model))

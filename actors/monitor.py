@@ -23,6 +23,7 @@ from catalog.requests import request_to_json
 from core.config import RunConfig
 from core.errors import UserError
 from dashboard.feed import MetricsLog, set_aside
+from evaluation.metrics import paired_bootstrap
 from rollout.buffer import BatchSummary
 
 
@@ -68,6 +69,16 @@ def kept_best(out_dir: str | Path) -> tuple[float, int] | None:
     return float(meta["val_ndcg@10"]), int(meta["steps"])
 
 
+def improves(ndcg: np.ndarray, start: np.ndarray, best: tuple[float, int] | None, users: np.ndarray,
+             resamples: int, seed: int) -> tuple[bool, tuple[float, float, float]]:
+    """(whether a probe replaces the kept policy, its paired gain over the start (mean, lo, hi)): `ndcg` and
+    `start` are per-request validation NDCG@10, `best` the kept (score, step) or None. It does when nothing is kept,
+    or when its mean beats the kept one's and the 95% interval of its gain over the start, resampling validation
+    users, lies above zero: a policy that beats its start by less than the noise never replaces it."""
+    gain = paired_bootstrap(ndcg, start, resamples, seed, users)
+    return best is None or (float(ndcg.mean()) > best[0] and gain[1] > 0), gain
+
+
 class Monitor:
     """The feed, probes and page of one training run (module docstring).
 
@@ -86,7 +97,11 @@ class Monitor:
         self.log = MetricsLog(cfg.out_dir)
         self.probe = ValidationProbe(cfg, checkpoint) if cfg.h2po.eval_every > 0 else None
         self.checkpoint = checkpoint
-        self.best = kept_best(cfg.out_dir) if resume and cfg.h2po.keep == "best" else None  # (score, step)
+        self.best = None  # (validation NDCG@10, step) of the kept probe (h2po.keep=best)
+        if resume and cfg.h2po.keep == "best":  # the probe's policy is the start until weights are published
+            self.start_ndcg, self.best = self.probe.policy_ndcg({}), kept_best(cfg.out_dir)
+            if self.best is None:
+                self.keep(self.start_ndcg, 0)
         self.server = None
         if cfg.dashboard.enabled:
             from dashboard.server import start_dashboard
@@ -105,10 +120,11 @@ class Monitor:
         print(f"Ray metrics (Prometheus, ray_h2po_*): {metrics_urls(ray.nodes())}", flush=True)
         if self.probe is not None and resumed_from == 0:
             start = time.time()
-            records = self.probe.baselines() + self.probe.policy_records({}, 0, "H2PO")
+            ndcg = self.probe.policy_ndcg({})
+            records = self.probe.baselines() + self.probe.records("H2PO", ndcg, 0)
             for record in records:
                 self.log.write("eval", **record)
-            self.keep([r for r in records if r["step"] == 0], 0)
+            self.keep(ndcg, 0)
             start_ndcg = {r["family"]: r["metrics"]["ndcg@10"] for r in records if r["step"] == 0}
             print(f"validation probe: baselines and the start policy in {time.time() - start:.1f}s (start NDCG@10 "
                   + ", ".join(f"{f} {v:.4f}" for f, v in start_ndcg.items()) + f"; again every "
@@ -124,23 +140,30 @@ class Monitor:
             self.log.write("sample", step=step, **sample)
         every = self.cfg.h2po.eval_every
         if self.probe is not None and every > 0 and step % every == 0:
-            records = self.probe.policy_records(ray.get(state_ref), step)
-            for record in records:
+            ndcg = self.probe.policy_ndcg(ray.get(state_ref))
+            for record in self.probe.records("H2PO", ndcg, step):
                 self.log.write("eval", **record)
-            self.keep(records, step)
+            self.keep(ndcg, step)
 
-    def keep(self, records: list[dict], step: int) -> None:
-        """h2po.keep=best: the probed policy (the probe's model holds its weights now) becomes OUT_DIR/
-        h2po_best.safetensors when its validation NDCG@10 beats every earlier probe's."""
+    def keep(self, ndcg: np.ndarray, step: int) -> None:
+        """h2po.keep=best: the probed policy (the probe's model holds its weights now), with per-request validation
+        NDCG@10 `ndcg`, becomes OUT_DIR/h2po_best.safetensors when `improves` says so; step 0 (the start) is kept
+        first."""
         if self.cfg.h2po.keep != "best":
             return
-        score = self.probe.score(records)
-        if self.best is None or score > self.best[0]:
+        if step == 0:
+            self.start_ndcg = ndcg
+        better, gain = improves(ndcg, self.start_ndcg, self.best, self.probe.users, self.cfg.eval.bootstrap,
+                                self.cfg.seed)
+        print(f"H2PO step {step}: validation NDCG@10 {ndcg.mean():.4f}, {gain[0]:+.4f} [{gain[1]:+.4f}, "
+              f"{gain[2]:+.4f}] over step 0 (95% interval over validation users)", flush=True)
+        if better:
             from learner.checkpoint import save_checkpoint
 
-            meta = {"from": self.checkpoint, "steps": step, "kept": "best", "val_ndcg@10": score}
+            meta = {"from": self.checkpoint, "steps": step, "kept": "best", "val_ndcg@10": float(ndcg.mean()),
+                    "val_gain_over_start": list(gain)}
             save_checkpoint(best_path(self.cfg.out_dir), self.probe.policy.model, self.cfg, self.catalog, meta)
-            self.best = (score, step)
+            self.best = (float(ndcg.mean()), step)
 
     def keep_best(self, policy: Path, run: dict) -> None:
         """h2po.keep=best, at the end: `policy` (OUT_DIR/h2po.safetensors) becomes the best probe, with the run's
@@ -155,9 +178,9 @@ class Monitor:
         finish_checkpoint(copy, run)
         os.replace(policy, last)
         os.replace(copy, policy)
+        why = "the start checkpoint: no probe beat it by more than the noise" if step == 0 else "the best probe"
         print(f"H2PO: kept the policy of step {step} of {run['last_step']} (h2po.keep=best: validation NDCG@10 "
-              f"{score:.4f}, the best probe{'; step 0 is the start checkpoint' if step == 0 else ''}); the last "
-              f"step's is {last}", flush=True)
+              f"{score:.4f}, {why}); the last step's is {last}", flush=True)
 
     def failed(self, message: str) -> None:
         """A `failed` event, then `finish("failed")`; an error while reporting is printed, never raised (the run's

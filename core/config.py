@@ -216,9 +216,9 @@ class H2POConfig:
     eval_every: int = option(20, "Validation NDCG@10 of the policy every this many steps, shown on the dashboard; "
                              "0 = never.", low=0, high=MAX_STEPS)
     keep: Literal["last", "best"] = option("last", "The policy OUT_DIR/h2po.safetensors holds at the end: the last "
-                                           "step's, or the best on validation NDCG@10 (all validation requests) "
-                                           "among the probes of h2po.eval_every, step 0 (the start checkpoint) "
-                                           "included; the last one is then kept as h2po_last.safetensors.")
+                                           "step's, or the best probe (h2po.eval_every) on validation NDCG@10 "
+                                           "whose gain over step 0 (the start) has a 95% interval over users above "
+                                           "0, else the start; the last one is then kept as h2po_last.safetensors.")
     seed: int = option(-1, "Seed of H2PO's own draws (rollout requests and sampling, learner noise); -1 = the "
                        "global seed. Another value: another trajectory from the same MOST checkpoint.",
                        low=-1, high=SEED_MAX)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -203,11 +204,32 @@ def test_sync_run_trains_and_publishes_weights(run_dir, cluster):
     assert result.history[-1]["kl"] > 0
 
 
+def test_a_probe_replaces_the_start_only_beyond_the_noise():
+    """`improves`: nothing kept -> kept; a probe replaces the kept one when its mean is higher and its paired gain
+    over the start has a 95% interval over users above zero; a gain within the users' noise, or a mean below the
+    kept one, does not."""
+    from actors.monitor import improves
+
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(100), 10)
+    start = rng.random(1000)
+    assert improves(start, start, None, users, 1000, 0)[0]
+    jitter = rng.normal(0, 0.2, 1000)
+    noise = start + jitter - jitter.mean() + 0.002  # a higher mean, well inside the noise
+    better, (gain, lo, hi) = improves(noise, start, (start.mean(), 0), users, 1000, 0)
+    assert noise.mean() > start.mean() and lo < 0 < hi and not better
+    clear = start + 0.05 + rng.normal(0, 0.01, 1000)
+    better, (gain, lo, hi) = improves(clear, start, (start.mean(), 0), users, 1000, 0)
+    assert better and lo > 0 and gain == pytest.approx(clear.mean() - start.mean())
+    assert not improves(clear, start, (clear.mean() + 0.01, 20), users, 1000, 0)[0]
+
+
 @pytest.mark.slow
-def test_keep_best_keeps_the_best_validated_policy(run_dir, cluster, tmp_path):
-    """h2po.keep=best, a probe every step: h2po.safetensors holds the policy whose validation NDCG@10 (over all
-    validation requests) is the first maximum of the probes, step 0 (the MOST start) included; the last step's
-    weights stay beside it as h2po_last.safetensors. keep=best without probes is refused before anything starts."""
+def test_keep_best_keeps_the_best_validated_policy(run_dir, cluster, tmp_path, capsys):
+    """h2po.keep=best, a probe every step: h2po.safetensors holds step 0 (the MOST start) unless a probe's mean
+    validation NDCG@10 beats every earlier kept one's with a paired gain over step 0 whose interval is above zero
+    (as printed per probe); the last step's weights stay beside it as h2po_last.safetensors. keep=best without
+    probes is refused before anything starts."""
     from actors.driver import train
     from actors.evaluate import ValidationProbe
     from core.config import SystemConfig
@@ -218,11 +240,20 @@ def test_keep_best_keeps_the_best_validated_policy(run_dir, cluster, tmp_path):
     cfg = h2po_config(run_dir, f"out_dir={tmp_path}", "h2po.eval_every=1", "h2po.keep=best")
     with pytest.raises(UserError, match="h2po.keep=best .* h2po.eval_every >= 1"):
         train(dataclasses.replace(cfg, h2po=dataclasses.replace(cfg.h2po, eval_every=0)), run_dir / "most.safetensors")
+    capsys.readouterr()
     result = train(cfg, run_dir / "most.safetensors", None, steps=3, mode="sync", system=SystemConfig(learners=1))
+    printed = re.findall(r"H2PO step (\d+): validation NDCG@10 ([\d.]+), [+-][\d.]+ \[([+-][\d.]+), ",
+                         capsys.readouterr().out)
+    assert [int(step) for step, _, _ in printed] == [0, 1, 2, 3]
     probe = ValidationProbe(cfg, run_dir / "most.safetensors")
     records = [r for r in read_records(tmp_path)[0] if r["kind"] == "eval" and r["method"] == "H2PO"]
-    scores = [probe.score([r for r in records if r["step"] == step]) for step in range(4)]
-    best = scores.index(max(scores))
+    counts = {f: int((probe.families == f).sum()) for f in set(probe.families)}
+    scores = [sum(r["metrics"]["ndcg@10"] * counts[r["family"]] for r in records if r["step"] == step)
+              / len(probe.families) for step in range(4)]
+    assert [float(score) for _, score, _ in printed] == pytest.approx(scores, abs=1e-4)
+    best = 0
+    for step, (_, score, lo) in enumerate(printed):
+        best = step if float(lo) > 0 and scores[step] > scores[best] else best
     meta = json.loads(read_header(result.checkpoint)["meta"])
     assert (meta["kept"], meta["steps"]) == ("best", best) and meta["val_ndcg@10"] == pytest.approx(scores[best])
     assert (meta["stopped_by"], meta["last_step"], meta["complete"]) == ("steps", 3, True)

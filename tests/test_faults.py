@@ -36,6 +36,7 @@ from catalog.schema import Catalog
 from core.config import DataConfig, RequestConfig
 from dashboard.feed import read_records
 from evaluation.baselines import EASE
+from learner.checkpoint import read_header
 from rollout.buffer import PreferenceStream, ReplayBuffer
 
 STALE_LOCK_SCRIPT = r'''
@@ -141,10 +142,10 @@ def test_killed_learner_rank_fails_the_step_loudly(run_dir, cluster):  # noqa: F
 
 @pytest.mark.slow
 def test_driver_killed_after_checkpoint_resumes_without_loss_or_duplicates(run_dir, cluster, tmp_path):  # noqa: F811
-    """`h2po train` (async, 4 steps, a train state every 2 steps, logged pairs) runs in a subprocess joined to the
-    test's cluster and is SIGKILLed as soon as the state of step 2 exists. `train(resume=True)` continues at step 2;
-    the ledger is exactly the uninterrupted schedule: step s trains groups g<s>-0, g<s>-1 and the next two pairs of
-    the preference stream, each id once."""
+    """`h2po train` (async, 4 steps, a train state every 2 steps, logged pairs, h2po.keep=best) runs in a subprocess
+    joined to the test's cluster and is SIGKILLed as soon as the state of step 2 exists. `train(resume=True)`
+    continues at step 2; the ledger is exactly the uninterrupted schedule: step s trains groups g<s>-0, g<s>-1 and
+    the next two pairs of the preference stream, each id once; h2po.safetensors is the kept probe."""
     from actors.driver import train
     from catalog.dataset import load_catalog
 
@@ -153,7 +154,7 @@ def test_driver_killed_after_checkpoint_resumes_without_loss_or_duplicates(run_d
         if (run_dir / name).exists():
             import shutil
             shutil.rmtree(run_dir / name)
-    overrides = [*TINY_H2PO, "h2po.checkpoint_every=2"]
+    overrides = [*TINY_H2PO, "h2po.checkpoint_every=2", "h2po.eval_every=1", "h2po.keep=best"]
     command = [sys.executable, "-m", "app.cli", "train", "--checkpoint", str(run_dir / "most.safetensors"),
                "--preferences", str(run_dir / "prefs.parquet"), "--steps", "4", "--mode", "async", *overrides]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
@@ -168,8 +169,10 @@ def test_driver_killed_after_checkpoint_resumes_without_loss_or_duplicates(run_d
     assert state_file.exists(), (tmp_path / "driver.log").read_text()[-3000:]
     assert json.loads(state_file.read_text())["step"] == 2
 
-    cfg = h2po_config(run_dir, "h2po.checkpoint_every=2")
+    cfg = h2po_config(run_dir, "h2po.checkpoint_every=2", "h2po.eval_every=1", "h2po.keep=best")
     result = train(cfg, run_dir / "most.safetensors", run_dir / "prefs.parquet", steps=4, mode="async", resume=True)
+    kept = json.loads(read_header(result.checkpoint)["meta"])  # the kept probe of either run, its gain recorded
+    assert kept["kept"] == "best" and kept["steps"] in range(5) and len(kept["val_gain_over_start"]) == 3
     stream = PreferenceStream(run_dir / "prefs.parquet", load_catalog(cfg.data, run_dir))
     expected = []
     for step in range(4):
