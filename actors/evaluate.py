@@ -22,7 +22,7 @@ from learner import workspace
 
 
 class ValidationProbe:
-    """NDCG@10 on the validation requests, per family, of any recommender (`records(method, recommend, step)`)."""
+    """NDCG@10 on the validation requests of any recommender, per request (`ndcg`) and per family (`records`)."""
 
     def __init__(self, cfg: RunConfig, checkpoint: str | Path) -> None:
         self.policy = load_policy(cfg, checkpoint)
