@@ -155,15 +155,16 @@ class Monitor:
             self.start_ndcg = ndcg
         better, gain = improves(ndcg, self.start_ndcg, self.best, self.probe.users, self.cfg.eval.bootstrap,
                                 self.cfg.seed)
-        print(f"H2PO step {step}: validation NDCG@10 {ndcg.mean():.4f}, {gain[0]:+.4f} [{gain[1]:+.4f}, "
-              f"{gain[2]:+.4f}] over step 0 (95% interval over validation users)", flush=True)
+        score = float(ndcg.mean())
+        print(f"H2PO step {step}: validation NDCG@10 {score:.4f}, {gain[0]:+.4f} [{gain[1]:+.4f}, {gain[2]:+.4f}] "
+              "over step 0 (95% interval over validation users)", flush=True)
         if better:
             from learner.checkpoint import save_checkpoint
 
-            meta = {"from": self.checkpoint, "steps": step, "kept": "best", "val_ndcg@10": float(ndcg.mean()),
+            meta = {"from": self.checkpoint, "steps": step, "kept": "best", "val_ndcg@10": score,
                     "val_gain_over_start": list(gain)}
             save_checkpoint(best_path(self.cfg.out_dir), self.probe.policy.model, self.cfg, self.catalog, meta)
-            self.best = (float(ndcg.mean()), step)
+            self.best = (score, step)
 
     def keep_best(self, policy: Path, run: dict) -> None:
         """h2po.keep=best, at the end: `policy` (OUT_DIR/h2po.safetensors) becomes the best probe, with the run's

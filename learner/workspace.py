@@ -99,7 +99,6 @@ def out_of_fold(m: ModelConfig) -> bool:
     """Training requests see an out-of-fold EASE prior: model.prior_folds > 1 with an EASE prior."""
     return m.prior_folds > 1 and m.prior != "none"
 
-
 def training_folds(ws: Workspace, lam: float | None = None) -> list[Fold] | None:
     """model.prior_folds > 1 (and an EASE prior): the training users in F folds (a permutation seeded by
     data.split_seed), each with EASE fit on the other folds' users at `lam` (default: `ease_lambda`, looked up only
