@@ -29,11 +29,22 @@ from pathlib import Path
 RAY = str(Path(sys.executable).parent / "ray")
 
 
+HANDED_OUT: set[int] = set()
+
+
 def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
+    """`n` ports free now on loopback that this process has not handed out before: the kernel may give a port again
+    once its socket is closed, and a node whose GCS and agent got the same port does not start."""
+    socks = []
     try:
-        for s in socks:
+        while len(socks) < n:
+            s = socket.socket()
             s.bind(("127.0.0.1", 0))
+            if s.getsockname()[1] in HANDED_OUT:
+                s.close()
+            else:
+                socks.append(s)
+                HANDED_OUT.add(s.getsockname()[1])
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
