@@ -5,7 +5,7 @@ of an index with repeated items (`items[slots]`, the same item in several reques
 float-level differences grow over the steps into a different checkpoint. `prepare` turns on torch's deterministic
 kernels for CPU runs, so two pretrainings of one config give bit-identical weights. The default model size is used
 on purpose: the tiny one's index is too small for torch to split it across threads.
-Run: `python -m pytest tests/test_repeatable.py -q` (about 40 s).
+Run: `python -m pytest tests/test_repeatable.py -q` (about 15 s).
 """
 
 from __future__ import annotations
