@@ -26,6 +26,8 @@ from core.numerics import Neighbours
 
 def ease_inverse(x: torch.Tensor, lam: float) -> torch.Tensor:
     """(W, W) P = (X^T X + lam I)^-1 for x (U, W) float64, through whichever of U, W is smaller."""
+    if not lam > 0:  # the Woodbury form divides by lam: 0 would give a NaN B, not an error
+        raise ValueError(f"EASE lambda must be positive, got {lam:g}")
     users, items = x.shape
     if users < items:  # Woodbury: P = (I - X^T (lam I_U + X X^T)^-1 X) / lam
         inner = x @ x.T  # (U, U)

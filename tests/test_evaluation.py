@@ -126,6 +126,13 @@ def test_ease_equals_ridge_solve(n_users, n_items):
     np.testing.assert_array_equal(b[:, 3], 0.0)
 
 
+def test_ease_refuses_a_lambda_that_is_not_positive():
+    """lam = 0 would divide by zero in the Woodbury form and give a NaN B; it is an error instead."""
+    x = np.eye(4, 6, dtype=np.float32)
+    with pytest.raises(ValueError, match="EASE lambda must be positive, got 0"):
+        ease_weights(x, 0.0)
+
+
 def test_ease_prior_scores_sum_seed_rows():
     """prior_scores(multi-hot) = sum of B's seed rows; scores(examples) is the same thing in numpy."""
     data = tiny_dataset(1)
