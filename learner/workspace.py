@@ -53,8 +53,8 @@ def prepare(cfg: RunConfig) -> Workspace:
     """Seed, set threads, import/load the catalog into the run directory, split users, compute features.
     On CPU, torch's deterministic kernels: on several threads the backward of an index with repeated items sums in
     a different order from call to call, which makes two pretrainings of one config differ (tests/test_repeatable.py;
-    the kernels cost nothing measurable here). Their default of filling every new tensor with NaN stays off: it changes no
-    result and doubled the time of a distributed learner step (DeepSpeed allocates its buffers anew each step).
+    the kernels cost nothing measurable here). Their default of filling every new tensor with NaN stays off: it
+    changes no result and doubled the time of a distributed learner step (DeepSpeed allocates its buffers each step).
     A GPU's would need cuBLAS settings and slower scatters, so GPU runs are not bit-repeatable."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
