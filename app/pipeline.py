@@ -138,6 +138,12 @@ def rival_baselines(ws: Workspace, ease: EASE) -> dict:
     return built
 
 
+def same_weights(a: Retriever, b: Retriever) -> bool:
+    """Whether two models have the same config and the same tensors under the same names, bit for bit."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return a.cfg == b.cfg and sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def run_evaluation(ws: Workspace, models: dict[str, Retriever], ease_lam: float, out: Path | None = None) -> dict:
     """Baselines, rivals and models on the test split: results dict (also written to `out`) and the printed table.
     Every method gets its paired NDCG@10 difference to EASE, to MOST when it is among the models, and to the best
@@ -151,7 +157,11 @@ def run_evaluation(ws: Workspace, models: dict[str, Retriever], ease_lam: float,
         best, _ = best_per_family(baselines, ValidationSet(ws.data.catalog, examples(ws, "val")), ws.cfg.requests.k)
         print("best rival per family (validation NDCG@10): " + ", ".join(f"{f}: {m}" for f, m in best.items()))
     methods = {name: functools.partial(b.recommend, k=ws.cfg.requests.k) for name, b in baselines.items()}
-    methods.update({name: model_recommender(ws, model) for name, model in models.items()})
+    for name, model in models.items():  # a model with another's weights (H2PO that kept its start) shares its lists
+        twin = next((other for other in methods if other in models and same_weights(models[other], model)), None)
+        if twin:
+            print(f"{name} has the weights of {twin}: its lists are {twin}'s, scored once")
+        methods[name] = methods[twin] if twin else model_recommender(ws, model)
     start = time.time()
     results = evaluate_methods(methods, test, ws.data, ws.cfg.eval, ("EASE", "MOST", "best rival"),
                                features=ws.features, composites={"best rival": best} if best else None)

@@ -68,7 +68,10 @@ def evaluate_methods(methods: dict[str, Recommender], examples: Sequence[Example
     if not examples:
         raise ValueError("evaluate_methods needs at least one example")
     features = item_features(data) if features is None else features
-    lists = {name: np.asarray(recommend(examples)) for name, recommend in methods.items()}  # name -> (R, k)
+    lists: dict[str, np.ndarray] = {}  # name -> (R, k); a recommender given under two names runs once
+    for name, recommend in methods.items():
+        twin = next((other for other in lists if methods[other] is recommend), None)
+        lists[name] = lists[twin] if twin else np.asarray(recommend(examples))
     for name, chosen in (composites or {}).items():
         lists[name] = np.stack([lists[chosen[e.family]][r] for r, e in enumerate(examples)])  # (R, k)
     values = {name: list_metrics(lists[name], examples, data, features, cfg.ks) for name in lists}

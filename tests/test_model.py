@@ -7,6 +7,7 @@ Run: `PYTHONPATH=. python -m pytest tests/test_model.py -q`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -291,3 +292,17 @@ def test_allowed_logits_equal_masked_logits(tiny_prior_model, tiny_catalog, tiny
     plain = model.logits(ctx, hidden[rows, cols], rows).masked_fill(~allowed[rows], float("-inf"))
     assert torch.equal(torch.isinf(fused), torch.isinf(plain))
     assert torch.allclose(fused[~torch.isinf(fused)], plain[~torch.isinf(plain)], atol=1e-5)
+
+
+def test_same_weights(tiny_catalog, tiny_model):
+    """Two models are scored once (`app.pipeline.same_weights`) only with the same config and every tensor equal."""
+    from app.pipeline import same_weights
+
+    twin = copy.deepcopy(tiny_model)
+    assert same_weights(tiny_model, twin)
+    with torch.no_grad():
+        twin.item_bias[3] += 1e-6
+    assert not same_weights(tiny_model, twin)
+    other = copy.deepcopy(tiny_model)
+    other.cfg = dataclasses.replace(other.cfg, intent_gate=not other.cfg.intent_gate)
+    assert not same_weights(tiny_model, other)
