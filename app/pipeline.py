@@ -22,6 +22,7 @@ import torch
 from catalog.behaviour import generate_preferences
 from catalog.dataset import license_note
 from catalog.preferences import ValidationReport, read_preferences, write_preferences
+from core.carriers import Example
 from core.config import config_from_dict, config_to_dict
 from core.errors import UserError
 from evaluation.baselines import EASE, CentroidKNN, build_baselines
@@ -47,13 +48,20 @@ from learner.workspace import (  # noqa: F401 (re-exported: the CLI and the benc
 from model.transformer import Retriever
 
 
+def validation_requests(ws: Workspace) -> list[Example]:
+    """MOST's validation requests: `most.val_requests` of those of `most.val_draws`, a subset drawn with
+    eval.request_seed (as the requests themselves), so runs that differ only in their training seed validate on the
+    same requests."""
+    val = examples(ws, "val", ws.cfg.most.val_draws)
+    rng = np.random.default_rng(ws.cfg.eval.request_seed)
+    return [val[i] for i in sorted(rng.permutation(len(val))[: ws.cfg.most.val_requests])]
+
+
 def run_pretrain(ws: Workspace, ease: EASE) -> tuple[Path, PretrainResult]:
     """MOST pretraining; the best-validating checkpoint is written to out_dir/most.safetensors."""
     cfg = ws.cfg
     model = build_model(ws, ease)
-    val = examples(ws, "val", cfg.most.val_draws)
-    rng = np.random.default_rng(cfg.seed)
-    val = [val[i] for i in sorted(rng.permutation(len(val))[: cfg.most.val_requests])]
+    val = validation_requests(ws)
     path = ws.out_dir / "most.safetensors"
     (ws.out_dir / "pretrain.json").unlink(missing_ok=True)  # present again only once this pretraining finishes
     save = functools.partial(_save_best, ws, path)

@@ -132,7 +132,7 @@ class MostConfig:
                                 above=0.0, high=MAX_MINUTES)
     eval_every: int = option(100, "Validate every this many steps; the best checkpoint is kept.", low=1, high=MAX_STEPS)
     val_requests: int = option(256, "Validation requests scored at each validation (a fixed subset of those "
-                               "of val_draws).", low=1, high=10**6)
+                               "of val_draws, drawn with eval.request_seed).", low=1, high=10**6)
     val_draws: int = option(1, "Validation requests drawn per validation user, family and seed size.", low=1,
                             high=100)
     patience: int = option(6, "Stop after this many validations without improvement.", low=1, high=MAX_STEPS)

@@ -101,3 +101,17 @@ def test_validation_draws_widen_the_validation_set(tmp_path):
     ws = pipeline.prepare(load_config(TINY, [f"out_dir={tmp_path}"]))
     used = json.loads((tmp_path / "pretrain.json").read_text())["val_requests"]
     assert used == len(pipeline.examples(ws, "val", 2)) > len(pipeline.examples(ws, "val"))
+
+
+def test_validation_subset_does_not_follow_the_training_seed(tmp_path):
+    """MOST's validation subset is drawn with eval.request_seed: two training seeds validate on the same requests
+    (their best validation scores compare), and another request seed draws another subset."""
+    def subset(*overrides: str) -> list:
+        ws = pipeline.prepare(load_config(TINY, [f"out_dir={tmp_path}", "most.val_draws=2", "most.val_requests=12",
+                                                 *overrides]))
+        picked = pipeline.validation_requests(ws)
+        assert len(picked) == 12 < len(pipeline.examples(ws, "val", 2))
+        return [(e.user, e.family, e.seed_size, e.request.seeds, e.targets) for e in picked]
+
+    assert subset("seed=0") == subset("seed=7")
+    assert subset("seed=0") != subset("eval.request_seed=2")
