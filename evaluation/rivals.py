@@ -158,8 +158,9 @@ class Rivals:
         return tune(lambda p: (val.family_ndcg(z + p["weight"] * shared), p), self.grids["intent"],
                     self.extensions, LIMITS)
 
-    def tune(self, val: ValidationSet) -> dict[str, Tuned]:
-        """{rival: Tuned} for every rival, on the validation set; one progress line per rival."""
+    def tune(self, val: ValidationSet, learned: Sequence[str] = LEARNED) -> dict[str, Tuned]:
+        """{rival: Tuned} for every rival, on the validation set; one progress line per rival. `learned`: the learned
+        rivals to tune (the others, and two-tower + MMR without two-tower, are left out)."""
         out: dict[str, Tuned] = {}
 
         def step(name: str, run) -> None:
@@ -169,15 +170,22 @@ class Rivals:
                   + ", ".join(f"{f} {v:.4f}" for f, v in out[name].families.items())
                   + f" ({len(out[name].points)} points, {time.time() - start:.0f}s)", flush=True)
 
-        step("ALS", lambda: tune(lambda p: (val.family_ndcg(self.make("ALS", p).scores(val.examples)), p),
-                                 self.grids["ALS"], self.extensions, LIMITS))
+        if unknown := set(learned) - set(LEARNED):
+            raise ValueError(f"unknown learned rival(s) {sorted(unknown)}; known: {', '.join(LEARNED)}")
+        if "ALS" in learned:
+            step("ALS", lambda: tune(lambda p: (val.family_ndcg(self.make("ALS", p).scores(val.examples)), p),
+                                     self.grids["ALS"], self.extensions, LIMITS))
         for name in ("two-tower", "Mult-VAE"):
-            step(name, functools.partial(self._tune_neural, name, val))
-        tower = self.make("two-tower", out["two-tower"].params)
-        step("two-tower + MMR", lambda: tune(lambda p: (val.lists_ndcg(EmbeddingMMR(tower, p["lam"]).recommend(
-            val.examples, self.k)), p), self.grids["two-tower + MMR"], self.extensions, LIMITS))
+            if name in learned:
+                step(name, functools.partial(self._tune_neural, name, val))
+        if "two-tower" in learned:
+            tower = self.make("two-tower", out["two-tower"].params)
+            step("two-tower + MMR", lambda: tune(lambda p: (val.lists_ndcg(EmbeddingMMR(tower, p["lam"]).recommend(
+                val.examples, self.k)), p), self.grids["two-tower + MMR"], self.extensions, LIMITS))
         step("EASE + intent", lambda: self._tune_intent(self.ease, val))
-        best = max(LEARNED, key=lambda name: out[name].score)
+        if not learned:
+            return out
+        best = max(learned, key=lambda name: out[name].score)
         step(f"{best} + intent", lambda: self._tune_intent(self.make(best, out[best].params), val))
         return out
 
@@ -194,7 +202,7 @@ class Rivals:
                 out[name] = IntentBoost(base, result.params["weight"], self.intent)
             else:
                 out[name] = self.make(name, result.params)
-        keep = {json.dumps([name, tuned[name].params], sort_keys=True) for name in LEARNED}
+        keep = {json.dumps([name, tuned[name].params], sort_keys=True) for name in LEARNED if name in tuned}
         self.fitted = {key: model for key, model in self.fitted.items() if key in keep}
         return out
 

@@ -223,6 +223,50 @@ def test_pooled_scores_a_run_directory(tiny_run, tmp_path, monkeypatch, capsys):
     assert "missing.safetensors" in capsys.readouterr().err
 
 
+# ---------------------------------------------------------------- benchmarks/splits.py
+
+def test_splits_summary_pools_requests_and_clusters_users():
+    """Two splits' per-request figures: pooled, a user in both splits is one user, the means are over all requests
+    (hand-computed), and MOST - rival is paired request by request."""
+    import splits
+
+    one = {"users": np.array([0, 1]), "family": np.array(["B", "B"]), "most": np.array([0.5, 0.3]),
+           "rival": np.array([0.4, 0.3])}
+    two = {"users": np.array([1, 2]), "family": np.array(["B", "B"]), "most": np.array([0.2, 0.6]),
+           "rival": np.array([0.2, 0.2])}
+    out = splits.summary([one, two], n_boot=200)["B"]
+    assert (out["requests"], out["users"]) == (4, 3)
+    assert out["most"][0] == pytest.approx(0.4) and out["rival"][0] == pytest.approx(0.275)
+    assert out["diff"][0] == pytest.approx(0.125) and out["diff"][1] <= 0.125 <= out["diff"][2]
+    alone = splits.summary([one], n_boot=200)["B"]
+    assert (alone["users"], alone["diff"][0]) == (2, pytest.approx(0.05))
+
+
+def test_splits_end_to_end_reuses_each_split(tmp_path, monkeypatch, capsys):
+    """Two splits of the tiny config: each split has its own test users, the pooled rows count every request of
+    both, and a second call reuses both MOST checkpoints and gives the same figures."""
+    import splits
+
+    def run(name: str) -> dict:
+        out = tmp_path / name
+        monkeypatch.setattr(sys, "argv", ["splits.py", "--config", TINY, "--splits", "0", "1", "--root",
+                                          str(tmp_path / "root"), "--bootstrap", "50", "--out", str(out),
+                                          "threads=1", "most.max_steps=4", "most.eval_every=2"])
+        splits.main()
+        return json.loads(out.read_text())
+
+    first = run("first.json")
+    assert "MOST 4 steps" in capsys.readouterr().out
+    result = first["results"]
+    for family in ("A", "B"):
+        parts = [result[s][family] for s in ("0", "1")]
+        assert result["pooled"][family]["requests"] == sum(p["requests"] for p in parts)
+        assert max(p["users"] for p in parts) < result["pooled"][family]["users"] <= sum(p["users"] for p in parts)
+    again = run("again.json")
+    assert capsys.readouterr().out.count("MOST reused from") == 2
+    assert again["results"] == first["results"] and again["best"] == first["best"]
+
+
 # ---------------------------------------------------------------- benchmarks/ablations.py
 
 def test_ablations_decoding_stats_hand_computed():

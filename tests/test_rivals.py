@@ -65,6 +65,21 @@ def test_rivals_contract(tmp_path):
         assert (m["duplicates"] == 0).all() and (m["seed_leak"] == 0).all(), name
 
 
+@pytest.mark.usefixtures("single_thread")
+def test_tuning_some_learned_rivals():
+    """`learned=("ALS",)` tunes ALS, EASE + intent and ALS + intent only, as the full tuning finds them; an unknown
+    name is refused."""
+    data = tiny_dataset(21)
+    val = val_set(data)
+    some = tiny_rivals(data).tune(val, learned=("ALS",))
+    assert set(some) == {"ALS", "EASE + intent", "ALS + intent"}
+    full = tiny_rivals(data).tune(val)
+    assert all(some[name].params == full[name].params for name in ("ALS", "EASE + intent"))
+    assert set(tiny_rivals(data).build(some)) == set(some)
+    with pytest.raises(ValueError, match="unknown learned rival"):
+        tiny_rivals(data).tune(val, learned=("EASE",))
+
+
 def test_intent_boost_puts_shared_values_first():
     """Items 0-3 Horror (1990s: 0, 1, 2; 1970s: 3), items 4-9 Comedy (1990s). Seeds 0 and 1 share Horror and the
     1990s. Popularity favours 9, 8, ... 2 (base = item index), so w = 0 ranks 9, 8, 7 first; w = 100 ranks item 2
